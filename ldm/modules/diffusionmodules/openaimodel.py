@@ -1,0 +1,211 @@
+"""The LDM UNet, split into an encoder (input and middle blocks) and a decoder (output blocks).
+
+`encode` and `decode` let a sampler reuse encoder features across time-steps (FasterDiffusion);
+`forward` is the two in a row and equals the upstream UNet.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.util import avg_pool_nd, conv_nd, normalization, timestep_embedding
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Pass the time embedding to ResBlocks, the context to transformers, and x alone to the rest."""
+
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
+        super().__init__()
+        self.dims = dims
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = conv_nd(dims, channels, out_channels or channels, 3, padding=padding)
+
+    def forward(self, x):
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
+        super().__init__()
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, channels, out_channels or channels, 3, stride=stride, padding=padding)
+        else:
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with the time embedding added in between, plus a skip connection."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, up=False, down=False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), conv_nd(dims, channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            conv_nd(dims, out_channels, out_channels, 3, padding=1))
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = conv_nd(dims, channels, out_channels, 3 if use_conv else 1,
+                                           padding=1 if use_conv else 0)
+
+    def forward(self, x, emb):
+        if self.updown:
+            h = self.h_upd(self.in_layers[:-1](x))
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class UNetModel(nn.Module):
+    """The LDM UNet (spatial-transformer variant), with upstream parameter names and state_dict keys."""
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                 attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
+                 num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=-1, num_head_channels=-1,
+                 num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
+                 use_new_attention_order=False, use_spatial_transformer=False, transformer_depth=1,
+                 context_dim=None, n_embed=None, legacy=True):
+        super().__init__()
+        if not use_spatial_transformer:
+            raise NotImplementedError("only the spatial-transformer UNet (use_spatial_transformer: true) is supported")
+        if context_dim is None:
+            raise ValueError("use_spatial_transformer needs context_dim")
+        if n_embed is not None:
+            raise NotImplementedError("codebook-id prediction (n_embed) is not supported")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("set num_heads or num_head_channels")
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        def transformer(ch):
+            # Upstream's head rule; with legacy=True a spatial transformer always uses d_head = ch // heads.
+            heads = num_heads if num_head_channels == -1 else ch // num_head_channels
+            d_head = ch // heads if (legacy or num_head_channels == -1) else num_head_channels
+            return SpatialTransformer(ch, heads, d_head, depth=transformer_depth, context_dim=context_dim)
+
+        def resblock(ch, out, **kwargs):
+            return ResBlock(ch, time_embed_dim, dropout, out_channels=out, dims=dims,
+                            use_scale_shift_norm=use_scale_shift_norm, **kwargs)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        skip_channels = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [resblock(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                down = resblock(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), transformer(ch), resblock(ch, ch))
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == num_res_blocks:
+                    layers.append(resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), conv_nd(dims, model_channels, out_channels, 3, padding=1))
+
+    def embed_time(self, timesteps, y=None):
+        """Time embedding (plus class embedding for class-conditional UNets)."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError("this UNet is class-conditional: pass y")
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def encode(self, x, timesteps, context=None, y=None):
+        """Run the input blocks and the middle block: returns (the 12 skip features, the middle feature)."""
+        emb = self.embed_time(timesteps, y)
+        h = x.type(self.dtype)
+        skips = []
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            skips.append(h)
+        return skips, self.middle_block(h, emb, context)
+
+    def decode(self, skips, mid, timesteps, context=None, y=None, out_dtype=None):
+        """Run the output blocks on cached encoder features; returns the predicted noise.
+
+        `timesteps` (and `context`) may hold n times as many rows as the features: row j*M + k then
+        decodes feature row k at timesteps[j*M + k], where M = len(mid). The features are read as
+        broadcast views, never copied n times.
+        """
+        rows = mid.shape[0]
+        if timesteps.shape[0] % rows:
+            raise ValueError(f"{timesteps.shape[0]} timesteps cannot share {rows} feature rows")
+        n = timesteps.shape[0] // rows
+        emb = self.embed_time(timesteps, y)
+        h = mid.unsqueeze(0).expand(n, *mid.shape)
+        for module, skip in zip(self.output_blocks, reversed(skips)):
+            h = torch.cat([h, skip.unsqueeze(0).expand(n, *skip.shape)], dim=2).flatten(0, 1)
+            h = module(h, emb, context).unflatten(0, (n, rows))
+        h = h.flatten(0, 1).type(out_dtype or self.dtype)
+        return self.out(h)
+
+    def forward(self, x, timesteps, context=None, y=None):
+        skips, mid = self.encode(x, timesteps, context, y)
+        return self.decode(skips, mid, timesteps, context, y, out_dtype=x.dtype)

@@ -1,0 +1,107 @@
+"""Building models from configs and loading checkpoints safely and strictly."""
+import importlib
+import os
+import pickle
+import zipfile
+
+import torch
+from omegaconf import OmegaConf
+
+# Entries that upstream checkpoints may carry but that sampling does not use: training-time
+# buffers, EMA weights, a stale scale_factor (a plain float upstream unless scale_by_std), and
+# the first stage's training loss (discriminator, LPIPS).
+IGNORED_CHECKPOINT_KEYS = ("lvlb_weights", "logvar", "scale_factor", "cond_ids")
+IGNORED_CHECKPOINT_PREFIXES = ("model_ema.", "first_stage_model.loss.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model built from the config."""
+
+
+def get_obj_from_str(string, reload=False):
+    module, cls = string.rsplit(".", 1)
+    if reload:
+        importlib.reload(importlib.import_module(module))
+    return getattr(importlib.import_module(module), cls)
+
+
+def instantiate_from_config(config):
+    """Build `target(**params)`; the markers __is_first_stage__ and __is_unconditional__ give None."""
+    if "target" not in config:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise KeyError("Expected key `target` to instantiate.")
+    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+def _model_config(config_path):
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"config not found: {config_path}")
+    try:
+        config = OmegaConf.load(config_path)
+    except Exception as e:
+        raise ValueError(f"cannot read config {config_path}: {e}".splitlines()[0]) from None
+    if "model" not in config:
+        raise ValueError(f"config {config_path} has no `model` section")
+    return config.model
+
+
+def read_state_dict(ckpt_path, allow_pickle=False):
+    """Weights of a `.safetensors` file or a torch checkpoint (Lightning style: under `state_dict`)."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    if ckpt_path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(ckpt_path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{ckpt_path} is not a readable safetensors file ({e})") from None
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{ckpt_path} holds pickled Python objects besides tensors; refusing to unpickle them. "
+                "If you trust this file, pass --allow_pickle (allow_pickle=True).") from None
+        raise CheckpointError(f"{ckpt_path} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{ckpt_path} is not a PyTorch checkpoint or is truncated ({reason})") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise CheckpointError(f"{ckpt_path} holds no state_dict of tensors")
+    return checkpoint
+
+
+def _few(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_state_dict_strict(model, state_dict, source="checkpoint"):
+    """Load every model tensor from state_dict; anything missing, unexpected or misshapen is an error."""
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k not in IGNORED_CHECKPOINT_KEYS and not k.startswith(IGNORED_CHECKPOINT_PREFIXES)}
+    expected = model.state_dict()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model architecture: {len(missing)} missing keys ({_few(missing)}), "
+            f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if state_dict[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source} has {len(wrong)} tensors of the wrong shape (checkpoint vs model): {_few(wrong, 2)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(config_path, ckpt_path, device="cpu", allow_pickle=False):
+    """Build the model of an upstream LDM config, load its checkpoint strictly, return it in eval mode."""
+    config = _model_config(config_path)
+    state_dict = read_state_dict(ckpt_path, allow_pickle=allow_pickle)
+    model = instantiate_from_config(config)
+    load_state_dict_strict(model, state_dict, source=ckpt_path)
+    return model.eval().requires_grad_(False).to(device)
