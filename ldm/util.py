@@ -105,3 +105,17 @@ def load_model(config_path, ckpt_path, device="cpu", allow_pickle=False):
     model = instantiate_from_config(config)
     load_state_dict_strict(model, state_dict, source=ckpt_path)
     return model.eval().requires_grad_(False).to(device)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(precision, device):
+    """Autocast context for a sampling precision: fp32 (exact, no autocast), bf16, or fp16 (GPU only)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)

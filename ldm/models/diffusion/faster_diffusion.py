@@ -1,0 +1,117 @@
+"""FasterDiffusion: run the UNet encoder at key time-steps only and decode the steps in between in parallel.
+
+A `FasterDiffusion` object is a plan handed to `DDIMSampler.sample`; it holds no tensors and the model
+holds no state. Loop indices count sampling steps from the noisiest (0) to the last (S - 1).
+"""
+import math
+import re
+
+# Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
+PRESETS = {
+    # scripts/image_sample.py: 48 encoder passes.
+    "ldm250": (0, 1, 2, 3, 4, 5, 10, 15, 25, 35, 55, 75, 85, 95, 96, 97, 98, 99, 110, 125, 135, 140, 145, 146,
+               147, 148, 149, 155, 160, 170, 171, 172, 173, 174, 185, 195, 196, 197, 198, 199, 210, 222, 223,
+               224, 235, 247, 248, 249),
+    # infer_ldm.py: 19 encoder passes.
+    "ldm250-fast": (0, 1, 2, 3, 4, 5, 10, 25, 55, 85, 110, 135, 155, 160, 185, 195, 235, 248, 249),
+}
+PRESET_STEPS = 250
+CONTEXT_LAYOUTS = ("paired", "reference")
+
+
+def _preset_key_steps(name, num_steps):
+    """Key steps of a preset for num_steps sampling steps.
+
+    "uniform:N" puts a key step at every N-th step. The published presets are defined for 250 steps;
+    for other step counts each key index i becomes floor(i * S / 250), duplicates dropped, so the
+    encoder runs at the same fractions of the trajectory.
+    """
+    uniform = re.fullmatch(r"uniform:(\d+)", name)
+    if uniform:
+        every = int(uniform.group(1))
+        if not 1 <= every <= num_steps:
+            raise ValueError(f"key_steps {name!r} does not fit {num_steps} steps: N must be in 1..{num_steps}")
+        return tuple(range(0, num_steps, every))
+    if name not in PRESETS:
+        raise ValueError(f"unknown key_steps preset {name!r}; choose one of {', '.join(PRESETS)}, uniform:N "
+                         "or a comma-separated list of loop indices")
+    return tuple(sorted({math.floor(i * num_steps / PRESET_STEPS) for i in PRESETS[name]}))
+
+
+def parse_key_steps(spec):
+    """A preset name stays a string; '0,5,10' (or a sequence of ints) becomes a tuple of ints."""
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if not re.fullmatch(r"[\d\s,]+", spec):
+            return spec
+        spec = [s for s in spec.split(",") if s.strip()]
+    try:
+        steps = tuple(int(s) for s in spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"key_steps must be a preset name or a list of integers, not {spec!r}") from None
+    if not steps or steps[0] != 0:
+        raise ValueError(f"key_steps must start with 0 (the first step always runs the encoder), got {list(steps)}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"key_steps must be strictly increasing without repeats, got {list(steps)}")
+    return steps
+
+
+class FasterDiffusion:
+    """Encoder propagation with parallel decoding and prior noise injection.
+
+    key_steps: loop indices where the encoder runs (0 required; the final sentinel S optional), or a
+      preset: "ldm250", "ldm250-fast", "uniform:N".
+    parallel: decode all steps of a group as one batch (False: one step at a time; same result).
+    noise_injection: after each update at a timestep t < injection_threshold, add injection_scale * x_T.
+    context_layout: "paired" decodes each guidance branch with its own class context; "reference"
+      reproduces the published fork, whose tiled context mismatches the feature rows in groups of 2+ steps.
+    max_decoder_batch: at most this many decoder rows per call (at least one step's rows), to bound memory.
+    """
+
+    def __init__(self, key_steps, parallel=True, noise_injection=True, injection_threshold=150,
+                 injection_scale=0.003, context_layout="paired", max_decoder_batch=None):
+        if context_layout not in CONTEXT_LAYOUTS:
+            raise ValueError(f"context_layout must be one of {CONTEXT_LAYOUTS}, not {context_layout!r}")
+        if max_decoder_batch is not None and max_decoder_batch < 1:
+            raise ValueError(f"max_decoder_batch must be a positive number of rows, not {max_decoder_batch}")
+        self.key_steps = parse_key_steps(key_steps)
+        if isinstance(self.key_steps, str):
+            _preset_key_steps(self.key_steps, PRESET_STEPS)  # unknown names fail now, not at sampling time
+        self.parallel = parallel
+        self.noise_injection = noise_injection
+        self.injection_threshold = injection_threshold
+        self.injection_scale = injection_scale
+        self.context_layout = context_layout
+        self.max_decoder_batch = max_decoder_batch
+
+    def __repr__(self):
+        return (f"FasterDiffusion(key_steps={self.key_steps!r}, parallel={self.parallel}, "
+                f"noise_injection={self.noise_injection}, injection_threshold={self.injection_threshold}, "
+                f"injection_scale={self.injection_scale}, context_layout={self.context_layout!r}, "
+                f"max_decoder_batch={self.max_decoder_batch})")
+
+    def key_steps_for(self, num_steps):
+        """The key loop indices for num_steps sampling steps, without the sentinel."""
+        if isinstance(self.key_steps, str):
+            return _preset_key_steps(self.key_steps, num_steps)
+        steps = self.key_steps[:-1] if self.key_steps[-1] == num_steps else self.key_steps
+        if steps[-1] >= num_steps:
+            raise ValueError(f"key_steps {list(self.key_steps)} go past the last loop index {num_steps - 1} "
+                             f"of {num_steps} steps")
+        return steps
+
+    def groups(self, num_steps):
+        """Loop-index ranges (start, stop): the encoder runs at start, the decoder at every index."""
+        keys = self.key_steps_for(num_steps)
+        return list(zip(keys, keys[1:] + (num_steps,)))
+
+    def steps_per_call(self, group_size, rows_per_step):
+        """How many steps of a group one decoder call handles."""
+        if not self.parallel:
+            return 1
+        if self.max_decoder_batch is None:
+            return group_size
+        return max(1, min(group_size, self.max_decoder_batch // rows_per_step))
+
+    def injects_at(self, timestep):
+        return self.noise_injection and timestep < self.injection_threshold

@@ -1,0 +1,48 @@
+"""Per-sample seeding and the label -> image pipeline shared by the scripts."""
+import numpy as np
+import torch
+
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import autocast
+
+UNCONDITIONAL_CLASS = 1000
+NUM_CLASSES = 1000
+
+
+def sample_seed(seed, index, stream=0):
+    """A 63-bit seed mixed from (seed, sample index, stream) so that samples never share noise."""
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_labels(seed, indices, num_classes=NUM_CLASSES):
+    """Class label of each sample index, a function of (seed, index) alone."""
+    return torch.tensor([np.random.default_rng(sample_seed(seed, i, 0)).integers(num_classes) for i in indices],
+                        dtype=torch.long)
+
+
+def sample_generators(seed, indices):
+    """One CPU generator per sample index; it draws that sample's x_T and then any DDIM eta noise."""
+    return [torch.Generator().manual_seed(sample_seed(seed, i, 1)) for i in indices]
+
+
+def to_uint8(images):
+    """Images in [-1, 1] NCHW -> uint8 NHWC, truncating like the upstream script."""
+    return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+@torch.inference_mode()
+def generate(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
+             precision="fp32", progress=False):
+    """Class labels -> (decoded images in [-1, 1], DDIM intermediates). Guidance is off at scale 1."""
+    device = model.device
+    labels = labels.to(device)
+    cond = model.get_learned_conditioning({model.cond_stage_key: labels})
+    uncond = model.get_learned_conditioning({model.cond_stage_key: torch.full_like(labels, UNCONDITIONAL_CLASS)})
+    shape = [model.channels, model.image_size, model.image_size]
+    latents, intermediates = DDIMSampler(model).sample(
+        steps, len(labels), shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=scale,
+        unconditional_conditioning=uncond if scale != 1.0 else None, faster_diffusion=faster_diffusion,
+        generator=generators, precision=precision, progress=progress)
+    with autocast(precision, device):
+        images = model.decode_first_stage(latents).float()
+    return images, intermediates
