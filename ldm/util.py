@@ -14,6 +14,31 @@ IGNORED_CHECKPOINT_KEYS = ("lvlb_weights", "logvar", "scale_factor", "cond_ids")
 IGNORED_CHECKPOINT_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 
 
+class _Unavailable:
+    """Stands in for a pickled object whose class cannot be imported (e.g. a training callback)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return _Unavailable
+
+
+class _lenient_pickle:
+    """pickle module for torch.load that tolerates classes of packages this tool does not install."""
+    Unpickler = _LenientUnpickler
+    load = pickle.load
+    __name__ = "pickle"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model built from the config."""
 
@@ -58,14 +83,17 @@ def read_state_dict(ckpt_path, allow_pickle=False):
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{ckpt_path} is not a readable safetensors file ({e})") from None
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=not allow_pickle)
+        if allow_pickle:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+        else:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "Weights only load failed" in str(e) and "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{ckpt_path} holds pickled Python objects besides tensors; refusing to unpickle them. "
                 "If you trust this file, pass --allow_pickle (allow_pickle=True).") from None
-        raise CheckpointError(f"{ckpt_path} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_path} is not a PyTorch checkpoint or is truncated") from None
+    except Exception as e:  # torch.load fails in many ways on foreign or cut files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{ckpt_path} is not a PyTorch checkpoint or is truncated ({reason})") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
@@ -95,14 +123,15 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
              if state_dict[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{source} has {len(wrong)} tensors of the wrong shape (checkpoint vs model): {_few(wrong, 2)}")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)
 
 
 def load_model(config_path, ckpt_path, device="cpu", allow_pickle=False):
     """Build the model of an upstream LDM config, load its checkpoint strictly, return it in eval mode."""
     config = _model_config(config_path)
     state_dict = read_state_dict(ckpt_path, allow_pickle=allow_pickle)
-    model = instantiate_from_config(config)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+        model = instantiate_from_config(config)
     load_state_dict_strict(model, state_dict, source=ckpt_path)
     return model.eval().requires_grad_(False).to(device)
 

@@ -1,0 +1,25 @@
+# Set-up, tests and the demo; everything runs inside .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CKPT := models/ldm/cin256-v2/model.ckpt
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	test -f $(CKPT) || $(PY) scripts/download_model.py
+	$(PY) infer_ldm.py --compare --out outputs/compare.png
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

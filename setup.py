@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup()  # metadata lives in pyproject.toml
