@@ -21,7 +21,7 @@ def make_ddim_timesteps(num_ddim_timesteps, num_ddpm_timesteps=1000):
         valid = [s for s in (10, 20, 25, 40, 50, 100, 125, 200, 250, 500) if s <= num_ddpm_timesteps]
         raise ValueError(
             f"{num_ddim_timesteps} DDIM steps do not fit the uniform schedule: upstream would run "
-            f"{len(timesteps)} steps (every {num_ddpm_timesteps // num_ddim_timesteps}th timestep); "
+            f"{len(timesteps)} steps (one every {num_ddpm_timesteps // num_ddim_timesteps} timesteps); "
             f"choose S with len(range(0, {num_ddpm_timesteps}, {num_ddpm_timesteps}//S)) == S, e.g. {valid}")
     return timesteps
 

@@ -4,6 +4,7 @@ A `FasterDiffusion` object is a plan handed to `DDIMSampler.sample`; it holds no
 holds no state. Loop indices count sampling steps from the noisiest (0) to the last (S - 1).
 """
 import math
+import operator
 import re
 
 # Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
@@ -46,7 +47,7 @@ def parse_key_steps(spec):
             return spec
         spec = [s for s in spec.split(",") if s.strip()]
     try:
-        steps = tuple(int(s) for s in spec)
+        steps = tuple(operator.index(s) if not isinstance(s, str) else int(s) for s in spec)
     except (TypeError, ValueError):
         raise ValueError(f"key_steps must be a preset name or a list of integers, not {spec!r}") from None
     if not steps or steps[0] != 0:
@@ -75,7 +76,7 @@ class FasterDiffusion:
         if max_decoder_batch is not None and max_decoder_batch < 1:
             raise ValueError(f"max_decoder_batch must be a positive number of rows, not {max_decoder_batch}")
         self.key_steps = parse_key_steps(key_steps)
-        if isinstance(self.key_steps, str):
+        if isinstance(self.key_steps, str) and not re.fullmatch(r"uniform:\d+", self.key_steps):
             _preset_key_steps(self.key_steps, PRESET_STEPS)  # unknown names fail now, not at sampling time
         self.parallel = parallel
         self.noise_injection = noise_injection
