@@ -1,0 +1,483 @@
+"""ADM-compatible sample metrics: Inception Score, FID, sFID, precision and recall.
+
+Usage: python evaluations/evaluator.py REF.npz SAMPLE.npz
+
+Gives the numbers of the evaluation suite of openai/guided-diffusion (`evaluations/evaluator.py`) with the
+same method: the same Inception graph and tensors, statistics, splits, k-NN manifolds and float16 distances.
+Runs on current NumPy, SciPy and TensorFlow (TF1-compat graph mode). Stand-alone: it needs numpy, scipy, tqdm
+and, for the Inception network only, tensorflow.
+"""
+import argparse
+import json
+import os
+import sys
+import urllib.request
+import warnings
+import zipfile
+
+import numpy as np
+import scipy
+from scipy import linalg
+from tqdm.auto import tqdm
+
+INCEPTION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
+INCEPTION_INPUT = "ExpandDims:0"
+INCEPTION_POOL = "pool_3:0"
+INCEPTION_SPATIAL = "mixed_6/conv:0"
+INCEPTION_SOFTMAX_MATMUL = "softmax/logits/MatMul"
+SPATIAL_CHANNELS = 7  # sFID keeps the first 7 channels of mixed_6/conv
+NHOOD_SIZE = 3  # k of the k-NN manifolds of precision and recall
+STAT_KEYS = (("mu", "sigma"), ("mu_s", "sigma_s"))  # precomputed (pool, spatial) statistics in a batch file
+
+
+class InputError(Exception):
+    """Bad input or set-up; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading batch files
+
+
+class NpzArrayReader:
+    """One array of an .npz file read in batches along its first axis, streamed when its layout allows."""
+
+    def __init__(self, path, name="arr_0"):
+        self.path, self.name = path, name
+        self._zip = zipfile.ZipFile(path)
+        try:
+            if f"{name}.npy" not in self._zip.namelist():
+                raise InputError(f"{path}: no array named {name!r} in the .npz")
+            self._file = self._zip.open(f"{name}.npy")
+            self.shape, fortran_order, self.dtype = _read_npy_header(self._file)
+        except BaseException:
+            self._zip.close()
+            raise
+        self.streaming = not fortran_order and not self.dtype.hasobject
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read_batches(self, batch_size):
+        """Yield consecutive [<=batch_size, ...] slices of the array."""
+        if not self.streaming:
+            with np.load(self.path) as npz:
+                array = npz[self.name]
+            for i in range(0, len(array), batch_size):
+                yield array[i:i + batch_size]
+            return
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        for i in range(0, len(self), batch_size):
+            rows = min(batch_size, len(self) - i)
+            data = self._file.read(rows * row_bytes)
+            if len(data) != rows * row_bytes:
+                raise InputError(f"{self.path}: {self.name} is truncated")
+            yield np.frombuffer(data, dtype=self.dtype).reshape((rows, *self.shape[1:]))
+
+    def close(self):
+        self._file.close()
+        self._zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _read_npy_header(f):
+    """(shape, fortran_order, dtype) from an open .npy stream, left at the start of the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version in ((2, 0), (3, 0)):  # 3.0 only allows utf8 in structured field names
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def check_batch_file(path):
+    """Check that path is an ADM batch: uint8 NHWC images in arr_0, enough of them, well-formed statistics."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not an .npz file")
+    try:
+        with NpzArrayReader(path, "arr_0") as reader:
+            shape, dtype = reader.shape, reader.dtype
+        stats = precomputed_statistics_dims(path)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: unreadable .npz ({e})") from None
+    if dtype != np.uint8:
+        raise InputError(f"{path}: arr_0 has dtype {dtype}; expected uint8 images (0..255)")
+    if len(shape) != 4 or shape[3] != 3:
+        raise InputError(f"{path}: arr_0 has shape {tuple(shape)}; expected [N, height, width, 3] (NHWC, RGB)")
+    if shape[0] < 2:
+        raise InputError(f"{path}: arr_0 holds {shape[0]} image(s); FID needs at least 2 for a covariance")
+    if shape[0] < NHOOD_SIZE + 1:
+        raise InputError(f"{path}: arr_0 holds {shape[0]} images; precision/recall need at least "
+                         f"{NHOOD_SIZE + 1} (k+1 for k={NHOOD_SIZE} nearest neighbours)")
+    return stats
+
+
+def precomputed_statistics_dims(path):
+    """Feature dims (pool, spatial) of the statistics stored in path, or None; checks their shapes agree."""
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if "mu.npy" not in names:
+        return None
+    dims = []
+    for mean_key, cov_key in STAT_KEYS:
+        for key in (mean_key, cov_key):
+            if f"{key}.npy" not in names:
+                raise InputError(f"{path}: has precomputed mu but no {key}")
+        with NpzArrayReader(path, mean_key) as mean, NpzArrayReader(path, cov_key) as cov:
+            if len(mean.shape) != 1 or cov.shape != (mean.shape[0],) * 2:
+                raise InputError(f"{path}: {mean_key} has shape {mean.shape} and {cov_key} {cov.shape}; "
+                                 f"expected [d] and [d, d]")
+            dims.append(mean.shape[0])
+    return tuple(dims)
+
+
+def check_statistics_dims(path, stats_dims, network):
+    """Check that precomputed statistics have the dims of the network's (pool, spatial) features."""
+    if stats_dims is None:
+        return
+    for (key, _), dim, expected, what in zip(STAT_KEYS, stats_dims, network.feature_dims, ("pool", "spatial")):
+        if expected is not None and dim != expected:
+            raise InputError(f"{path}: precomputed {key} has {dim} dims but the Inception {what} features "
+                             f"have {expected}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inception network (TensorFlow, TF1-compat graph mode)
+
+
+def _import_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    import tensorflow.compat.v1 as tf
+    return tf
+
+
+def _relax_batch_dims(graph_def):
+    """Turn static batch-1 shapes stored in the graph into unknown batch sizes (the TTUR trick)."""
+    for node in graph_def.node:
+        shapes = list(node.attr["_output_shapes"].list.shape) if "_output_shapes" in node.attr else []
+        if "shape" in node.attr:
+            shapes.append(node.attr["shape"].shape)
+        for shape in shapes:
+            if len(shape.dim) > 0 and shape.dim[0].size == 1:
+                shape.dim[0].size = -1
+    return graph_def
+
+
+class InceptionNetwork:
+    """The Inception graph in a TF1 session: pool_3 and spatial features of images, softmax of pool features."""
+
+    def __init__(self, graph_path, batch_size=64, softmax_batch_size=512, threads=None):
+        tf = _import_tensorflow()
+        self.batch_size, self.softmax_batch_size = batch_size, softmax_batch_size
+        graph_def = tf.GraphDef()
+        try:
+            with open(graph_path, "rb") as f:
+                graph_def.ParseFromString(f.read())
+        except Exception as e:
+            raise InputError(f"{graph_path}: cannot read the Inception graph ({type(e).__name__})") from None
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.image_input = tf.placeholder(tf.float32, [None, None, None, 3])
+            try:
+                pool, spatial = tf.import_graph_def(
+                    _relax_batch_dims(graph_def), input_map={INCEPTION_INPUT: self.image_input},
+                    return_elements=[INCEPTION_POOL, INCEPTION_SPATIAL], name="inception")
+                weights = self.graph.get_operation_by_name(f"inception/{INCEPTION_SOFTMAX_MATMUL}").inputs[1]
+            except (ValueError, KeyError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InputError(f"{graph_path}: not an Inception graph with {INCEPTION_INPUT}, {INCEPTION_POOL}, "
+                                 f"{INCEPTION_SPATIAL} and {INCEPTION_SOFTMAX_MATMUL} ({reason})") from None
+            self.pool_features = pool
+            self.spatial_features = spatial[..., :SPATIAL_CHANNELS]
+            self.softmax_input = tf.placeholder(tf.float32, [None, weights.shape[0]])
+            self.softmax = tf.nn.softmax(tf.matmul(self.softmax_input, weights))  # no bias, as ADM
+        config = tf.ConfigProto(allow_soft_placement=True)
+        config.gpu_options.allow_growth = True
+        if threads:
+            config.intra_op_parallelism_threads = config.inter_op_parallelism_threads = threads
+        self.sess = tf.Session(graph=self.graph, config=config)
+
+    @property
+    def feature_dims(self):
+        """(pool, spatial) feature sizes known from the graph's static shapes; None where unknown."""
+        dims = []
+        for tensor in (self.pool_features, self.spatial_features):
+            shape = tensor.shape.as_list() if tensor.shape.rank is not None else [None]
+            dims.append(None if None in shape[1:] else int(np.prod(shape[1:])))
+        return tuple(dims)
+
+    def warmup(self):
+        self.compute_activations([np.zeros([8, 64, 64, 3])])
+
+    def read_activations(self, npz_path):
+        """(pool, spatial) features of the images in arr_0 of an .npz, streamed in batches."""
+        with NpzArrayReader(npz_path, "arr_0") as reader:
+            batches = reader.read_batches(self.batch_size)
+            return self.compute_activations(batches, total=-(-len(reader) // self.batch_size))
+
+    def compute_activations(self, batches, total=None):
+        """Pool features [N, 2048] and flattened (H, W, C) spatial features [N, 17*17*7] of uint8 NHWC batches."""
+        pools, spatials = [], []
+        for batch in tqdm(batches, total=total, unit="batch"):
+            pool, spatial = self.sess.run([self.pool_features, self.spatial_features],
+                                          {self.image_input: batch.astype(np.float32)})
+            pools.append(pool.reshape([len(pool), -1]))
+            spatials.append(spatial.reshape([len(spatial), -1]))
+        return np.concatenate(pools, axis=0), np.concatenate(spatials, axis=0)
+
+    def compute_softmax(self, pool_features):
+        """Class probabilities [N, 1008] from pool features, in batches."""
+        return np.concatenate([
+            self.sess.run(self.softmax, {self.softmax_input: pool_features[i:i + self.softmax_batch_size]})
+            for i in range(0, len(pool_features), self.softmax_batch_size)
+        ], axis=0)
+
+    def close(self):
+        self.sess.close()
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldm-faster-diffusion")
+
+
+def fetch_inception_graph(cache_dir=None):
+    """Path of the cached Inception graph, downloaded once from the ADM URL."""
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, os.path.basename(INCEPTION_URL))
+    if os.path.isfile(path):
+        return path
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc="Inception graph") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except OSError as e:  # urllib's URLError and timeouts are OSErrors
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = getattr(e, "reason", None) or e
+        raise InputError(f"cannot download the Inception graph from {INCEPTION_URL} ({reason}); "
+                         f"download it yourself and pass --inception_path") from None
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics (NumPy / SciPy only)
+
+
+class FIDStatistics:
+    """Mean and covariance of a set of features."""
+
+    def __init__(self, mu, sigma):
+        self.mu, self.sigma = mu, sigma
+
+    @classmethod
+    def from_activations(cls, activations):
+        return cls(np.mean(activations, axis=0), np.cov(activations, rowvar=False))
+
+    def frechet_distance(self, other, eps=1e-6):
+        """Frechet distance between the Gaussians (self.mu, self.sigma) and (other.mu, other.sigma)."""
+        mu1, mu2 = np.atleast_1d(self.mu), np.atleast_1d(other.mu)
+        sigma1, sigma2 = np.atleast_2d(self.sigma), np.atleast_2d(other.sigma)
+        if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+            raise ValueError(f"statistics of different sizes: {mu1.shape} and {mu2.shape}")
+        diff = mu1 - mu2
+        covmean = _sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        if np.iscomplexobj(covmean):
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            covmean = covmean.real
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+_SQRTM_HAS_DISP = tuple(int(part) for part in scipy.__version__.split(".")[:2]) < (1, 16)
+
+
+def _sqrtm(a):
+    """Principal square root of a matrix, as scipy.linalg.sqrtm(a, disp=False)[0], without printing or warning."""
+    if _SQRTM_HAS_DISP:
+        return linalg.sqrtm(a, disp=False)[0]
+    with warnings.catch_warnings():  # SciPy >= 1.16 warns where disp=False was silent
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
+
+
+def compute_inception_score(probs, split_size=5000):
+    """Mean over consecutive splits of exp(mean_i KL(p(y|x_i) || p(y))), from softmax rows [N, classes]."""
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i:i + split_size]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        kl = np.where(part > 0, kl, 0)  # 0 log 0 = 0, where ADM's expression gives NaN
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def _sum_of_squares(x):
+    """Row-wise sum of squares in x's dtype, accumulated in float32."""
+    return np.square(x).sum(axis=1, dtype=np.float32).astype(x.dtype)
+
+
+def _matmul_transposed(u, v):
+    """u @ v.T in u's dtype: exact products accumulated in float32, rounded once (as GPUs do float16)."""
+    return np.matmul(u.astype(np.float32), v.astype(np.float32).T).astype(u.dtype)
+
+
+def batch_pairwise_distances(u, v):
+    """Squared Euclidean distances between rows of u and v, max(|u|^2 - 2 u.v + |v|^2, 0), in their dtype."""
+    return np.maximum(_sum_of_squares(u)[:, None] - 2 * _matmul_transposed(u, v) + _sum_of_squares(v)[None, :], 0)
+
+
+def pairwise_distances(u, v):
+    """Squared distances [len(u), len(v)] as float32: computed in float16, in float32 where float16 overflows."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        distances = batch_pairwise_distances(u.astype(np.float16), v.astype(np.float16))
+    if np.isfinite(distances).all():
+        return distances.astype(np.float32)
+    return batch_pairwise_distances(u.astype(np.float32), v.astype(np.float32))
+
+
+class ManifoldEstimator:
+    """k-NN manifolds of feature sets (improved precision and recall, Kynkaanniemi et al. 2019)."""
+
+    def __init__(self, row_batch_size=10000, col_batch_size=10000, nhood_sizes=(NHOOD_SIZE,)):
+        self.row_batch_size, self.col_batch_size = row_batch_size, col_batch_size
+        self.nhood_sizes = list(nhood_sizes)
+
+    def manifold_radii(self, features):
+        """Squared distance from each point to its k-th nearest neighbour (itself counted at 0): [N, len(k)]."""
+        num = len(features)
+        radii = np.zeros([num, len(self.nhood_sizes)], dtype=np.float32)
+        distances = np.zeros([min(self.row_batch_size, num), num], dtype=np.float32)
+        for begin1 in range(0, num, self.row_batch_size):
+            rows = features[begin1:begin1 + self.row_batch_size]
+            for begin2 in range(0, num, self.col_batch_size):
+                cols = features[begin2:begin2 + self.col_batch_size]
+                distances[:len(rows), begin2:begin2 + len(cols)] = pairwise_distances(rows, cols)
+            block = np.partition(distances[:len(rows)], self.nhood_sizes, axis=1)
+            radii[begin1:begin1 + len(rows)] = block[:, self.nhood_sizes]
+        return radii
+
+    def evaluate_pr(self, features_1, radii_1, features_2, radii_2):
+        """(precision, recall) per k: the share of set 2 inside set 1's manifold, and of set 1 inside set 2's."""
+        inside_2 = np.zeros([len(features_1), radii_2.shape[1]], dtype=bool)  # point of set 1 in some ball of set 2
+        inside_1 = np.zeros([len(features_2), radii_1.shape[1]], dtype=bool)  # point of set 2 in some ball of set 1
+        for begin1 in range(0, len(features_1), self.row_batch_size):
+            end1 = begin1 + self.row_batch_size
+            for begin2 in range(0, len(features_2), self.col_batch_size):
+                end2 = begin2 + self.col_batch_size
+                distances = pairwise_distances(features_1[begin1:end1], features_2[begin2:end2])[:, :, None]
+                inside_2[begin1:end1] |= np.any(distances <= radii_2[None, begin2:end2], axis=1)
+                inside_1[begin2:end2] |= np.any(distances <= radii_1[begin1:end1, None], axis=0)
+        return np.mean(inside_1, axis=0, dtype=np.float64), np.mean(inside_2, axis=0, dtype=np.float64)
+
+
+def compute_prec_recall(ref_features, sample_features, estimator=None):
+    """Precision (samples on the reference manifold) and recall (references on the sample manifold), k=3."""
+    estimator = estimator or ManifoldEstimator()
+    ref_radii = estimator.manifold_radii(ref_features)
+    sample_radii = estimator.manifold_radii(sample_features)
+    precision, recall = estimator.evaluate_pr(ref_features, ref_radii, sample_features, sample_radii)
+    return float(precision[0]), float(recall[0])
+
+
+def read_statistics(npz_path, activations):
+    """(pool, spatial) FIDStatistics: precomputed in the file if it has mu, else from the activations."""
+    with np.load(npz_path) as obj:
+        if "mu" in obj.files:
+            return tuple(FIDStatistics(obj[mean_key], obj[cov_key]) for mean_key, cov_key in STAT_KEYS)
+    return tuple(FIDStatistics.from_activations(acts) for acts in activations)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def write_json(path, data):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def evaluate(args):
+    """Print ADM's progress lines and five metrics for args.ref_batch and args.sample_batch; returns the metrics."""
+    ref_stats_dims = check_batch_file(args.ref_batch)
+    sample_stats_dims = check_batch_file(args.sample_batch)
+    json_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+    if json_dir and not os.path.isdir(json_dir):
+        raise InputError(f"{args.json}: its directory does not exist (--json)")
+    if args.inception_path and not os.path.isfile(args.inception_path):
+        raise InputError(f"{args.inception_path}: no such file (--inception_path)")
+    graph_path = args.inception_path or fetch_inception_graph()
+    network = InceptionNetwork(graph_path, batch_size=args.batch_size, threads=args.tf_threads)
+    try:
+        check_statistics_dims(args.ref_batch, ref_stats_dims, network)
+        check_statistics_dims(args.sample_batch, sample_stats_dims, network)
+
+        print("warming up TensorFlow...")
+        network.warmup()
+        print("computing reference batch activations...")
+        ref_acts = network.read_activations(args.ref_batch)
+        print("computing/reading reference batch statistics...")
+        ref_stats, ref_stats_spatial = read_statistics(args.ref_batch, ref_acts)
+        print("computing sample batch activations...")
+        sample_acts = network.read_activations(args.sample_batch)
+        print("computing/reading sample batch statistics...")
+        sample_stats, sample_stats_spatial = read_statistics(args.sample_batch, sample_acts)
+
+        print("Computing evaluations...")
+        metrics = {"inception_score": compute_inception_score(network.compute_softmax(sample_acts[0]))}
+        print("Inception Score:", metrics["inception_score"])
+        metrics["fid"] = sample_stats.frechet_distance(ref_stats)
+        print("FID:", metrics["fid"])
+        metrics["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
+        print("sFID:", metrics["sfid"])
+        metrics["precision"], metrics["recall"] = compute_prec_recall(ref_acts[0], sample_acts[0])
+        print("Precision:", metrics["precision"])
+        print("Recall:", metrics["recall"])
+    finally:
+        network.close()
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="ADM-compatible Inception Score, FID, sFID, precision and recall.")
+    parser.add_argument("ref_batch", help="reference batch .npz (arr_0: uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 NHWC images)")
+    parser.add_argument("--inception_path", help="local classify_image_graph_def.pb (default: download it once "
+                                                 "into $XDG_CACHE_HOME, else ~/.cache, /ldm-faster-diffusion)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per Inception batch")
+    parser.add_argument("--tf_threads", type=int, default=None, help="TensorFlow intra/inter-op threads")
+    parser.add_argument("--json", help="also write the five metrics and the input file names to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    try:
+        metrics = evaluate(args)
+        if args.json:
+            write_json(args.json, {"ref_batch": args.ref_batch, "sample_batch": args.sample_batch, **metrics})
+    except (InputError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

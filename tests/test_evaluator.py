@@ -1,0 +1,547 @@
+"""ADM-compatible evaluator: metrics against independent computations, end to end with a small fake Inception graph.
+
+The fake graph exposes the Inception tensor names (ExpandDims:0, mixed_6/conv:0, pool_3:0, softmax/logits/MatMul)
+but is tiny: images are resized (nearest) to 4x4 instead of 17x17 and pool_3 has 64 features instead of 2048, so
+that FID's matrix square roots stay fast. Its weights are small integers, so its features are exact in float32 and
+the test recomputes them in NumPy from the same weights.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import special
+
+REPO = Path(__file__).resolve().parents[1]
+EVALUATOR = REPO / "evaluations" / "evaluator.py"
+
+
+def _load_evaluator():
+    spec = importlib.util.spec_from_file_location("adm_evaluator", EVALUATOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ev = _load_evaluator()
+
+SIDE = 4  # spatial size of the fake mixed_6/conv (17 in Inception)
+CHANNELS = 8
+POOL_DIM = 64
+CLASSES = 1008
+SPATIAL_DIM = SIDE * SIDE * 7
+PROGRESS_LINES = [
+    "warming up TensorFlow...",
+    "computing reference batch activations...",
+    "computing/reading reference batch statistics...",
+    "computing sample batch activations...",
+    "computing/reading sample batch statistics...",
+    "Computing evaluations...",
+]
+METRIC_LINES = [("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                ("Precision", "precision"), ("Recall", "recall")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Independent reference computations
+
+
+def brute_force_prec_recall(ref, sample, k=3):
+    """Improved precision/recall with exact float64 distances and full sorts."""
+    def sq_dists(a, b):
+        return ((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1)
+    ref_radii = np.sort(sq_dists(ref, ref), axis=1)[:, k]
+    sample_radii = np.sort(sq_dists(sample, sample), axis=1)[:, k]
+    cross = sq_dists(ref, sample)
+    precision = np.mean([(cross[:, j] <= ref_radii).any() for j in range(len(sample))])
+    recall = np.mean([(cross[i] <= sample_radii).any() for i in range(len(ref))])
+    return precision, recall
+
+
+def psd_sqrt(m):
+    w, v = np.linalg.eigh(m)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_reference(mu1, sigma1, mu2, sigma2):
+    """FD with tr sqrt(S1 S2) = tr sqrt(S2^1/2 S1 S2^1/2), via symmetric eigendecompositions."""
+    root2 = psd_sqrt(sigma2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * np.trace(psd_sqrt(root2 @ sigma1 @ root2)))
+
+
+def stats_reference(features):
+    features = features.astype(np.float64)
+    centered = features - features.mean(0)
+    return features.mean(0), centered.T @ centered / (len(features) - 1)
+
+
+def inception_score_reference(probs):
+    marginal = probs.mean(0, keepdims=True)
+    return float(np.exp(special.rel_entr(probs, marginal).sum(1).mean()))
+
+
+def random_stats(rng, dim):
+    a = rng.normal(size=(dim, dim))
+    return rng.normal(size=dim), a @ a.T / dim + 0.5 * np.eye(dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fake Inception graph
+
+
+def fake_weights(seed, shift, logit_std):
+    rng = np.random.default_rng(seed)
+    pool_mask = rng.random((SIDE * SIDE * CHANNELS, POOL_DIM)) < 0.06
+    bias = np.zeros(CLASSES, np.float32)
+    bias[0] = 100.0  # the graph's softmax bias, which the evaluator must not use
+    return {
+        "conv": rng.integers(-2, 3, size=(3, CHANNELS)).astype(np.float32),
+        "pool": (pool_mask * rng.choice([-1.0, 1.0], size=pool_mask.shape)).astype(np.float32),
+        "logits": rng.normal(0, logit_std, size=(POOL_DIM, CLASSES)).astype(np.float32),
+        "bias": bias,
+        "shift": shift,
+    }
+
+
+def build_fake_inception(path, weights, static_batch_one):
+    """Write a GraphDef with Inception's tensor names; static_batch_one stores batch-1 shapes like Inception's."""
+    tf = pytest.importorskip("tensorflow").compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.placeholder(tf.float32, [1 if static_batch_one else None, None, None, 3], name="input")
+        expanded = tf.identity(images, name="ExpandDims")
+        small = tf.raw_ops.ResizeNearestNeighbor(images=expanded, size=[SIDE, SIDE], align_corners=False,
+                                                 half_pixel_centers=False)
+        conv = tf.nn.conv2d(small, weights["conv"][None, None], strides=1, padding="VALID", name="mixed_6/conv")
+        hidden = tf.matmul(tf.reshape(conv, [-1, SIDE * SIDE * CHANNELS]), weights["pool"])
+        pool = tf.floor(tf.nn.relu(hidden) * 2.0 ** -weights["shift"])
+        pool_3 = tf.reshape(pool, [-1, 1, 1, POOL_DIM], name="pool_3")
+        logits = tf.matmul(tf.reshape(pool_3, [-1, POOL_DIM]), weights["logits"], name="softmax/logits/MatMul")
+        tf.nn.softmax(tf.nn.bias_add(logits, weights["bias"]), name="softmax")
+    path.write_bytes(graph.as_graph_def(add_shapes=static_batch_one).SerializeToString())
+    return path
+
+
+def fake_features(images, weights):
+    """(pool, spatial, softmax without bias) of the fake graph, in NumPy."""
+    n, height, width = images.shape[:3]
+    rows = np.floor(np.arange(SIDE) * (height / SIDE)).astype(int)
+    cols = np.floor(np.arange(SIDE) * (width / SIDE)).astype(int)
+    conv = images[:, rows][:, :, cols].astype(np.float64) @ weights["conv"]
+    pool = np.floor(np.maximum(conv.reshape(n, -1) @ weights["pool"], 0) * 2.0 ** -weights["shift"])
+    probs = special.softmax(pool @ weights["logits"].astype(np.float64), axis=1)
+    return pool, conv[..., :7].reshape(n, -1), probs
+
+
+LARGE = {"seed": 1, "shift": 3, "logit_std": 0.004}  # features overflow float16 distances: float32 path
+SMALL = {"seed": 2, "shift": 9, "logit_std": 0.4}  # small integer features, exact in float16
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    large, small = fake_weights(**LARGE), fake_weights(**SMALL)
+    return {
+        "static": (build_fake_inception(root / "static.pb", large, static_batch_one=True), large),
+        "dynamic": (build_fake_inception(root / "dynamic.pb", small, static_batch_one=False), small),
+    }
+
+
+def random_images(seed, n, size=8):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def parse_output(out):
+    lines = out.strip().splitlines()
+    assert lines[:6] == PROGRESS_LINES
+    assert [line.split(":")[0] for line in lines[6:]] == [name for name, _ in METRIC_LINES]
+    return {key: float(line.split(": ")[1]) for line, (_, key) in zip(lines[6:], METRIC_LINES)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_end_to_end_computed_statistics(graphs, tmp_path, capsys):
+    pb, weights = graphs["static"]
+    ref, sample = random_images(0, 24), random_images(1, 20)
+    np.savez(tmp_path / "ref.npz", np.asfortranarray(ref))  # not C-order: read whole
+    np.savez_compressed(tmp_path / "sample.npz", sample, np.arange(20))  # arr_1 labels are ignored
+    metrics = ev.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--inception_path", str(pb),
+                       "--batch_size", "7"])
+    assert parse_output(capsys.readouterr().out) == pytest.approx(metrics, rel=1e-12)
+
+    ref_pool, ref_spatial, _ = fake_features(ref, weights)
+    pool, spatial, probs = fake_features(sample, weights)
+    # This graph's features are large integers: float16 distances overflow, exact float32 ones are compared.
+    assert (ref_pool ** 2).sum(1).max() > 65504 and (pool ** 2).sum(1).max() > 65504
+    assert metrics["inception_score"] == pytest.approx(inception_score_reference(probs), rel=1e-4)
+    assert metrics["fid"] == pytest.approx(frechet_reference(*stats_reference(pool), *stats_reference(ref_pool)),
+                                           rel=1e-6)
+    assert metrics["sfid"] == pytest.approx(
+        frechet_reference(*stats_reference(spatial), *stats_reference(ref_spatial)), rel=1e-6)
+    assert (metrics["precision"], metrics["recall"]) == brute_force_prec_recall(ref_pool, pool)
+    assert metrics["inception_score"] > 2  # the graph's bias would pin every image to class 0 (IS ~ 1)
+
+
+@pytest.fixture
+def precomputed_ref(tmp_path):
+    """A reference batch with images and precomputed statistics (not those of its images)."""
+    rng = np.random.default_rng(5)
+    ref = random_images(2, 30)
+    mu, sigma = random_stats(rng, POOL_DIM)
+    mu_s, sigma_s = random_stats(rng, SPATIAL_DIM)
+    np.savez(tmp_path / "ref.npz", arr_0=ref, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    np.savez(tmp_path / "sample.npz", random_images(3, 25))
+    return tmp_path / "ref.npz", tmp_path / "sample.npz"
+
+
+def test_end_to_end_precomputed_reference_statistics(graphs, precomputed_ref, capsys):
+    pb, weights = graphs["dynamic"]
+    ref_path, sample_path = precomputed_ref
+    metrics = ev.main([str(ref_path), str(sample_path), "--inception_path", str(pb)])
+    assert parse_output(capsys.readouterr().out) == pytest.approx(metrics, rel=1e-12)
+
+    with np.load(ref_path) as ref:
+        ref_pool = fake_features(ref["arr_0"], weights)[0]
+        stats = {key: ref[key] for key in ("mu", "sigma", "mu_s", "sigma_s")}
+    pool, spatial, probs = fake_features(np.load(sample_path)["arr_0"], weights)
+    assert metrics["inception_score"] == pytest.approx(inception_score_reference(probs), rel=1e-4)
+    assert metrics["fid"] == pytest.approx(frechet_reference(*stats_reference(pool), stats["mu"], stats["sigma"]),
+                                           rel=1e-6)
+    assert metrics["sfid"] == pytest.approx(
+        frechet_reference(*stats_reference(spatial), stats["mu_s"], stats["sigma_s"]), rel=1e-6)
+    assert (metrics["precision"], metrics["recall"]) == brute_force_prec_recall(ref_pool, pool)
+
+
+def test_cli_prints_adm_lines_and_writes_json(graphs, precomputed_ref, tmp_path):
+    pb, _ = graphs["dynamic"]
+    ref_path, sample_path = precomputed_ref
+    out_json = tmp_path / "metrics.json"
+    result = subprocess.run([sys.executable, str(EVALUATOR), str(ref_path), str(sample_path),
+                             "--inception_path", str(pb), "--json", str(out_json)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    printed = parse_output(result.stdout)
+    saved = json.loads(out_json.read_text())
+    assert saved == {"ref_batch": str(ref_path), "sample_batch": str(sample_path), **printed}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("metrics")] == ["metrics.json"]
+
+
+def test_batch_dimension_made_dynamic(graphs):
+    tf = pytest.importorskip("tensorflow").compat.v1
+    pb, _ = graphs["static"]
+    graph_def = tf.GraphDef.FromString(pb.read_bytes())
+    with tf.Graph().as_default():  # imported as is, the stored shapes pin the batch to 1
+        inp = tf.placeholder(tf.float32, [None, None, None, 3])
+        (pool,) = tf.import_graph_def(graph_def, input_map={"ExpandDims:0": inp}, return_elements=["pool_3:0"])
+        assert pool.shape.as_list()[0] == 1
+    for name in ("static", "dynamic"):
+        network = ev.InceptionNetwork(str(graphs[name][0]), batch_size=5)
+        try:
+            assert network.pool_features.shape.as_list() == [None, 1, 1, POOL_DIM]
+            assert network.spatial_features.shape.as_list() == [None, SIDE, SIDE, 7]
+            assert network.feature_dims == (POOL_DIM, SPATIAL_DIM)
+            pool, spatial = network.compute_activations([random_images(4, 5), random_images(5, 3, size=12)])
+            assert pool.shape == (8, POOL_DIM) and spatial.shape == (8, SPATIAL_DIM)
+        finally:
+            network.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_frechet_distance_matches_eigen_computation():
+    rng = np.random.default_rng(0)
+    (mu1, sigma1), (mu2, sigma2) = random_stats(rng, 32), random_stats(rng, 32)
+    fd = ev.FIDStatistics(mu1, sigma1).frechet_distance(ev.FIDStatistics(mu2, sigma2))
+    assert fd == pytest.approx(frechet_reference(mu1, sigma1, mu2, sigma2), rel=1e-9)
+    assert ev.FIDStatistics(mu1, sigma1).frechet_distance(ev.FIDStatistics(mu1, sigma1)) == pytest.approx(0, abs=1e-8)
+
+
+def test_fid_statistics_from_activations():
+    acts = np.random.default_rng(1).normal(size=(50, 6)).astype(np.float32)
+    stats = ev.FIDStatistics.from_activations(acts)
+    mu, sigma = stats_reference(acts)
+    np.testing.assert_allclose(stats.mu, mu, rtol=1e-6)
+    np.testing.assert_allclose(stats.sigma, sigma, rtol=1e-10)
+
+
+def test_frechet_distance_singular_product_adds_eps():
+    nilpotent = ev.FIDStatistics(np.zeros(2), np.array([[0.0, 1.0], [0.0, 0.0]]))
+    identity = ev.FIDStatistics(np.ones(2), np.eye(2))
+    with pytest.warns(UserWarning, match="adding 1e-06 to diagonal"):
+        fd = nilpotent.frechet_distance(identity)
+    eps = 1e-6  # sqrt((1+eps) [[eps, 1], [0, eps]]) has trace 2 sqrt(eps (1 + eps))
+    assert fd == pytest.approx(2 + 0 + 2 - 4 * np.sqrt(eps * (1 + eps)), rel=1e-9)
+
+
+def test_frechet_distance_complex_square_root():
+    identity = ev.FIDStatistics(np.zeros(2), np.eye(2))
+    tiny_negative = ev.FIDStatistics(np.zeros(2), np.diag([-1e-8, 1.0]))  # imaginary part 1e-4: kept real part
+    assert tiny_negative.frechet_distance(identity) == pytest.approx((1 - 1e-8) + 2 - 2 * 1.0, rel=1e-12)
+    negative = ev.FIDStatistics(np.zeros(2), np.diag([-1.0, 1.0]))
+    with pytest.raises(ValueError, match="Imaginary component 1.0"):
+        negative.frechet_distance(identity)
+
+
+def test_inception_score_known_distributions():
+    assert ev.compute_inception_score(np.full((10, 7), 1 / 7)) == pytest.approx(1.0, abs=1e-12)
+    assert ev.compute_inception_score(np.eye(6)) == pytest.approx(6.0, rel=1e-12)
+    probs = special.softmax(np.random.default_rng(0).normal(scale=3, size=(40, 12)), axis=1)
+    assert ev.compute_inception_score(probs) == pytest.approx(inception_score_reference(probs), rel=1e-12)
+
+
+def test_inception_score_uses_consecutive_splits():
+    probs = np.concatenate([np.eye(3), np.full((3, 3), 1 / 3)])
+    assert ev.compute_inception_score(probs, split_size=3) == pytest.approx((3 + 1) / 2, rel=1e-12)
+    assert ev.compute_inception_score(probs, split_size=6) == pytest.approx(inception_score_reference(probs))
+    default = np.concatenate([np.eye(10)[np.arange(5000) % 10], np.full((2000, 10), 0.1)])  # splits 5000 + 2000
+    assert ev.compute_inception_score(default) == pytest.approx((10 + 1) / 2, rel=1e-9)
+
+
+def test_pairwise_distances_float16_then_float32():
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(9, 16)), rng.normal(size=(7, 16))
+    exact = ((u[:, None] - v[None]) ** 2).sum(-1)
+    d16 = ev.pairwise_distances(u, v)
+    assert d16.dtype == np.float32
+    np.testing.assert_array_equal(d16, d16.astype(np.float16))  # rounded to float16
+    np.testing.assert_allclose(d16, exact, atol=0.1)
+    d32 = ev.pairwise_distances(u * 1e3, v * 1e3)  # |u|^2 ~ 1.6e7 overflows float16
+    assert d32.dtype == np.float32
+    with np.errstate(over="ignore"):
+        assert not np.array_equal(d32, d32.astype(np.float16))
+    np.testing.assert_allclose(d32, exact * 1e6, rtol=1e-4)
+    assert (ev.pairwise_distances(u, u).diagonal() < 1e-2).all()
+
+
+@pytest.mark.parametrize("scale", [1, 256])  # 256: float16 overflows, float32 fallback (still exact)
+@pytest.mark.parametrize("batches", [(10000, 10000), (5, 3)])
+def test_precision_recall_brute_force(scale, batches):
+    rng = np.random.default_rng(scale)
+    ref = rng.integers(-3, 4, size=(23, 8)).astype(np.float32) * scale
+    sample = np.concatenate([ref[:4], ref[:2], rng.integers(0, 7, size=(13, 8)) * scale]).astype(np.float32)
+    estimator = ev.ManifoldEstimator(row_batch_size=batches[0], col_batch_size=batches[1])
+    precision, recall = ev.compute_prec_recall(ref, sample, estimator)
+    assert (precision, recall) == brute_force_prec_recall(ref, sample)
+    assert 0 < precision < 1 and 0 < recall < 1
+    radii = estimator.manifold_radii(ref)
+    exact = np.sort(((ref[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1), axis=1)[:, 3]
+    np.testing.assert_array_equal(radii[:, 0], exact)
+
+
+def test_precision_recall_float16_rounding_blocked_as_unblocked():
+    rng = np.random.default_rng(3)
+    ref, sample = rng.normal(size=(40, 32)).astype(np.float32), rng.normal(size=(30, 32)).astype(np.float32)
+    whole = ev.compute_prec_recall(ref, sample)
+    assert whole == ev.compute_prec_recall(ref, sample, ev.ManifoldEstimator(row_batch_size=7, col_batch_size=4))
+    radii = ev.ManifoldEstimator().manifold_radii(ref)[:, 0]
+    np.testing.assert_array_equal(radii, radii.astype(np.float16))  # float16 distances
+    np.testing.assert_allclose(whole, brute_force_prec_recall(ref, sample), atol=0.1)
+
+
+def test_precision_recall_duplicates_count_as_neighbours():
+    ref = np.repeat(np.eye(3, 8, dtype=np.float32), 4, axis=0)  # each point 4 times: radius 0
+    sample = np.concatenate([ref[::4], np.ones((3, 8), np.float32)])
+    assert ev.compute_prec_recall(ref, np.repeat(sample, 4, axis=0)) == (0.5, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading batches
+
+
+def write_npz_with_version(path, array, version):
+    with zipfile.ZipFile(path, "w") as zf, zf.open("arr_0.npy", "w") as f:
+        np.lib.format.write_array(f, array, version=version)
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2", "v3", "compressed", "fortran"])
+def test_npz_reader_batches(tmp_path, layout):
+    images = random_images(7, 20)
+    path = tmp_path / "batch.npz"
+    if layout.startswith("v"):
+        write_npz_with_version(path, images, (int(layout[1]), 0))
+    elif layout == "compressed":
+        np.savez_compressed(path, images)
+    else:
+        np.savez(path, np.asfortranarray(images))
+    with ev.NpzArrayReader(str(path)) as reader:
+        assert reader.shape == images.shape and reader.dtype == np.uint8 and len(reader) == 20
+        assert reader.streaming == (layout != "fortran")
+        batches = list(reader.read_batches(7))
+    assert [len(b) for b in batches] == [7, 7, 6]
+    np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if the evaluator reaches the Inception network: bad input must be caught before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Inception network was built before the input was checked")
+    monkeypatch.setattr(ev, "InceptionNetwork", refuse)
+
+
+def run_failing(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(a) for a in argv])
+    assert exit_info.value.code != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing started before the error
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def bad_file(tmp_path, case):
+    path = tmp_path / f"{case}.npz"
+    if case == "missing":
+        return path
+    if case == "not_npz":
+        path.write_text("not a zip file")
+    elif case == "no_arr_0":
+        np.savez(path, images=random_images(0, 5))
+    elif case == "float":
+        np.savez(path, random_images(0, 5).astype(np.float32))
+    elif case == "rank3":
+        np.savez(path, random_images(0, 5)[..., 0])
+    elif case == "channels4":
+        np.savez(path, np.zeros((5, 8, 8, 4), np.uint8))
+    elif case == "one_image":
+        np.savez(path, random_images(0, 1))
+    elif case == "three_images":
+        np.savez(path, random_images(0, 3))
+    elif case == "sigma_mismatch":
+        np.savez(path, arr_0=random_images(0, 5), mu=np.zeros(4), sigma=np.eye(3), mu_s=np.zeros(2), sigma_s=np.eye(2))
+    elif case == "no_sigma_s":
+        np.savez(path, arr_0=random_images(0, 5), mu=np.zeros(3), sigma=np.eye(3), mu_s=np.zeros(2))
+    return path
+
+
+BAD_FILES = {
+    "missing": "no such file",
+    "not_npz": "not an .npz file",
+    "no_arr_0": "no array named 'arr_0'",
+    "float": "arr_0 has dtype float32; expected uint8",
+    "rank3": "expected [N, height, width, 3] (NHWC",
+    "channels4": "arr_0 has shape (5, 8, 8, 4)",
+    "one_image": "holds 1 image(s); FID needs at least 2",
+    "three_images": "holds 3 images; precision/recall need at least 4 (k+1 for k=3",
+    "sigma_mismatch": "mu has shape (4,) and sigma (3, 3); expected [d] and [d, d]",
+    "no_sigma_s": "has precomputed mu but no sigma_s",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+@pytest.mark.parametrize("which", ["ref", "sample"])
+def test_bad_batch_file(tmp_path, capsys, no_network, case, which):
+    good = tmp_path / "good.npz"
+    np.savez(good, random_images(0, 5))
+    bad = bad_file(tmp_path, case)
+    argv = [bad, good] if which == "ref" else [good, bad]
+    err = run_failing([*argv, "--inception_path", good], capsys)
+    assert BAD_FILES[case] in err and str(bad) in err
+
+
+def test_precomputed_statistics_of_wrong_dimension(graphs, tmp_path, capsys):
+    pb, _ = graphs["dynamic"]
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, random_images(0, 5))
+    rng = np.random.default_rng(0)
+    for bad_key, expected in (("mu", f"precomputed mu has 10 dims but the Inception pool features have {POOL_DIM}"),
+                              ("mu_s", f"mu_s has 10 dims but the Inception spatial features have {SPATIAL_DIM}")):
+        stats = dict(zip(("mu", "sigma"), random_stats(rng, 10 if bad_key == "mu" else POOL_DIM)))
+        stats.update(zip(("mu_s", "sigma_s"), random_stats(rng, 10 if bad_key == "mu_s" else SPATIAL_DIM)))
+        np.savez(tmp_path / "ref.npz", arr_0=random_images(1, 5), **stats)
+        err = run_failing([tmp_path / "ref.npz", sample, "--inception_path", pb], capsys)
+        assert expected in err
+
+
+def test_bad_inception_graph(tmp_path, capsys):
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    err = run_failing([batch, batch, "--inception_path", tmp_path / "absent.pb"], capsys)
+    assert "absent.pb: no such file" in err
+    junk = tmp_path / "junk.pb"
+    junk.write_bytes(b"\xff" * 100)
+    assert "cannot read the Inception graph" in run_failing([batch, batch, "--inception_path", junk], capsys)
+    tf = pytest.importorskip("tensorflow").compat.v1
+    with tf.Graph().as_default() as graph:
+        tf.identity(tf.placeholder(tf.float32, [None, None, None, 3]), name="ExpandDims")
+    other = tmp_path / "other.pb"
+    other.write_bytes(graph.as_graph_def().SerializeToString())
+    err = run_failing([batch, batch, "--inception_path", other], capsys)
+    assert "not an Inception graph with ExpandDims:0, pool_3:0" in err
+
+
+def test_batch_size_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--batch_size", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch_size must be at least 1" in capsys.readouterr().err
+
+
+def test_json_directory_must_exist(tmp_path, capsys, no_network):
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    err = run_failing([batch, batch, "--inception_path", batch, "--json", tmp_path / "nowhere" / "m.json"], capsys)
+    assert "its directory does not exist" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inception graph download (never touches the network)
+
+
+class FakeResponse:
+    def __init__(self, payload):
+        self.payload, self.headers = payload, {"Content-Length": str(len(payload))}
+
+    def read(self, n):
+        chunk, self.payload = self.payload[:n], self.payload[n:]
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_download_inception_graph_into_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        return FakeResponse(b"graph" * 1000)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(ev.urllib.request, "urlopen", fake_urlopen)
+    path = Path(ev.fetch_inception_graph())
+    assert path == tmp_path / "ldm-faster-diffusion" / "classify_image_graph_def.pb"
+    assert path.read_bytes() == b"graph" * 1000
+    assert Path(ev.fetch_inception_graph()) == path and calls == [ev.INCEPTION_URL]  # cached: one download
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_download_offline_is_one_line_error(tmp_path, monkeypatch, capsys):
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev.urllib.request, "urlopen", offline)
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    err = run_failing([batch, batch], capsys)
+    assert "cannot download the Inception graph" in err and "no network" in err and "--inception_path" in err
+    assert list((tmp_path / "cache" / "ldm-faster-diffusion").iterdir()) == []
