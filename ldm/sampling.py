@@ -31,18 +31,30 @@ def to_uint8(images):
 
 
 @torch.inference_mode()
-def generate(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
-             precision="fp32", progress=False):
-    """Class labels -> (decoded images in [-1, 1], DDIM intermediates). Guidance is off at scale 1."""
+def sample_latents(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
+                   precision="fp32", progress=False):
+    """Class labels -> (latents, DDIM intermediates). Guidance is off at scale 1."""
     device = model.device
     labels = labels.to(device)
     cond = model.get_learned_conditioning({model.cond_stage_key: labels})
     uncond = model.get_learned_conditioning({model.cond_stage_key: torch.full_like(labels, UNCONDITIONAL_CLASS)})
     shape = [model.channels, model.image_size, model.image_size]
-    latents, intermediates = DDIMSampler(model).sample(
+    return DDIMSampler(model).sample(
         steps, len(labels), shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=scale,
         unconditional_conditioning=uncond if scale != 1.0 else None, faster_diffusion=faster_diffusion,
         generator=generators, precision=precision, progress=progress)
-    with autocast(precision, device):
-        images = model.decode_first_stage(latents).float()
-    return images, intermediates
+
+
+@torch.inference_mode()
+def decode_latents(model, latents, precision="fp32"):
+    """Latents -> images in about [-1, 1], float32."""
+    with autocast(precision, model.device):
+        return model.decode_first_stage(latents).float()
+
+
+def generate(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
+             precision="fp32", progress=False):
+    """Class labels -> (decoded images in [-1, 1], DDIM intermediates)."""
+    latents, intermediates = sample_latents(model, labels, steps, scale, eta, faster_diffusion, x_T, generators,
+                                            precision, progress)
+    return decode_latents(model, latents, precision), intermediates

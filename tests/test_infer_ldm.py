@@ -1,0 +1,236 @@
+"""infer_ldm.py on the tiny fixture model, and the checkpoint download helper (against a local server)."""
+import functools
+import http.server
+import importlib.util
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY_CKPT, TINY_CONFIG
+
+
+def _load_script(relative_path):
+    """Import a script of the repository as a module (the repo root need not be on sys.path)."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+infer_ldm = _load_script("infer_ldm.py")
+download_model = _load_script("scripts/download_model.py")
+
+TILE = 64  # decoded image size of the tiny model
+CLASSES = ["25", "187", "448"]
+SMALL = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--classes", *CLASSES, "--steps", "10",
+         "--key_steps", "uniform:3", "--scale", "3", "--device", "cpu"]
+
+
+def expected_size(rows, cols):
+    return (infer_ldm.LABEL_WIDTH + cols * (TILE + infer_ldm.PAD) + infer_ldm.PAD,
+            rows * (TILE + infer_ldm.PAD) + infer_ldm.PAD)
+
+
+def tile_row(picture, row):
+    """The pixels of the tiles of one row (label area left out)."""
+    top = infer_ldm.PAD + row * (TILE + infer_ldm.PAD)
+    return picture[top:top + TILE, infer_ldm.LABEL_WIDTH:]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs fastest on one thread, and far faster than with two when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(out, *extra):
+    assert infer_ldm.main([*SMALL, "--out", str(out), *extra]) == 0
+    with Image.open(out) as im:
+        return im.size, np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pictures")
+    return {
+        "compare": run(folder / "compare.png", "--compare", "--seed", "1"),
+        "fd_seed1": run(folder / "fd1.png", "--seed", "1"),
+        "fd_seed2": run(folder / "fd2.png", "--seed", "2"),
+    }
+
+
+def test_compare_picture_layout(pictures):
+    size, picture = pictures["compare"]
+    assert size == expected_size(rows=2, cols=len(CLASSES))
+    assert (picture[:, :infer_ldm.LABEL_WIDTH] < 128).any(), "label text is drawn"
+
+
+def test_faster_diffusion_row_differs_from_ddim(pictures):
+    _, picture = pictures["compare"]
+    ddim, fd = tile_row(picture, 0).astype(int), tile_row(picture, 1).astype(int)
+    assert np.abs(ddim - fd).mean() > 1.0
+
+
+def test_same_seed_same_tiles(pictures):
+    size, picture = pictures["fd_seed1"]
+    assert size == expected_size(rows=1, cols=len(CLASSES))
+    np.testing.assert_array_equal(tile_row(picture, 0), tile_row(pictures["compare"][1], 1))
+
+
+def test_different_seed_different_tiles(pictures):
+    one, two = tile_row(pictures["fd_seed1"][1], 0), tile_row(pictures["fd_seed2"][1], 0)
+    assert np.abs(one.astype(int) - two.astype(int)).mean() > 1.0
+
+
+def test_jpeg_with_several_samples_per_class(tmp_path):
+    size, _ = run(tmp_path / "out" / "samples.jpg", "--n_per_class", "2", "--steps", "10", "--classes", "1", "2")
+    assert size == expected_size(rows=1, cols=4)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "samples.jpg"], "no temporary file left"
+
+
+def test_defaults_are_the_published_settings():
+    args = infer_ldm.parse_args([])
+    assert (args.config, args.ckpt) == ("configs/latent-diffusion/cin256-v2.yaml", "models/ldm/cin256-v2/model.ckpt")
+    assert args.classes == [25, 187, 448, 992, 123, 11] and args.n_per_class == 1
+    assert (args.steps, args.eta, args.scale, args.seed) == (250, 0.0, 6.0, 1)
+    assert (args.key_steps, args.context_layout, args.precision) == ("ldm250-fast", "paired", "fp32")
+    assert not args.compare and args.out == "outputs/samples.png"
+
+
+def test_render_grid_size():
+    rows = [np.zeros((5, 32, 32, 3), np.uint8)] * 3
+    picture = infer_ldm.render_grid(rows, [["a"], ["b", "c"], ["d"]])
+    assert picture.size == (infer_ldm.LABEL_WIDTH + 5 * (32 + infer_ldm.PAD) + infer_ldm.PAD,
+                            3 * (32 + infer_ldm.PAD) + infer_ldm.PAD)
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (["--ckpt", "{tmp}/nowhere/model.ckpt"],
+                           "checkpoint not found: {tmp}/nowhere/model.ckpt; download it with "
+                           "`python scripts/download_model.py --out {tmp}/nowhere/model.ckpt`"),
+    "missing config": (["--config", "{tmp}/none.yaml"], "config not found: {tmp}/none.yaml"),
+    "unknown class": (["--classes", "25", "1000"], "unknown class id 1000: ImageNet class ids are 0..999"),
+    "negative class": (["--classes", "-3"], "unknown class id -3"),
+    "key steps not starting at 0": (["--key_steps", "2,5"], "key_steps must start with 0"),
+    "unknown key-step preset": (["--key_steps", "fastest"], "unknown key_steps preset 'fastest'"),
+    "key steps past the end": (["--key_steps", "0,5,12"], "go past the last loop index 9"),
+    "unsupported extension": (["--out", "{tmp}/sub/picture.gif"], "unsupported picture type '.gif'"),
+    "output folder under a file": (["--out", "{tmp}/file.txt/picture.png"], "cannot create directory"),
+    "bad checkpoint": (["--ckpt", "{tmp}/file.txt"], "cannot load the model: "),
+    "non-integer class": (["--classes", "cat"], "argument --classes: invalid int value: 'cat'"),
+}
+
+
+def bad_input_argv(case, folder):
+    (folder / "file.txt").write_text("not a checkpoint")
+    flags = [f.format(tmp=folder) for f in BAD_INPUTS[case][0]]
+    out = [] if "--out" in flags else ["--out", str(folder / "sub" / "picture.png")]
+    return [*SMALL, *out, *flags]
+
+
+def check_bad_input(case, folder, returncode, stderr):
+    assert returncode != 0
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert BAD_INPUTS[case][1].format(tmp=folder) in stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["file.txt"], "nothing written"
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_message(case, tmp_path, capsys):
+    argv = bad_input_argv(case, tmp_path)
+    try:
+        returncode = infer_ldm.main(argv)
+    except SystemExit as e:  # argparse
+        returncode = e.code
+    check_bad_input(case, tmp_path, returncode, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "bad checkpoint", "non-integer class"])
+def test_bad_input_command_line(case, tmp_path):
+    """The same as a command: one line on stderr, no traceback, a non-zero exit status."""
+    result = subprocess.run([sys.executable, "infer_ldm.py", *bad_input_argv(case, tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    check_bad_input(case, tmp_path, result.returncode, result.stderr)
+
+
+# --- scripts/download_model.py ---------------------------------------------------------------------------
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one bytes object at every path, honouring `Range: bytes=N-`; records each start offset."""
+
+    def __init__(self, payload, starts, *args, **kwargs):
+        self.payload = payload
+        self.starts = starts
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        self.starts.append(start)
+        if start:
+            if start >= len(self.payload):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(self.payload)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload) - start))
+        self.end_headers()
+        self.wfile.write(self.payload[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    payload, starts = np.random.default_rng(0).bytes(3 * download_model.CHUNK + 123), []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, payload, starts))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/model.ckpt", payload, starts
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_fresh(server, tmp_path):
+    url, payload, starts = server
+    out = tmp_path / "models" / "model.ckpt"
+    assert download_model.main(["--url", url, "--out", str(out)]) == 0
+    assert out.read_bytes() == payload and starts == [0]
+    assert not out.with_name("model.ckpt.partial").exists()
+
+
+@pytest.mark.parametrize("have", [1000, "all"])
+def test_download_resumes_partial(server, tmp_path, have):
+    url, payload, starts = server
+    have = len(payload) if have == "all" else have
+    out = tmp_path / "model.ckpt"
+    out.with_name("model.ckpt.partial").write_bytes(payload[:have])
+    assert download_model.download(url, str(out), progress=False) == len(payload)
+    assert out.read_bytes() == payload and starts == [have]
+    assert not out.with_name("model.ckpt.partial").exists()
+
+
+def test_download_offline_is_one_line(tmp_path):
+    out = tmp_path / "model.ckpt"
+    result = subprocess.run([sys.executable, "scripts/download_model.py", "--url", "http://127.0.0.1:9/model.ckpt",
+                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: cannot download http://127.0.0.1:9/model.ckpt")
+    assert result.stderr.count("\n") == 1
+    assert not out.exists()
