@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmarks: model construction, peak-memory tracking, tables."""
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config, load_model
+
+
+def build_model(config, ckpt=None, device="cpu", seed=0):
+    """The model of a config, with a checkpoint's weights or random ones (seeded)."""
+    if ckpt:
+        return load_model(config, ckpt, device=device)
+    torch.manual_seed(seed)
+    model = instantiate_from_config(OmegaConf.load(config).model)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA's allocator peak on GPU, resident set size (sampled) on CPU."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    @contextmanager
+    def track(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield self
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        done = threading.Event()
+        peak = [_rss_bytes()]
+
+        def poll():
+            while not done.wait(0.002):
+                peak[0] = max(peak[0], _rss_bytes())
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            thread.join()
+            self.peak = max(peak[0], _rss_bytes())
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def print_table(header, rows):
+    """A GitHub-markdown table."""
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print(line(row))
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
