@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CKPT := models/ldm/cin256-v2/model.ckpt
+TORCH ?= torch==2.13.0
 
 .PHONY: test demo venv clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A torch already in .venv (e.g. a CUDA build installed first) is kept; else the pinned CPU wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

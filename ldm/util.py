@@ -2,7 +2,6 @@
 import importlib
 import os
 import pickle
-import zipfile
 
 import torch
 from omegaconf import OmegaConf

@@ -1,5 +1,4 @@
 """Spatial transformer of the LDM UNet, with attention through PyTorch SDPA."""
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn

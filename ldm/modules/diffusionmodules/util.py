@@ -1,7 +1,6 @@
 """Small building blocks shared by the UNet and the diffusion schedule."""
 import math
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -1,0 +1,101 @@
+"""UNet throughput against the machine's matmul peak, fp32 vs bf16/fp16, and what the fast modes cost in accuracy.
+
+Example (full cin256-v2 architecture, random weights, one image with guidance = batch 2):
+    python benchmarks/bench_precision.py
+"""
+import argparse
+import time
+
+import torch
+
+from common import build_model, device_name, print_table, synchronize
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.sampling import decode_latents, sample_generators, sample_labels, sample_latents
+from ldm.util import autocast
+
+UPSTREAM_FORWARD_GFLOP = 417  # one cin256-v2 UNet forward at batch 2, upstream's attention included
+
+
+def best_time(fn, device, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_gflops(dtype, device, repeats, n=4096):
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / best_time(lambda: a @ b, device, repeats) / 1e9
+
+
+def rel_dev(a, b):
+    return (torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double())).item()
+
+
+def quality_rows(name, model, steps, key_steps, fast, batch=2):
+    """Relative deviation of fast-precision latents and images from fp32, for DDIM and FasterDiffusion."""
+    labels = sample_labels(0, range(batch))
+    rows = []
+    for mode, plan in (("DDIM", None), (f"FD {key_steps}", FasterDiffusion(key_steps))):
+        out = {}
+        for precision in ("fp32", fast):
+            latents, _ = sample_latents(model, labels, steps, 1.5, faster_diffusion=plan, precision=precision,
+                                        generators=sample_generators(0, range(batch)))
+            out[precision] = latents, decode_latents(model, latents, precision)
+        rows.append([name, mode, fast, f"{rel_dev(out[fast][0], out['fp32'][0]):.2e}",
+                     f"{rel_dev(out[fast][1], out['fp32'][1]):.2e}"])
+    return rows
+
+
+@torch.inference_mode()
+def main(args):
+    device = args.device
+    fast = "fp16" if torch.device(device).type == "cuda" else "bf16"
+    fast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fast]
+    model = build_model(args.config, args.ckpt, device)
+    unet = model.model.diffusion_model
+    x = torch.randn(2, model.channels, model.image_size, model.image_size, device=device)
+    t = torch.full((2,), 500, device=device)
+    context = model.get_learned_conditioning({model.cond_stage_key: torch.tensor([1, 1000], device=device)})
+
+    peak = {p: matmul_gflops(d, device, args.repeats) for p, d in (("fp32", torch.float32), (fast, fast_dtype))}
+    rows, seconds = [], {}
+    for precision in ("fp32", fast):
+        def forward():
+            with autocast(precision, device):
+                unet(x, t, context)
+        seconds[precision] = best_time(forward, device, args.repeats)
+        gflops = UPSTREAM_FORWARD_GFLOP / seconds[precision]
+        rows.append([precision, f"{seconds[precision]:.3f}", f"{gflops:.0f}", f"{peak[precision]:.0f}",
+                     f"{gflops / peak['fp32']:.0%}", f"{seconds['fp32'] / seconds[precision]:.2f}x"])
+    print(f"{device_name(device)}; {args.config}; UNet forward at batch 2 ({UPSTREAM_FORWARD_GFLOP} GFLOP as upstream counts it)")
+    print_table(["precision", "s/forward", "GFLOP/s", "matmul GFLOP/s (same dtype)", "vs fp32 matmul",
+                 "speed-up vs fp32"], rows)
+
+    quality = []
+    if args.tiny_config:
+        tiny = build_model(args.tiny_config, args.tiny_ckpt, device)
+        quality += quality_rows("tiny fixture", tiny, 10, "uniform:3", fast)
+    if args.quality_steps:
+        quality += quality_rows(args.config.rsplit("/", 1)[-1], model, args.quality_steps, "uniform:4", fast)
+    if quality:
+        print()
+        print("Deviation of the fast precision from fp32 (relative L2; guidance 1.5, batch 2)")
+        print_table(["model", "sampler", "precision", "latents", "decoded images"], quality)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
+    parser.add_argument("--ckpt", default=None, help="checkpoint; random weights when omitted")
+    parser.add_argument("--tiny_config", default="../shared/fixtures/tiny/config.yaml")
+    parser.add_argument("--tiny_ckpt", default="../shared/fixtures/tiny/model.ckpt")
+    parser.add_argument("--quality_steps", type=int, default=20, help="DDIM steps of the full-model deviation runs (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    main(parser.parse_args())

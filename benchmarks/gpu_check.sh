@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with one NVIDIA GPU and PyTorch installed, time plain DDIM and FasterDiffusion
+# (published `ldm250` key steps, 250 steps) at batch 4 in fp32 and fp16, on the full cin256-v2 architecture
+# (random weights unless CKPT is set), plus the UNet's throughput per precision. About 3-5 minutes on an H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+CKPT_ARG=${CKPT:+--ckpt $CKPT}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+echo
+$PY benchmarks/bench_sampler.py --device cuda --steps "${STEPS:-250}" --batch 4 --scale 1.5 --key_steps ldm250 \
+    --modes ddim:fp32,fd:fp32,ddim:fp16,fd:fp16 --repeats "${REPEATS:-2}" --warmup 1 $CKPT_ARG
+echo
+$PY benchmarks/bench_precision.py --device cuda --repeats 10 --quality_steps 50 $CKPT_ARG \
+    --tiny_config "${TINY_CONFIG:-../shared/fixtures/tiny/config.yaml}" --tiny_ckpt "${TINY_CKPT:-../shared/fixtures/tiny/model.ckpt}"
