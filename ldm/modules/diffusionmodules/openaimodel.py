@@ -97,6 +97,39 @@ class ResBlock(nn.Module):
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
+    def forward_shared_skip(self, h, skip, emb, n):
+        """forward(cat([h, skip])) where the n row blocks of h (n*M rows) share the M rows of skip.
+
+        Convolution is linear in its input channels, so the part of each convolution that reads only the
+        skip (in in_layers: whole GroupNorm groups of skip channels) is computed once for the M rows
+        instead of n times; results equal forward() up to float rounding. h=None: the whole input is skip.
+        """
+        rows = skip.shape[0]
+        norm, act, conv = self.in_layers
+        if h is None:
+            inner = conv(act(norm(skip))).unsqueeze(0)
+            through = self.skip_connection(skip).unsqueeze(0)
+        else:
+            h_channels = h.shape[1]
+            x = torch.cat([h.unflatten(0, (n, rows)), skip.expand(n, *skip.shape)], dim=2).flatten(0, 1)
+            a = act(norm(x))
+            group = x.shape[1] // norm.num_groups
+            split = -(-h_channels // group) * group  # first channel of the groups of skip channels only
+            inner = conv._conv_forward(a[:, :split], conv.weight[:, :split], conv.bias).unflatten(0, (n, rows))
+            inner = inner + conv._conv_forward(a[:rows, split:], conv.weight[:, split:], None)
+            shortcut = self.skip_connection
+            if isinstance(shortcut, nn.Identity):
+                through = x.unflatten(0, (n, rows))
+            else:
+                through = shortcut._conv_forward(h, shortcut.weight[:, :h_channels], shortcut.bias).unflatten(0, (n, rows))
+                through = through + shortcut._conv_forward(skip, shortcut.weight[:, h_channels:], None)
+        emb_out = self.emb_layers(emb).type(inner.dtype)
+        out = self.out_layers((inner + emb_out.reshape(n, rows, -1, 1, 1)).flatten(0, 1))
+        return (through + out.unflatten(0, (n, rows))).flatten(0, 1)
+
+    def supports_shared_skip(self):
+        return not (self.updown or self.use_scale_shift_norm) and isinstance(self.in_layers[2], nn.Conv2d)
+
 
 class UNetModel(nn.Module):
     """The LDM UNet (spatial-transformer variant), with upstream parameter names and state_dict keys."""
@@ -192,19 +225,37 @@ class UNetModel(nn.Module):
 
         `timesteps` (and `context`) may hold n times as many rows as the features: row j*M + k then
         decodes feature row k at timesteps[j*M + k], where M = len(mid). The features are read as
-        broadcast views, never copied n times.
+        broadcast views, never copied n times, and the convolutions over them run once, not n times.
         """
         rows = mid.shape[0]
         if timesteps.shape[0] % rows:
             raise ValueError(f"{timesteps.shape[0]} timesteps cannot share {rows} feature rows")
         n = timesteps.shape[0] // rows
         emb = self.embed_time(timesteps, y)
-        h = mid.unsqueeze(0).expand(n, *mid.shape)
+        if n == 1:
+            h = mid
+            for module, skip in zip(self.output_blocks, reversed(skips)):
+                h = module(torch.cat([h, skip], dim=1), emb, context)
+        else:
+            h = self._decode_shared(skips, mid, emb, context, n)
+        return self.out(h.type(out_dtype or self.dtype))
+
+    def _decode_shared(self, skips, mid, emb, context, n):
+        """The output blocks for n row blocks of timesteps that share the same encoder features."""
+        rows = mid.shape[0]
+        h = None  # None: every row block still has the input of the first block, [mid, skip]
         for module, skip in zip(self.output_blocks, reversed(skips)):
-            h = torch.cat([h, skip.unsqueeze(0).expand(n, *skip.shape)], dim=2).flatten(0, 1)
-            h = module(h, emb, context).unflatten(0, (n, rows))
-        h = h.flatten(0, 1).type(out_dtype or self.dtype)
-        return self.out(h)
+            if h is None:
+                skip = torch.cat([mid, skip], dim=1)
+            res = module[0]
+            if isinstance(res, ResBlock) and res.supports_shared_skip():
+                h = res.forward_shared_skip(h, skip, emb, n)
+            else:
+                x = skip.repeat(n, 1, 1, 1) if h is None else torch.cat(
+                    [h.unflatten(0, (n, rows)), skip.expand(n, *skip.shape)], dim=2).flatten(0, 1)
+                h = module[0:1](x, emb, context)
+            h = module[1:](h, emb, context)
+        return h
 
     def forward(self, x, timesteps, context=None, y=None):
         skips, mid = self.encode(x, timesteps, context, y)
