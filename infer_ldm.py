@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
 from ldm.sampling import NUM_CLASSES, generate, to_uint8
-from ldm.util import PRECISIONS, autocast, load_model
+from ldm.util import PRECISIONS, autocast, load_model, optimize_for_inference
 
 DEFAULT_CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
 DEFAULT_CKPT = "models/ldm/cin256-v2/model.ckpt"
@@ -108,7 +108,8 @@ def sampling_modes(args):
 def load(args):
     """The model on args.device; a config or checkpoint that cannot be loaded is a UsageError."""
     try:
-        return load_model(args.config, args.ckpt, device=args.device, allow_pickle=args.allow_pickle)
+        model = load_model(args.config, args.ckpt, device=args.device, allow_pickle=args.allow_pickle)
+        return optimize_for_inference(model, channels_last=args.channels_last, compile=args.compile)
     except (OSError, ValueError, KeyError, ImportError, AttributeError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot load the model: {reason}") from None
@@ -247,6 +248,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="outputs/samples.png", help="picture to write (.png, .jpg or .jpeg)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16, or fp16 (GPU only)")
+    p.add_argument("--channels_last", action="store_true", help="NHWC convolutions (often faster)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow first call)")
     p.add_argument("--max_decoder_batch", type=int, default=None,
                    help="at most this many rows per FasterDiffusion decoder call (bounds memory)")
     p.add_argument("--allow_pickle", action="store_true",

@@ -47,8 +47,9 @@ def quality_rows(name, model, steps, key_steps, fast, batch=2):
             latents, _ = sample_latents(model, labels, steps, 1.5, faster_diffusion=plan, precision=precision,
                                         generators=sample_generators(0, range(batch)))
             out[precision] = latents, decode_latents(model, latents, precision)
+        fp32_decode = decode_latents(model, out[fast][0], "fp32")
         rows.append([name, mode, fast, f"{rel_dev(out[fast][0], out['fp32'][0]):.2e}",
-                     f"{rel_dev(out[fast][1], out['fp32'][1]):.2e}"])
+                     f"{rel_dev(out[fast][1], out['fp32'][1]):.2e}", f"{rel_dev(fp32_decode, out['fp32'][1]):.2e}"])
     return rows
 
 
@@ -72,9 +73,9 @@ def main(args):
         seconds[precision] = best_time(forward, device, args.repeats)
         gflops = UPSTREAM_FORWARD_GFLOP / seconds[precision]
         rows.append([precision, f"{seconds[precision]:.3f}", f"{gflops:.0f}", f"{peak[precision]:.0f}",
-                     f"{gflops / peak['fp32']:.0%}", f"{seconds['fp32'] / seconds[precision]:.2f}x"])
+                     f"{gflops / peak[precision]:.0%}", f"{seconds['fp32'] / seconds[precision]:.2f}x"])
     print(f"{device_name(device)}; {args.config}; UNet forward at batch 2 ({UPSTREAM_FORWARD_GFLOP} GFLOP as upstream counts it)")
-    print_table(["precision", "s/forward", "GFLOP/s", "matmul GFLOP/s (same dtype)", "vs fp32 matmul",
+    print_table(["precision", "s/forward", "GFLOP/s", "matmul GFLOP/s (same dtype)", "of that matmul",
                  "speed-up vs fp32"], rows)
 
     quality = []
@@ -86,7 +87,7 @@ def main(args):
     if quality:
         print()
         print("Deviation of the fast precision from fp32 (relative L2; guidance 1.5, batch 2)")
-        print_table(["model", "sampler", "precision", "latents", "decoded images"], quality)
+        print_table(["model", "sampler", "precision", "latents", "images", "images (fp32 decoding)"], quality)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from common import PeakMemory, build_model, device_name, print_table, timed
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import sample_generators, sample_labels, sample_latents
+from ldm.util import optimize_for_inference
 
 
 def parse_mode(spec, args):
@@ -28,7 +29,8 @@ def parse_mode(spec, args):
 
 def main(args):
     torch.set_grad_enabled(False)
-    model = build_model(args.config, args.ckpt, args.device)
+    model = optimize_for_inference(build_model(args.config, args.ckpt, args.device),
+                                   channels_last=args.channels_last, compile=args.compile)
     modes = [parse_mode(m, args) for m in args.modes.split(",")]
     labels = sample_labels(args.seed, range(args.batch))
     times = {label: [] for label, _, _ in modes}
@@ -51,7 +53,7 @@ def main(args):
         rows.append([label, f"{per_image:.3f}", f"{base / per_image:.2f}x", stats[label].encoder_passes,
                      stats[label].decoder_rows, f"{peaks[label] / 2**30:.2f}"])
     print(f"{device_name(args.device)}; {args.config}; S={args.steps}, batch {args.batch}, guidance {args.scale}, "
-          f"max_decoder_batch {args.max_decoder_batch}; median of {args.repeats} alternating runs")
+          f"max_decoder_batch {args.max_decoder_batch}, channels_last {args.channels_last}, compile {args.compile}; median of {args.repeats} alternating runs")
     print_table(["mode", "s/img", "speed-up", "encoder passes", "decoder rows", "peak GiB"], rows)
 
 
@@ -68,5 +70,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     main(parser.parse_args())

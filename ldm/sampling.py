@@ -32,7 +32,7 @@ def to_uint8(images):
 
 @torch.inference_mode()
 def sample_latents(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
-                   precision="fp32", progress=False):
+                   precision="fp32", progress=False, **sampler_kwargs):
     """Class labels -> (latents, DDIM intermediates). Guidance is off at scale 1."""
     device = model.device
     labels = labels.to(device)
@@ -42,7 +42,7 @@ def sample_latents(model, labels, steps, scale, eta=0.0, faster_diffusion=None, 
     return DDIMSampler(model).sample(
         steps, len(labels), shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=scale,
         unconditional_conditioning=uncond if scale != 1.0 else None, faster_diffusion=faster_diffusion,
-        generator=generators, precision=precision, progress=progress)
+        generator=generators, precision=precision, progress=progress, **sampler_kwargs)
 
 
 @torch.inference_mode()

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
 from ldm.sampling import decode_latents, sample_generators, sample_labels, sample_latents, to_uint8
-from ldm.util import PRECISIONS, autocast, load_model
+from ldm.util import PRECISIONS, autocast, load_model, optimize_for_inference
 
 SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
 STOPPED_EXIT_CODE = 3
@@ -326,6 +326,7 @@ def setup(args, comm):
     model = None
     try:
         model = load_model(args.config_path, args.model_path, device=device, allow_pickle=args.allow_pickle)
+        optimize_for_inference(model, channels_last=args.channels_last, compile=args.compile)
     except (ValueError, OSError, KeyError, TypeError, ImportError) as e:
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
     exit_on_error(comm, comm.allgather(error))
@@ -424,6 +425,8 @@ def create_argparser():
     parser.add_argument("--max_decoder_batch", type=int, default=None,
                         help="FasterDiffusion: at most this many decoder rows per call (bounds memory)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions (often faster)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow first call)")
     parser.add_argument("--device", default=None, help="default: cuda:{rank %% GPUs} if CUDA is available, else cpu")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the shards of an interrupted run (made with the same settings)")

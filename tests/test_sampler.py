@@ -240,3 +240,15 @@ def test_invalid_plan_options(kwargs, message):
 def test_conditioning_batch_must_match(tiny_model, conds):
     with pytest.raises(ValueError, match="2 conditionings for batch size 3"):
         DDIMSampler(tiny_model).sample(10, 3, SHAPE, conds[0])
+
+
+def test_channels_last_keeps_fp32_results(golden, golden_cases, conds):
+    from conftest import TINY_CKPT, TINY_CONFIG
+    from ldm.util import load_model, optimize_for_inference
+    model = optimize_for_inference(load_model(str(TINY_CONFIG), str(TINY_CKPT)), channels_last=True)
+    assert model.model.diffusion_model.input_blocks[1][0].in_layers[2].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    for name in ("ddim_baseline", "fdfix_parallel_inj_scale6", "fd_parallel_inj"):
+        case = golden_cases["cases"][name]
+        latent, _ = run(model, golden, conds, steps=case["S"], scale=case["guidance_scale"], fd=plan_for(case))
+        assert rel_err(latent, golden[case["latent"]]) < 1e-5, name
