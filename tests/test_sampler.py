@@ -252,3 +252,16 @@ def test_channels_last_keeps_fp32_results(golden, golden_cases, conds):
         case = golden_cases["cases"][name]
         latent, _ = run(model, golden, conds, steps=case["S"], scale=case["guidance_scale"], fd=plan_for(case))
         assert rel_err(latent, golden[case["latent"]]) < 1e-5, name
+
+
+def test_upstream_arguments_at_their_defaults_are_accepted(tiny_model, golden, conds):
+    plain, _ = run(tiny_model, golden, conds, steps=2)
+    same, _ = run(tiny_model, golden, conds, steps=2, temperature=1.0, noise_dropout=0.0, mask=None, x0=None,
+                  quantize_x0=False, score_corrector=None, corrector_kwargs=None, normals_sequence=None)
+    assert torch.equal(plain, same)
+    with pytest.raises(NotImplementedError, match="temperature=1.0 only, not 0.5"):
+        run(tiny_model, golden, conds, steps=2, temperature=0.5)
+    with pytest.raises(NotImplementedError, match="mask=None only"):
+        run(tiny_model, golden, conds, steps=2, mask=torch.ones(2, 3, 16, 16))
+    with pytest.raises(TypeError, match="unexpected argument 'guidance'"):
+        run(tiny_model, golden, conds, steps=2, guidance=3.0)

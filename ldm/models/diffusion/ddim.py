@@ -26,6 +26,11 @@ def make_ddim_timesteps(num_ddim_timesteps, num_ddpm_timesteps=1000):
     return timesteps
 
 
+# Upstream sample() arguments that are accepted at their default values only.
+UPSTREAM_DEFAULTS = {"normals_sequence": None, "quantize_x0": False, "mask": None, "x0": None, "temperature": 1.0,
+                     "noise_dropout": 0.0, "score_corrector": None, "corrector_kwargs": None}
+
+
 @dataclass
 class SamplerStats:
     """What the UNet ran during one sampling call."""
@@ -81,9 +86,12 @@ class DDIMSampler:
                x_T=None, log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None,
                verbose=False, faster_diffusion=None, generator=None, precision="fp32", progress=False, **kwargs):
         """Sample a batch; returns (x_0 latents, intermediates with 'x_inter', 'pred_x0' and 'stats')."""
-        unsupported = sorted(k for k, v in kwargs.items() if v not in (None, False, 0, 0.0, 1.0))
-        if unsupported:
-            raise NotImplementedError(f"DDIMSampler.sample does not support: {', '.join(unsupported)}")
+        for key, value in kwargs.items():
+            if key not in UPSTREAM_DEFAULTS:
+                raise TypeError(f"DDIMSampler.sample got an unexpected argument {key!r}")
+            default = UPSTREAM_DEFAULTS[key]
+            if not (value is default or (default is not None and not torch.is_tensor(value) and value == default)):
+                raise NotImplementedError(f"DDIMSampler.sample supports {key}={default!r} only, not {value!r}")
         if conditioning is not None:
             rows = len(next(iter(conditioning.values()))) if isinstance(conditioning, dict) else conditioning.shape[0]
             if rows != batch_size:
