@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
 from ldm.sampling import NUM_CLASSES, generate, to_uint8
-from ldm.util import PRECISIONS, autocast, load_model, optimize_for_inference
+from ldm.util import PRECISIONS, autocast, load_model, optimize_for_inference, write_atomic
 
 DEFAULT_CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
 DEFAULT_CKPT = "models/ldm/cin256-v2/model.ckpt"
@@ -163,22 +163,15 @@ def render_grid(rows, labels):
 def save_picture(picture, path):
     """Write the picture under a temporary name in its folder, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fmt = IMAGE_FORMATS[os.path.splitext(path)[1].lower()]
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create directory {folder}: {e.strerror or e}") from None
     try:
-        with open(tmp, "wb") as f:
-            picture.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+        write_atomic(path, lambda f: picture.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def format_table(results, images_per_call):

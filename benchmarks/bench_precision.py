@@ -5,12 +5,11 @@ Example (full cin256-v2 architecture, random weights, one image with guidance = 
 """
 import argparse
 import os
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import build_model, device_name, print_table, synchronize
+from common import build_model, device_name, print_table, timed
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import decode_latents, sample_generators, sample_labels, sample_latents
 from ldm.util import autocast
@@ -20,15 +19,9 @@ CIN256_FORWARD_GFLOP = 417  # one cin256-v2 UNet forward at batch 2 as upstream 
 
 
 def best_time(fn, device, repeats):
+    """Fastest of `repeats` timed calls, after one untimed warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(fn, device)[1] for _ in range(repeats))
 
 
 def matmul_gflops(dtype, device, repeats, n=4096):

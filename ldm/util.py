@@ -2,6 +2,7 @@
 import importlib
 import os
 import pickle
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -133,6 +134,18 @@ def load_model(config_path, ckpt_path, device="cpu", allow_pickle=False):
         model = instantiate_from_config(config)
     load_state_dict_strict(model, state_dict, source=ckpt_path)
     return model.eval().requires_grad_(False).to(device)
+
+
+def write_atomic(path, write):
+    """Call write(file) on a temporary name next to path, then rename it to path: no half-written files."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

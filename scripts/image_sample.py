@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
 from ldm.sampling import decode_latents, sample_generators, sample_labels, sample_latents, to_uint8
-from ldm.util import PRECISIONS, autocast, load_model, optimize_for_inference
+from ldm.util import PRECISIONS, autocast, load_model, optimize_for_inference, write_atomic
 
 SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
 STOPPED_EXIT_CODE = 3
@@ -183,17 +183,6 @@ def check_inputs(args):
         "faster_diffusion": None if plan is None else {"key_steps": key_steps, "context_layout": args.context_layout,
                                                        "noise_injection": plan.noise_injection},
     }
-
-
-def write_atomic(path, write):
-    """Call write(file) on a temporary name next to path, then rename it to path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def finished_batches(shard_dir):

@@ -64,8 +64,7 @@ def ddim_step(x, eps, a_t, a_prev, sigma_t, noise=None):
 class DDIMSampler:
     def __init__(self, model, schedule="linear", **kwargs):
         self.model = model
-        self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
+        self.ddpm_num_timesteps = model.num_timesteps  # `schedule` is accepted for upstream compatibility
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0.0, verbose=False):
         """Per-step float32 scalars: alpha-bar, the previous alpha-bar (alpha-bar[0] before the first), sigma."""
@@ -77,7 +76,6 @@ class DDIMSampler:
         self.ddim_alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[self.ddim_timesteps[:-1]]])
         a, a_prev = self.ddim_alphas.double(), self.ddim_alphas_prev.double()
         self.ddim_sigmas = (ddim_eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()).float()
-        self.ddim_sqrt_one_minus_alphas = (1.0 - self.ddim_alphas).sqrt()
         if verbose:
             print(f"Selected timesteps for ddim sampler: {self.ddim_timesteps}")
 
@@ -96,6 +94,8 @@ class DDIMSampler:
             rows = len(next(iter(conditioning.values()))) if isinstance(conditioning, dict) else conditioning.shape[0]
             if rows != batch_size:
                 raise ValueError(f"got {rows} conditionings for batch size {batch_size}")
+        if faster_diffusion is not None and self.model.conditioning_key not in ("crossattn", None):
+            raise NotImplementedError("FasterDiffusion supports cross-attention conditioning only")
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         device = self.model.device
         if x_T is None:
@@ -158,8 +158,6 @@ class DDIMSampler:
             yield eps
             return
         unet = self.model.unet
-        if self.model.conditioning_key not in ("crossattn", None):
-            raise NotImplementedError("FasterDiffusion supports cross-attention conditioning only")
         with autocast(precision, x.device):
             skips, mid = unet.encode(x_in, t_key, c_in)
         stats.encoder_passes += 1

@@ -11,6 +11,11 @@ from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import avg_pool_nd, conv_nd, normalization, timestep_embedding
 
 
+def cat_shared(h, skip, n):
+    """cat([h, skip]) along channels, where the n row blocks of h (n*M rows) share the M rows of skip."""
+    return torch.cat([h.unflatten(0, (n, len(skip))), skip.expand(n, *skip.shape)], dim=2).flatten(0, 1)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """Pass the time embedding to ResBlocks, the context to transformers, and x alone to the rest."""
 
@@ -111,7 +116,7 @@ class ResBlock(nn.Module):
             through = self.skip_connection(skip).unsqueeze(0)
         else:
             h_channels = h.shape[1]
-            x = torch.cat([h.unflatten(0, (n, rows)), skip.expand(n, *skip.shape)], dim=2).flatten(0, 1)
+            x = cat_shared(h, skip, n)
             a = act(norm(x))
             group = x.shape[1] // norm.num_groups
             split = -(-h_channels // group) * group  # first channel of the groups of skip channels only
@@ -242,7 +247,6 @@ class UNetModel(nn.Module):
 
     def _decode_shared(self, skips, mid, emb, context, n):
         """The output blocks for n row blocks of timesteps that share the same encoder features."""
-        rows = mid.shape[0]
         h = None  # None: every row block still has the input of the first block, [mid, skip]
         for module, skip in zip(self.output_blocks, reversed(skips)):
             if h is None:
@@ -251,8 +255,7 @@ class UNetModel(nn.Module):
             if isinstance(res, ResBlock) and res.supports_shared_skip():
                 h = res.forward_shared_skip(h, skip, emb, n)
             else:
-                x = skip.repeat(n, 1, 1, 1) if h is None else torch.cat(
-                    [h.unflatten(0, (n, rows)), skip.expand(n, *skip.shape)], dim=2).flatten(0, 1)
+                x = skip.repeat(n, 1, 1, 1) if h is None else cat_shared(h, skip, n)
                 h = module[0:1](x, emb, context)
             h = module[1:](h, emb, context)
         return h
