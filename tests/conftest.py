@@ -8,7 +8,7 @@ import pytest
 from ldm.util import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 TINY = FIXTURES / "tiny"
 TINY_CONFIG = TINY / "config.yaml"
 TINY_CKPT = TINY / "model.ckpt"
