@@ -1,11 +1,13 @@
 """FasterDiffusion: run the UNet encoder at key time-steps only and decode the steps in between in parallel.
 
-A `FasterDiffusion` object is a plan handed to `DDIMSampler.sample`; it holds no tensors and the model
+A `FasterDiffusion` object is a cache plan handed to a sampler (`cache=`); it holds no tensors and the model
 holds no state. Loop indices count sampling steps from the noisiest (0) to the last (S - 1).
 """
 import math
 import operator
 import re
+
+import torch
 
 # Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
 PRESETS = {
@@ -116,3 +118,65 @@ class FasterDiffusion:
 
     def injects_at(self, timestep):
         return self.noise_injection and timestep < self.injection_threshold
+
+    def bind(self, calls, guidance, timesteps, x_T):
+        """The strategy for one sampling run (see `ldm.models.diffusion.cache`)."""
+        groups = self.groups(len(timesteps))
+        calls.check_splittable(guidance, "FasterDiffusion")
+        return _FasterDiffusionRun(self, groups, calls, guidance, timesteps, x_T)
+
+
+class _FasterDiffusionRun:
+    """At a key step: the encoder once on that step's x, then the decoder for every step of its group (in
+    chunks of steps_per_call steps, decoded when the solver first asks for one of them). In between, the
+    solver's x is not used: the group's predictions all come from the key step's features."""
+
+    def __init__(self, plan, groups, calls, guidance, timesteps, x_T):
+        self.plan, self.calls, self.guidance, self.timesteps, self.x_T = plan, calls, guidance, timesteps, x_T
+        self.group_stop = dict(groups)
+        self.pending = None
+
+    def __call__(self, x, i):
+        if i in self.group_stop:
+            self.pending = self._decode_group(x, i, self.group_stop[i])
+            self.calls.stats.full_passes += 1  # the key step's own prediction sees its x through the encoder
+        return self.guidance.combine(next(self.pending))
+
+    def after_step(self, x, i):
+        if self.plan.injects_at(self.timesteps[i].item()):
+            x = x + self.plan.injection_scale * self.x_T
+        return x
+
+    def _decode_group(self, x, start, stop):
+        """Noise rows (guidance layout) for loop steps start..stop-1, one step at a time."""
+        g, t = self.guidance, self.timesteps
+        x_in = g.rows(x)
+        rows = len(x_in)
+        skips, mid = self.calls.encode(x_in, t[start].expand(rows), g.context)
+        n = stop - start
+        context = group_context(g.context, n, g.guided, self.plan.context_layout)
+        per_call = self.plan.steps_per_call(n, rows)
+        for first in range(0, n, per_call):
+            last = min(first + per_call, n)
+            t_rows = t[start + first:start + last].repeat_interleave(rows)
+            ctx = context[first * rows:last * rows] if context is not None else None
+            yield from self.calls.decode(skips, mid, t_rows, ctx).split(rows)
+
+
+def group_context(c_in, n, guided, layout):
+    """Context rows for n decoded steps, step-major: row j*M + k belongs to feature row k.
+
+    "paired" gives row k its own context. "reference" reproduces the published fork, which stacks
+    features as [uncond rows for all steps; cond rows for all steps] but tiles the context as
+    [uc; c; uc; c; ...]: its row r = branch*n*B + j*B + b receives c_in[r mod 2B].
+    """
+    if c_in is None:
+        return None
+    rows = c_in.shape[0]
+    if layout == "paired" or not guided or n == 1:
+        return c_in.repeat(n, *([1] * (c_in.dim() - 1)))
+    batch = rows // 2
+    step = torch.arange(n).repeat_interleave(rows)
+    k = torch.arange(rows).repeat(n)
+    branch, sample = k // batch, k % batch
+    return c_in[(branch * n * batch + step * batch + sample) % rows]

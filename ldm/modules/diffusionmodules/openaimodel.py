@@ -1,7 +1,8 @@
 """The LDM UNet, split into an encoder (input and middle blocks) and a decoder (output blocks).
 
 `encode` and `decode` let a sampler reuse encoder features across time-steps (FasterDiffusion);
-`forward` is the two in a row and equals the upstream UNet.
+`forward` is the two in a row and equals the upstream UNet. `forward_deep` and `forward_shallow` let it
+reuse deep decoder features instead and rerun only the outermost blocks (DeepCache).
 """
 import torch
 import torch.nn.functional as F
@@ -238,12 +239,17 @@ class UNetModel(nn.Module):
         n = timesteps.shape[0] // rows
         emb = self.embed_time(timesteps, y)
         if n == 1:
-            h = mid
-            for module, skip in zip(self.output_blocks, reversed(skips)):
-                h = module(torch.cat([h, skip], dim=1), emb, context)
+            h = self._output_blocks(mid, skips, emb, context, 0, len(self.output_blocks))
         else:
             h = self._decode_shared(skips, mid, emb, context, n)
         return self.out(h.type(out_dtype or self.dtype))
+
+    def _output_blocks(self, h, skips, emb, context, start, stop):
+        """Output blocks start..stop-1 on h; block k concatenates the skip of input block N-1-k (N blocks)."""
+        last = len(self.output_blocks) - 1
+        for k in range(start, stop):
+            h = self.output_blocks[k](torch.cat([h, skips[last - k]], dim=1), emb, context)
+        return h
 
     def _decode_shared(self, skips, mid, emb, context, n):
         """The output blocks for n row blocks of timesteps that share the same encoder features."""
@@ -263,3 +269,37 @@ class UNetModel(nn.Module):
     def forward(self, x, timesteps, context=None, y=None):
         skips, mid = self.encode(x, timesteps, context, y)
         return self.decode(skips, mid, timesteps, context, y, out_dtype=x.dtype)
+
+    def check_branch(self, branch):
+        """DeepCache's shallow branch reruns input blocks 0..branch and the last branch+1 output blocks."""
+        last = len(self.output_blocks) - 1
+        if not 0 <= branch <= last:
+            raise ValueError(f"DeepCache branch must be in 0..{last} for this UNet, not {branch}")
+
+    def forward_deep(self, x, timesteps, context=None, y=None, branch=0):
+        """forward(), also returning the deep features that forward_shallow reuses.
+
+        They are the input of output block N-1-branch from the decoder side (the output of block
+        N-2-branch; the middle block's output when branch = N-1), for N output blocks.
+        """
+        self.check_branch(branch)
+        skips, mid = self.encode(x, timesteps, context, y)
+        emb = self.embed_time(timesteps, y)
+        first_shallow = len(self.output_blocks) - 1 - branch
+        deep = self._output_blocks(mid, skips, emb, context, 0, first_shallow)
+        h = self._output_blocks(deep, skips, emb, context, first_shallow, len(self.output_blocks))
+        return self.out(h.type(x.dtype)), deep
+
+    def forward_shallow(self, x, deep, timesteps, context=None, y=None, branch=0):
+        """DeepCache's shallow branch: input blocks 0..branch on x, then the last branch+1 output blocks on
+        the cached deep features and those fresh skips. branch=0 is DeepCache's LDM setting (the first
+        convolution, the last output block and the head)."""
+        self.check_branch(branch)
+        emb = self.embed_time(timesteps, y)
+        h = x.type(self.dtype)
+        skips = []
+        for module in self.input_blocks[:branch + 1]:
+            h = module(h, emb, context)
+            skips.append(h)
+        n = len(self.output_blocks)
+        return self.out(self._output_blocks(deep, skips, emb, context, n - 1 - branch, n).type(x.dtype))

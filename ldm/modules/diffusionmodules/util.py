@@ -24,7 +24,7 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2,
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
-    """Sinusoidal embedding of integer timesteps, cosine half first: [N] -> [N, dim]."""
+    """Sinusoidal embedding of integer or float timesteps, cosine half first: [N] -> [N, dim]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
     args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]

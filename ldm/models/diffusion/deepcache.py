@@ -1,0 +1,103 @@
+"""DeepCache: run the whole UNet at full steps only; in between, rerun only its shallow branch on the
+current x and reuse the deep decoder features of the last full step.
+
+A `DeepCache` object is a cache plan handed to a sampler (`cache=`); it holds no tensors. Loop indices
+count sampling steps from the noisiest (0) to the last (S - 1).
+"""
+import math
+import operator
+
+import numpy as np
+
+
+def _loop_indices(steps, name):
+    try:
+        steps = tuple(operator.index(s) for s in steps)
+    except TypeError:
+        raise ValueError(f"DeepCache {name} must be a list of integers, not {steps!r}") from None
+    if not steps or steps[0] != 0:
+        raise ValueError(f"DeepCache {name} must start with 0 (the first step runs the whole UNet), got {list(steps)}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"DeepCache {name} must be strictly increasing without repeats, got {list(steps)}")
+    return steps
+
+
+class DeepCache:
+    """Which steps run the whole UNet, and how much of it the other steps rerun.
+
+    interval: N, full steps range(0, S, N); None (and no full_steps): every step is a full step.
+    nonuniform: with interval N, ceil(S / N) full steps packed towards the start as in DeepCache's LDM code:
+      np.unique(np.int32(np.linspace(0, S ** (1 / pow), ceil(S / N) + 1) ** pow))[:-1].
+    full_steps: an explicit list of full steps (loop indices, starting with 0) instead of an interval.
+    branch: the shallow branch reruns input blocks 0..branch and the last branch + 1 output blocks; 0 is
+      DeepCache's LDM setting (the first convolution and the last output block), larger is slower and closer
+      to the full UNet.
+    """
+
+    def __init__(self, interval=None, nonuniform=False, pow=1.5, full_steps=None, branch=0):
+        if interval is not None:
+            if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
+                raise ValueError(f"DeepCache interval must be a positive number of steps, not {interval!r}")
+            if full_steps is not None:
+                raise ValueError("DeepCache takes an interval or full_steps, not both")
+        if nonuniform and interval is None:
+            raise ValueError("DeepCache nonuniform needs an interval (it places ceil(S / interval) full steps)")
+        if not (isinstance(pow, (int, float)) and pow > 0):
+            raise ValueError(f"DeepCache pow must be a positive number, not {pow!r}")
+        if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or branch < 0:
+            raise ValueError(f"DeepCache branch must be a non-negative integer, not {branch!r}")
+        self.interval = None if interval is None else int(interval)
+        self.nonuniform = bool(nonuniform)
+        self.pow = pow
+        self.full_steps = None if full_steps is None else _loop_indices(full_steps, "full_steps")
+        self.branch = int(branch)
+
+    def __repr__(self):
+        return (f"DeepCache(interval={self.interval}, nonuniform={self.nonuniform}, pow={self.pow}, "
+                f"full_steps={None if self.full_steps is None else list(self.full_steps)}, branch={self.branch})")
+
+    def full_steps_for(self, num_steps):
+        """The loop indices where the whole UNet runs, for num_steps sampling steps."""
+        if self.full_steps is not None:
+            if self.full_steps[-1] >= num_steps:
+                raise ValueError(f"DeepCache full_steps {list(self.full_steps)} go past the last loop index "
+                                 f"{num_steps - 1} of {num_steps} steps")
+            return self.full_steps
+        if self.interval is None:
+            return tuple(range(num_steps))
+        if not self.nonuniform:
+            return tuple(range(0, num_steps, self.interval))
+        count = math.ceil(num_steps / self.interval)
+        points = np.linspace(0, num_steps ** (1 / self.pow), count + 1) ** self.pow
+        return tuple(int(i) for i in np.unique(np.int32(points))[:-1])
+
+    def bind(self, calls, guidance, timesteps, x_T):
+        """The strategy for one sampling run (see `ldm.models.diffusion.cache`)."""
+        full = frozenset(self.full_steps_for(len(timesteps)))
+        calls.check_splittable(guidance, "DeepCache")
+        calls.unet.check_branch(self.branch)
+        return _DeepCacheRun(full, self.branch, calls, guidance, timesteps)
+
+
+class _DeepCacheRun:
+    """Full steps run the whole UNet and keep its deep features; other steps run the shallow branch on the
+    current x (guidance rows included) against the features kept last."""
+
+    def __init__(self, full_steps, branch, calls, guidance, timesteps):
+        self.full_steps, self.branch, self.calls, self.guidance, self.timesteps = (
+            full_steps, branch, calls, guidance, timesteps)
+        self.deep = None
+
+    def __call__(self, x, i):
+        net = self._full if i in self.full_steps else self._shallow
+        return self.guidance(net, x, self.timesteps[i])
+
+    def after_step(self, x, i):
+        return x
+
+    def _full(self, x, t, context):
+        out, self.deep = self.calls.forward_deep(x, t, context, self.branch)
+        return out
+
+    def _shallow(self, x, t, context):
+        return self.calls.forward_shallow(x, self.deep, t, context, self.branch)
