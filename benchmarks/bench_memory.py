@@ -35,8 +35,8 @@ def run_child(args):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    def stop(i):
-        if i + 1 >= args.stop_after:
+    def stop(step, timestep, x, pred_x0):
+        if step + 1 >= args.stop_after:
             raise Stop
 
     labels = sample_labels(0, range(args.batch))
