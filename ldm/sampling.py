@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.modes import Mode
 from ldm.util import autocast
 
 UNCONDITIONAL_CLASS = 1000
@@ -32,17 +32,24 @@ def to_uint8(images):
 
 @torch.inference_mode()
 def sample_latents(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
-                   precision="fp32", progress=False, **sampler_kwargs):
-    """Class labels -> (latents, DDIM intermediates). Guidance is off at scale 1."""
+                   precision="fp32", progress=False, mode=None, **sampler_kwargs):
+    """Class labels -> (latents, intermediates). Guidance is off at scale 1.
+
+    mode: a `ldm.models.diffusion.modes.Mode` (solver and cache); without one, DDIM with eta and faster_diffusion.
+    """
+    if mode is None:
+        mode = Mode("ddim", faster_diffusion, eta)
+    elif eta or faster_diffusion is not None:
+        raise ValueError("with a mode, give eta and the cache in the mode")
     device = model.device
     labels = labels.to(device)
     cond = model.get_learned_conditioning({model.cond_stage_key: labels})
     uncond = model.get_learned_conditioning({model.cond_stage_key: torch.full_like(labels, UNCONDITIONAL_CLASS)})
     shape = [model.channels, model.image_size, model.image_size]
-    return DDIMSampler(model).sample(
-        steps, len(labels), shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=scale,
-        unconditional_conditioning=uncond if scale != 1.0 else None, faster_diffusion=faster_diffusion,
-        generator=generators, precision=precision, progress=progress, **sampler_kwargs)
+    return mode.sample(
+        model, steps, len(labels), shape, cond, x_T=x_T, unconditional_guidance_scale=scale,
+        unconditional_conditioning=uncond if scale != 1.0 else None, generator=generators, precision=precision,
+        progress=progress, **sampler_kwargs)
 
 
 @torch.inference_mode()
@@ -53,8 +60,8 @@ def decode_latents(model, latents, precision="fp32"):
 
 
 def generate(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
-             precision="fp32", progress=False):
-    """Class labels -> (decoded images in [-1, 1], DDIM intermediates)."""
+             precision="fp32", progress=False, mode=None):
+    """Class labels -> (decoded images in [-1, 1], sampler intermediates)."""
     latents, intermediates = sample_latents(model, labels, steps, scale, eta, faster_diffusion, x_T, generators,
-                                            precision, progress)
+                                            precision, progress, mode)
     return decode_latents(model, latents, precision), intermediates
