@@ -3,9 +3,9 @@
 Usage: python evaluations/evaluator.py REF.npz SAMPLE.npz
 
 Gives the numbers of the evaluation suite of openai/guided-diffusion (`evaluations/evaluator.py`) with the
-same method: the same Inception graph and tensors, statistics, splits, k-NN manifolds and float16 distances.
-Runs on current NumPy, SciPy and TensorFlow (TF1-compat graph mode). Stand-alone: it needs numpy, scipy, tqdm
-and, for the Inception network only, tensorflow.
+same method: the same Inception graph and tensors, statistics, splits, k-NN manifolds, and the same TensorFlow
+graph for the float16 pairwise distances of precision and recall. Runs on current NumPy, SciPy and TensorFlow
+(TF1-compat graph mode). Stand-alone: it needs numpy, scipy, tqdm and tensorflow.
 """
 import argparse
 import json
@@ -272,7 +272,7 @@ def fetch_inception_graph(cache_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Metrics (NumPy / SciPy only)
+# Metrics: FID and Inception Score in NumPy / SciPy, precision and recall with distances in TensorFlow as ADM
 
 
 class FIDStatistics:
@@ -328,34 +328,51 @@ def compute_inception_score(probs, split_size=5000):
     return float(np.mean(scores))
 
 
-def _sum_of_squares(x):
-    """Row-wise sum of squares in x's dtype, accumulated in float32."""
-    return np.square(x).sum(axis=1, dtype=np.float32).astype(x.dtype)
+def _batch_pairwise_distances(tf, u, v):
+    """Squared Euclidean distances between the rows of u and v, max(|u|^2 - 2 u.v + |v|^2, 0): ADM's graph."""
+    with tf.variable_scope("pairwise_dist_block"):
+        norm_u = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
+        norm_v = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
+        return tf.maximum(norm_u - 2 * tf.matmul(u, v, False, True) + norm_v, 0.0)
 
 
-def _matmul_transposed(u, v):
-    """u @ v.T in u's dtype: exact products accumulated in float32, rounded once (as GPUs do float16)."""
-    return np.matmul(u.astype(np.float32), v.astype(np.float32).T).astype(u.dtype)
+class DistanceBlock:
+    """Pairwise squared distances in TensorFlow exactly as ADM computes them: both batches cast to float16, the
+    float16 result cast to float32 if it is finite everywhere, else the distances recomputed in float32; and the
+    ball-membership tests of precision and recall on those distances, in the same graph."""
 
+    def __init__(self, session=None):
+        tf = _import_tensorflow()
+        self.session = session or tf.Session(graph=tf.Graph())
+        with self.session.graph.as_default():
+            self._features_1 = tf.placeholder(tf.float32, shape=[None, None])
+            self._features_2 = tf.placeholder(tf.float32, shape=[None, None])
+            distances_16 = _batch_pairwise_distances(tf, tf.cast(self._features_1, tf.float16),
+                                                     tf.cast(self._features_2, tf.float16))
+            self.distances = tf.cond(tf.reduce_all(tf.math.is_finite(distances_16)),
+                                     lambda: tf.cast(distances_16, tf.float32),
+                                     lambda: _batch_pairwise_distances(tf, self._features_1, self._features_2))
+            self._radii_1 = tf.placeholder(tf.float32, shape=[None, None])
+            self._radii_2 = tf.placeholder(tf.float32, shape=[None, None])
+            distances_32 = tf.cast(self.distances, tf.float32)[..., None]
+            self._in_2 = tf.math.reduce_any(distances_32 <= self._radii_2, axis=1)
+            self._in_1 = tf.math.reduce_any(distances_32 <= self._radii_1[:, None], axis=0)
 
-def batch_pairwise_distances(u, v):
-    """Squared Euclidean distances between rows of u and v, max(|u|^2 - 2 u.v + |v|^2, 0), in their dtype."""
-    return np.maximum(_sum_of_squares(u)[:, None] - 2 * _matmul_transposed(u, v) + _sum_of_squares(v)[None, :], 0)
+    def pairwise_distances(self, u, v):
+        """Squared distances [len(u), len(v)], float32."""
+        return self.session.run(self.distances, {self._features_1: u, self._features_2: v})
 
-
-def pairwise_distances(u, v):
-    """Squared distances [len(u), len(v)] as float32: computed in float16, in float32 where float16 overflows."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        distances = batch_pairwise_distances(u.astype(np.float16), v.astype(np.float16))
-    if np.isfinite(distances).all():
-        return distances.astype(np.float32)
-    return batch_pairwise_distances(u.astype(np.float32), v.astype(np.float32))
+    def less_thans(self, features_1, radii_1, features_2, radii_2):
+        """(rows of features_1 inside some ball of features_2, rows of features_2 inside some ball of features_1)."""
+        return self.session.run([self._in_2, self._in_1], {self._features_1: features_1, self._features_2: features_2,
+                                                           self._radii_1: radii_1, self._radii_2: radii_2})
 
 
 class ManifoldEstimator:
     """k-NN manifolds of feature sets (improved precision and recall, Kynkaanniemi et al. 2019)."""
 
-    def __init__(self, row_batch_size=10000, col_batch_size=10000, nhood_sizes=(NHOOD_SIZE,)):
+    def __init__(self, distance_block=None, row_batch_size=10000, col_batch_size=10000, nhood_sizes=(NHOOD_SIZE,)):
+        self.distance_block = distance_block or DistanceBlock()
         self.row_batch_size, self.col_batch_size = row_batch_size, col_batch_size
         self.nhood_sizes = list(nhood_sizes)
 
@@ -368,7 +385,7 @@ class ManifoldEstimator:
             rows = features[begin1:begin1 + self.row_batch_size]
             for begin2 in range(0, num, self.col_batch_size):
                 cols = features[begin2:begin2 + self.col_batch_size]
-                distances[:len(rows), begin2:begin2 + len(cols)] = pairwise_distances(rows, cols)
+                distances[:len(rows), begin2:begin2 + len(cols)] = self.distance_block.pairwise_distances(rows, cols)
             block = np.partition(distances[:len(rows)], self.nhood_sizes, axis=1)
             radii[begin1:begin1 + len(rows)] = block[:, self.nhood_sizes]
         return radii
@@ -381,9 +398,10 @@ class ManifoldEstimator:
             end1 = begin1 + self.row_batch_size
             for begin2 in range(0, len(features_2), self.col_batch_size):
                 end2 = begin2 + self.col_batch_size
-                distances = pairwise_distances(features_1[begin1:end1], features_2[begin2:end2])[:, :, None]
-                inside_2[begin1:end1] |= np.any(distances <= radii_2[None, begin2:end2], axis=1)
-                inside_1[begin2:end2] |= np.any(distances <= radii_1[begin1:end1, None], axis=0)
+                in_2, in_1 = self.distance_block.less_thans(features_1[begin1:end1], radii_1[begin1:end1],
+                                                            features_2[begin2:end2], radii_2[begin2:end2])
+                inside_2[begin1:end1] |= in_2
+                inside_1[begin2:end2] |= in_1
         return np.mean(inside_1, axis=0, dtype=np.float64), np.mean(inside_2, axis=0, dtype=np.float64)
 
 
@@ -416,10 +434,10 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
-def evaluate(args):
-    """Print ADM's progress lines and five metrics for args.ref_batch and args.sample_batch; returns the metrics."""
-    ref_stats_dims = check_batch_file(args.ref_batch)
-    sample_stats_dims = check_batch_file(args.sample_batch)
+def prepare(args):
+    """Check the batch files, the --json folder and the Inception graph (downloading it once if needed), then
+    load the graph and check precomputed statistics against its feature sizes; returns the network."""
+    stats_dims = {path: check_batch_file(path) for path in (args.ref_batch, args.sample_batch) if path}
     json_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
     if json_dir and not os.path.isdir(json_dir):
         raise InputError(f"{args.json}: its directory does not exist (--json)")
@@ -428,9 +446,18 @@ def evaluate(args):
     graph_path = args.inception_path or fetch_inception_graph()
     network = InceptionNetwork(graph_path, batch_size=args.batch_size, threads=args.tf_threads)
     try:
-        check_statistics_dims(args.ref_batch, ref_stats_dims, network)
-        check_statistics_dims(args.sample_batch, sample_stats_dims, network)
+        for path, dims in stats_dims.items():
+            check_statistics_dims(path, dims, network)
+    except InputError:
+        network.close()
+        raise
+    return network
 
+
+def evaluate(args):
+    """Print ADM's progress lines and five metrics for args.ref_batch and args.sample_batch; returns the metrics."""
+    network = prepare(args)
+    try:
         print("warming up TensorFlow...")
         network.warmup()
         print("computing reference batch activations...")
@@ -449,7 +476,8 @@ def evaluate(args):
         print("FID:", metrics["fid"])
         metrics["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
         print("sFID:", metrics["sfid"])
-        metrics["precision"], metrics["recall"] = compute_prec_recall(ref_acts[0], sample_acts[0])
+        estimator = ManifoldEstimator(DistanceBlock(network.sess))  # in the Inception session, as ADM
+        metrics["precision"], metrics["recall"] = compute_prec_recall(ref_acts[0], sample_acts[0], estimator)
         print("Precision:", metrics["precision"])
         print("Recall:", metrics["recall"])
     finally:
@@ -460,22 +488,30 @@ def evaluate(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="ADM-compatible Inception Score, FID, sFID, precision and recall.")
     parser.add_argument("ref_batch", help="reference batch .npz (arr_0: uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
-    parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 NHWC images)")
+    parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (arr_0: uint8 NHWC images)")
     parser.add_argument("--inception_path", help="local classify_image_graph_def.pb (default: download it once "
                                                  "into $XDG_CACHE_HOME, else ~/.cache, /ldm-faster-diffusion)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception batch")
     parser.add_argument("--tf_threads", type=int, default=None, help="TensorFlow intra/inter-op threads")
     parser.add_argument("--json", help="also write the five metrics and the input file names to this JSON file")
+    parser.add_argument("--check_only", action="store_true",
+                        help="only check the inputs and the Inception graph (fetching it if needed), then exit")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    if not (args.sample_batch or args.check_only):
+        parser.error("the sample batch is required (unless --check_only)")
     try:
+        if args.check_only:
+            prepare(args).close()
+            print("evaluator inputs are ready")
+            return None
         metrics = evaluate(args)
         if args.json:
             write_json(args.json, {"ref_batch": args.ref_batch, "sample_batch": args.sample_batch, **metrics})
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     return metrics
 
 

@@ -234,6 +234,28 @@ def test_cli_prints_adm_lines_and_writes_json(graphs, precomputed_ref, tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("metrics")] == ["metrics.json"]
 
 
+def test_check_only(graphs, precomputed_ref, tmp_path, capsys):
+    """--check_only loads the graph and checks the reference batch, computing nothing; bad input still fails."""
+    pb, _ = graphs["dynamic"]
+    ref_path, _ = precomputed_ref
+    assert ev.main([str(ref_path), "--check_only", "--inception_path", str(pb)]) is None
+    assert capsys.readouterr().out == "evaluator inputs are ready\n"
+    err = run_failing([tmp_path / "absent.npz", "--check_only", "--inception_path", pb], capsys)
+    assert "absent.npz: no such file" in err
+    with np.load(ref_path) as ref:
+        np.savez(tmp_path / "small_mu.npz", arr_0=ref["arr_0"], mu=ref["mu"][:10], sigma=ref["sigma"][:10, :10],
+                 mu_s=ref["mu_s"], sigma_s=ref["sigma_s"])
+    err = run_failing([tmp_path / "small_mu.npz", "--check_only", "--inception_path", pb], capsys)
+    assert "precomputed mu has 10 dims" in err
+
+
+def test_sample_batch_required_without_check_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(tmp_path / "ref.npz")])
+    assert exit_info.value.code == 2
+    assert "the sample batch is required" in capsys.readouterr().err
+
+
 def test_batch_dimension_made_dynamic(graphs):
     tf = pytest.importorskip("tensorflow").compat.v1
     pb, _ = graphs["static"]
@@ -307,29 +329,46 @@ def test_inception_score_uses_consecutive_splits():
     assert ev.compute_inception_score(default) == pytest.approx((10 + 1) / 2, rel=1e-9)
 
 
-def test_pairwise_distances_float16_then_float32():
+@pytest.fixture(scope="module")
+def block():
+    """ADM's TensorFlow distance graph in a session of its own."""
+    return ev.DistanceBlock()
+
+
+def test_pairwise_distances_float16_then_float32(block):
     rng = np.random.default_rng(0)
     u, v = rng.normal(size=(9, 16)), rng.normal(size=(7, 16))
     exact = ((u[:, None] - v[None]) ** 2).sum(-1)
-    d16 = ev.pairwise_distances(u, v)
+    d16 = block.pairwise_distances(u, v)
     assert d16.dtype == np.float32
-    np.testing.assert_array_equal(d16, d16.astype(np.float16))  # rounded to float16
+    np.testing.assert_array_equal(d16, d16.astype(np.float16))  # computed in float16
     np.testing.assert_allclose(d16, exact, atol=0.1)
-    d32 = ev.pairwise_distances(u * 1e3, v * 1e3)  # |u|^2 ~ 1.6e7 overflows float16
+    d32 = block.pairwise_distances(u * 1e3, v * 1e3)  # |u|^2 ~ 1.6e7 overflows float16
     assert d32.dtype == np.float32
     with np.errstate(over="ignore"):
-        assert not np.array_equal(d32, d32.astype(np.float16))
+        assert not np.array_equal(d32, d32.astype(np.float16))  # so the whole block is recomputed in float32
     np.testing.assert_allclose(d32, exact * 1e6, rtol=1e-4)
-    assert (ev.pairwise_distances(u, u).diagonal() < 1e-2).all()
+    self_distances = block.pairwise_distances(u, u).diagonal()  # float16 rounding of |u|^2 ~ 16: steps of 1/64
+    assert (self_distances < 0.1).all() and (self_distances < 0.02).mean() > 0.5
+
+
+def test_less_thans_are_ball_memberships(block):
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.integers(0, 4, size=(6, 3)).astype(np.float32), rng.integers(0, 4, size=(5, 3)).astype(np.float32)
+    r1, r2 = rng.integers(0, 6, size=(6, 1)).astype(np.float32), rng.integers(0, 6, size=(5, 1)).astype(np.float32)
+    d = ((f1[:, None] - f2[None]) ** 2).sum(-1)  # small integers: exact in float16
+    in_2, in_1 = block.less_thans(f1, r1, f2, r2)
+    np.testing.assert_array_equal(in_2[:, 0], (d <= r2[:, 0][None]).any(axis=1))
+    np.testing.assert_array_equal(in_1[:, 0], (d <= r1).any(axis=0))
 
 
 @pytest.mark.parametrize("scale", [1, 256])  # 256: float16 overflows, float32 fallback (still exact)
 @pytest.mark.parametrize("batches", [(10000, 10000), (5, 3)])
-def test_precision_recall_brute_force(scale, batches):
+def test_precision_recall_brute_force(block, scale, batches):
     rng = np.random.default_rng(scale)
     ref = rng.integers(-3, 4, size=(23, 8)).astype(np.float32) * scale
     sample = np.concatenate([ref[:4], ref[:2], rng.integers(0, 7, size=(13, 8)) * scale]).astype(np.float32)
-    estimator = ev.ManifoldEstimator(row_batch_size=batches[0], col_batch_size=batches[1])
+    estimator = ev.ManifoldEstimator(block, row_batch_size=batches[0], col_batch_size=batches[1])
     precision, recall = ev.compute_prec_recall(ref, sample, estimator)
     assert (precision, recall) == brute_force_prec_recall(ref, sample)
     assert 0 < precision < 1 and 0 < recall < 1
@@ -338,20 +377,20 @@ def test_precision_recall_brute_force(scale, batches):
     np.testing.assert_array_equal(radii[:, 0], exact)
 
 
-def test_precision_recall_float16_rounding_blocked_as_unblocked():
+def test_precision_recall_float16_rounding_blocked_as_unblocked(block):
     rng = np.random.default_rng(3)
     ref, sample = rng.normal(size=(40, 32)).astype(np.float32), rng.normal(size=(30, 32)).astype(np.float32)
-    whole = ev.compute_prec_recall(ref, sample)
-    assert whole == ev.compute_prec_recall(ref, sample, ev.ManifoldEstimator(row_batch_size=7, col_batch_size=4))
-    radii = ev.ManifoldEstimator().manifold_radii(ref)[:, 0]
+    whole = ev.compute_prec_recall(ref, sample, ev.ManifoldEstimator(block))
+    assert whole == ev.compute_prec_recall(ref, sample, ev.ManifoldEstimator(block, row_batch_size=7, col_batch_size=4))
+    radii = ev.ManifoldEstimator(block).manifold_radii(ref)[:, 0]
     np.testing.assert_array_equal(radii, radii.astype(np.float16))  # float16 distances
     np.testing.assert_allclose(whole, brute_force_prec_recall(ref, sample), atol=0.1)
 
 
-def test_precision_recall_duplicates_count_as_neighbours():
+def test_precision_recall_duplicates_count_as_neighbours(block):
     ref = np.repeat(np.eye(3, 8, dtype=np.float32), 4, axis=0)  # each point 4 times: radius 0
     sample = np.concatenate([ref[::4], np.ones((3, 8), np.float32)])
-    assert ev.compute_prec_recall(ref, np.repeat(sample, 4, axis=0)) == (0.5, 1.0)
+    assert ev.compute_prec_recall(ref, np.repeat(sample, 4, axis=0), ev.ManifoldEstimator(block)) == (0.5, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +435,7 @@ def no_network(monkeypatch):
 def run_failing(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ev.main([str(a) for a in argv])
-    assert exit_info.value.code != 0
+    assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing started before the error
     err = captured.err.strip()
