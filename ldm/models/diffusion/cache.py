@@ -38,15 +38,18 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+# The fused CPU attention kernel that PyTorch's FLOP table leaves out (absent from older PyTorch).
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 @contextmanager
 def flop_counter(enabled):
-    """FlopCounterMode (yielded) when enabled, else None. Scaled-dot-product attention is counted too:
-    on CPU it reaches the counter undecomposed, which PyTorch's table leaves out."""
+    """FlopCounterMode (yielded) when enabled, else None. Attention is counted on CPU too: there PyTorch's
+    scaled-dot-product attention runs a fused kernel that its FLOP table leaves out."""
     if not enabled:
         yield None
         return
-    counter = FlopCounterMode(display=False,
-                              custom_mapping={torch.ops.aten.scaled_dot_product_attention: _sdpa_flops})
+    counter = FlopCounterMode(display=False, custom_mapping={_CPU_ATTENTION: _sdpa_flops} if _CPU_ATTENTION else {})
     with counter:
         yield counter
 

@@ -51,7 +51,8 @@ class Mode:
         if self.eta != 0 and self.sampler != "ddim":
             raise ValueError(f"eta {self.eta} needs the ddim sampler; {self.sampler} is deterministic (eta 0)")
         if self.skip_type not in DPM_SKIP_TYPES:
-            raise ValueError(f"unknown DPM-Solver skip_type {self.skip_type!r}; choose one of {', '.join(DPM_SKIP_TYPES)}")
+            raise ValueError(f"unknown DPM-Solver skip_type {self.skip_type!r}; "
+                             f"choose one of {', '.join(DPM_SKIP_TYPES)}")
         if SAMPLERS[self.sampler][0] is not DPMSolverSampler and (self.skip_type, self.lower_order_final) != (
                 "time_uniform", True):
             raise ValueError(f"skip_type and lower_order_final are DPM-Solver++ options, not {self.sampler}'s")
@@ -129,6 +130,9 @@ def parse_mode(spec, eta=0.0, skip_type="time_uniform", lower_order_final=True, 
     cache = cache or "none"
     if cache not in CACHES:
         raise ValueError(f"unknown cache {cache!r} in mode {spec!r}; choose one of {', '.join(CACHES)}")
+    unknown = sorted(k for k in options if not any(k in cache_options(c) for c in CACHES))
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not an option of any cache ({', '.join(CACHES)})")
     mine = {k: v for k, v in options.items() if k in cache_options(cache)}
     if value:
         if cache == "none":

@@ -1,0 +1,87 @@
+"""Sampling modes by name: what front ends build from --sampler/--cache and their options."""
+import pytest
+import torch
+
+from ldm.models.diffusion.deepcache import DeepCache
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import Mode, make_mode, parse_mode
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.sampling import sample_latents
+
+
+def test_make_mode_builds_the_cache_from_its_options():
+    mode = make_mode("dpmpp3m", "fd", key_steps="uniform:4", context_layout="reference", interval=None)
+    assert isinstance(mode.cache, FasterDiffusion)
+    assert (mode.cache.key_steps, mode.cache.context_layout) == ("uniform:4", "reference")
+    assert mode.label == "DPM-Solver++ 3M + FD-ref uniform:4"
+    mode = make_mode("plms", "deepcache", interval=5, nonuniform=True, key_steps=None)
+    assert isinstance(mode.cache, DeepCache) and mode.cache.full_steps_for(20) == (0, 2, 7, 12)
+    assert mode.label == "PLMS + DeepCache N=5 nonuniform"
+    assert make_mode().label == "DDIM" and make_mode().cache is None
+    assert make_mode("ddim", eta=0.5).label == "DDIM eta 0.5"
+    assert make_mode("dpmpp2m", skip_type="logSNR").label == "DPM-Solver++ 2M logSNR"
+    assert make_mode("ddim", "deepcache", full_steps=[0, 4], branch=2).label == "DDIM + DeepCache 2 full steps branch 2"
+
+
+@pytest.mark.parametrize("spec, label", [
+    ("ddim", "DDIM"),
+    ("ddim+fd", "DDIM + FD ldm250"),
+    ("ddim+fd:uniform:4", "DDIM + FD uniform:4"),
+    ("dpmpp2m+deepcache:3", "DPM-Solver++ 2M + DeepCache N=3"),
+    ("plms+deepcache", "PLMS + DeepCache N=5"),
+    ("dpmpp2m+fd:0,2,5", "DPM-Solver++ 2M + FD 0,2,5"),
+])
+def test_parse_mode_shares_options_across_modes(spec, label):
+    """Shared options go to the caches that take them; skip_type only to DPM-Solver++ modes."""
+    mode = parse_mode(spec, key_steps="ldm250", interval=5, skip_type="time_uniform")
+    assert mode.label == label
+
+
+def test_parse_mode_gives_skip_type_to_dpm_solver_only():
+    assert parse_mode("dpmpp3m", skip_type="logSNR").skip_type == "logSNR"
+    assert parse_mode("plms", skip_type="logSNR").skip_type == "time_uniform"
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: make_mode("euler"), "unknown sampler 'euler'; choose one of ddim, plms, dpmpp2m, dpmpp3m"),
+    (lambda: make_mode("ddim", "tome"), "unknown cache 'tome'; choose one of none, fd, deepcache"),
+    (lambda: make_mode("ddim", "fd"), "cache 'fd' needs key_steps"),
+    (lambda: make_mode("ddim", "deepcache", interval=0), "interval must be a positive number of steps, not 0"),
+    (lambda: make_mode("ddim", "deepcache", key_steps="ldm250"),
+     "key_steps is an option of cache 'fd', not of 'deepcache'"),
+    (lambda: make_mode("ddim", "none", interval=3), "interval is an option of cache 'deepcache', not of 'none'"),
+    (lambda: make_mode("ddim", "fd", key_steps="uniform:4", colour=1), "colour is not a cache option"),
+    (lambda: make_mode("plms", eta=1.0), "eta 1.0 needs the ddim sampler"),
+    (lambda: make_mode("dpmpp2m", skip_type="karras"), "unknown DPM-Solver skip_type 'karras'"),
+    (lambda: make_mode("ddim", skip_type="logSNR"), "DPM-Solver++ options, not ddim's"),
+    (lambda: parse_mode("ddim+deepcache:0"), "interval must be a positive number of steps"),
+    (lambda: parse_mode("ddim+cache"), "unknown cache 'cache' in mode 'ddim+cache'"),
+    (lambda: parse_mode("ddim+fd"), "cache 'fd' needs key_steps"),
+    (lambda: parse_mode("ddim:3"), "unknown sampler 'ddim:3'"),
+    (lambda: parse_mode("ddim", colour=1), "colour is not an option of any cache"),
+    (lambda: Mode("ddim", cache="fd"), "cache must be None, a FasterDiffusion or a DeepCache, not str"),
+])
+def test_bad_modes_fail_in_one_line(build, message):
+    with pytest.raises((ValueError, TypeError)) as error:
+        build()
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_mode_samples_with_its_solver_and_cache(tiny_model):
+    labels = torch.tensor([3, 7])
+    mode = make_mode("dpmpp2m", "deepcache", interval=3)
+    latents, inter = sample_latents(tiny_model, labels, 10, 2.0, mode=mode)
+    cond = tiny_model.get_learned_conditioning({"class_label": labels})
+    uncond = tiny_model.get_learned_conditioning({"class_label": torch.full_like(labels, 1000)})
+    x_T = inter["x_inter"][0]
+    direct, _ = DPMSolverSampler(tiny_model).sample(10, 2, [3, 16, 16], cond, x_T=x_T, unconditional_guidance_scale=2.0,
+                                                    unconditional_conditioning=uncond, cache=DeepCache(3))
+    assert torch.equal(latents, direct)
+    assert (inter["stats"].full_passes, inter["stats"].shallow_passes) == (4, 6)
+    plms, _ = sample_latents(tiny_model, labels, 10, 2.0, x_T=x_T, mode=make_mode("plms"))
+    assert torch.equal(plms, PLMSSampler(tiny_model).sample(10, 2, [3, 16, 16], cond, x_T=x_T,
+                                                            unconditional_guidance_scale=2.0,
+                                                            unconditional_conditioning=uncond)[0])
+    with pytest.raises(ValueError, match="give eta and the cache in the mode"):
+        sample_latents(tiny_model, labels, 10, 2.0, eta=0.5, mode=mode)
