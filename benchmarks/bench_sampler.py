@@ -1,7 +1,14 @@
-"""Time plain DDIM against FasterDiffusion, alternating modes, and print a table per image.
+"""Time sampling modes (solver x cache) against the first one, alternating modes, and print a table per image.
+
+A mode is SAMPLER[+CACHE[:VALUE]][@PRECISION] (see ldm.models.diffusion.modes.parse_mode): SAMPLER is ddim,
+plms, dpmpp2m or dpmpp3m; CACHE is fd (VALUE: key steps) or deepcache (VALUE: interval N); the cache options
+below apply to every mode with that cache. Without --modes: plain DDIM, then --sampler with --cache.
+
+UNet FLOPs are counted (torch.utils.flop_counter) in the warm-up run of each mode, which is not timed.
 
 Example (full cin256-v2 architecture, random weights):
-    python benchmarks/bench_sampler.py --steps 20 --batch 1 --scale 1.5 --key_steps uniform:4
+    python benchmarks/bench_sampler.py --steps 20 --batch 1 --scale 1.5 --sampler dpmpp2m --cache deepcache \
+        --cache_interval 5
 """
 import argparse
 import statistics
@@ -9,52 +16,77 @@ import statistics
 import torch
 
 from common import PeakMemory, build_model, device_name, print_table, timed
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import CACHES, SAMPLERS, parse_mode
+from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 from ldm.sampling import sample_generators, sample_labels, sample_latents
-from ldm.util import optimize_for_inference
+from ldm.util import PRECISIONS, optimize_for_inference
 
 
-def parse_mode(spec, args):
-    """'ddim:fp32' or 'fd:bf16' -> (label, FasterDiffusion or None, precision)."""
-    kind, _, precision = spec.partition(":")
-    precision = precision or "fp32"
-    if kind == "ddim":
-        return f"DDIM {precision}", None, precision
-    if kind in ("fd", "fd-ref"):
-        plan = FasterDiffusion(args.key_steps, context_layout="reference" if kind == "fd-ref" else "paired",
-                               max_decoder_batch=args.max_decoder_batch, noise_injection=True)
-        return f"{'FD-ref' if kind == 'fd-ref' else 'FD'} {args.key_steps} {precision}", plan, precision
-    raise ValueError(f"unknown mode {spec!r}: use ddim:PREC, fd:PREC or fd-ref:PREC")
+def parse_modes(args):
+    """[(label, Mode, precision)] from --modes, or plain DDIM and --sampler/--cache."""
+    specs = args.modes.split(",") if args.modes else ["ddim", f"{args.sampler}+{args.cache}"]
+    options = dict(key_steps=args.key_steps, context_layout=args.context_layout, noise_injection=args.noise_injection,
+                   max_decoder_batch=args.max_decoder_batch, interval=args.cache_interval,
+                   nonuniform=args.nonuniform, pow=args.pow, full_steps=args.full_steps, branch=args.branch)
+    modes = []
+    for spec in dict.fromkeys(specs):
+        spec, _, precision = spec.partition("@")
+        if precision and precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r} in mode {spec!r}; choose one of {', '.join(PRECISIONS)}")
+        mode = parse_mode(spec.replace("+none", ""), eta=args.eta, skip_type=args.skip_type, **options)
+        modes.append((f"{mode.label} {precision or args.precision}", mode, precision or args.precision))
+    return modes
 
 
 def main(args):
     torch.set_grad_enabled(False)
+    modes = parse_modes(args)  # bad modes fail before the model is built
     model = optimize_for_inference(build_model(args.config, args.ckpt, args.device),
                                    channels_last=args.channels_last, compile=args.compile)
-    modes = [parse_mode(m, args) for m in args.modes.split(",")]
-    labels = sample_labels(args.seed, range(args.batch))
+    classes = model.cond_stage_model.embedding.num_embeddings - 1  # the last class is "unconditional"
+    labels = sample_labels(args.seed, range(args.batch), classes)
     times = {label: [] for label, _, _ in modes}
-    peaks, stats = {}, {}
+    peaks, stats, flops = {}, {}, {}
     memory = PeakMemory(args.device)
     for repeat in range(args.warmup + args.repeats):
-        for label, plan, precision in modes:  # alternate so that machine noise hits every mode alike
-            run = lambda: sample_latents(model, labels, args.steps, args.scale, faster_diffusion=plan, precision=precision,
-                                   generators=sample_generators(args.seed, range(args.batch)))
+        for label, mode, precision in modes:  # alternate so that machine noise hits every mode alike
+            count = repeat == 0 and args.warmup > 0
+            run = lambda: sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
+                                         generators=sample_generators(args.seed, range(args.batch)),
+                                         count_flops=count)
             with memory.track():
                 (_, intermediates), seconds = timed(run, args.device)
+            if count:
+                flops[label] = intermediates["stats"].flops / args.batch
             if repeat >= args.warmup:
                 times[label].append(seconds / args.batch)
                 peaks[label] = max(peaks.get(label, 0), memory.peak)
             stats[label] = intermediates["stats"]
-    base = statistics.median(times[modes[0][0]])
+    base_label = modes[0][0]
+    base = statistics.median(times[base_label])
     rows = []
     for label, _, _ in modes:
         per_image = statistics.median(times[label])
-        rows.append([label, f"{per_image:.3f}", f"{base / per_image:.2f}x", stats[label].encoder_passes,
-                     stats[label].decoder_rows, f"{peaks[label] / 2**30:.2f}"])
+        speedup = base / per_image
+        s = stats[label]
+        row = [label, f"{per_image:.3f}", f"{speedup:.2f}x"]
+        if flops:
+            flop_ratio = flops[base_label] / flops[label]
+            row += [f"{flops[label] / 1e9:.4g}", f"{flop_ratio:.2f}x", f"{speedup / flop_ratio:.2f}"]
+        rows.append(row + [s.full_passes, s.encoder_passes, s.decoder_rows, s.shallow_passes,
+                           f"{peaks[label] / 2**30:.2f}"])
+    header = ["mode", "s/img", "speed-up"]
+    if flops:
+        header += ["GFLOP/img", "FLOP ratio", "speed-up / FLOP ratio"]
+    header += ["full passes", "encoder passes", "decoder rows", "shallow passes", "peak GiB"]
     print(f"{device_name(args.device)}; {args.config}; S={args.steps}, batch {args.batch}, guidance {args.scale}, "
-          f"max_decoder_batch {args.max_decoder_batch}, channels_last {args.channels_last}, compile {args.compile}; median of {args.repeats} alternating runs")
-    print_table(["mode", "s/img", "speed-up", "encoder passes", "decoder rows", "peak GiB"], rows)
+          f"max_decoder_batch {args.max_decoder_batch}, channels_last {args.channels_last}, compile {args.compile}; "
+          f"median of {args.repeats} alternating runs after {args.warmup} warm-up")
+    print_table(header, rows)
+
+
+def str2bool(value):
+    return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
 
 
 if __name__ == "__main__":
@@ -64,13 +96,30 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.5)
-    parser.add_argument("--key_steps", default="uniform:4")
-    parser.add_argument("--modes", default="ddim:fp32,fd:fp32", help="comma list of ddim|fd|fd-ref[:fp32|bf16|fp16]")
-    parser.add_argument("--max_decoder_batch", type=int, default=None)
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    parser.add_argument("--cache", choices=list(CACHES), default="fd")
+    parser.add_argument("--modes", default=None, help="comma list of SAMPLER[+CACHE[:VALUE]][@PRECISION]; "
+                                                      "overrides --sampler/--cache")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--skip_type", choices=DPM_SKIP_TYPES, default="time_uniform", help="DPM-Solver++ spacing")
+    parser.add_argument("--key_steps", default="uniform:4", help="FasterDiffusion key steps")
+    parser.add_argument("--context_layout", default="paired", help="FasterDiffusion: paired or reference")
+    parser.add_argument("--noise_injection", type=str2bool, default=True, help="FasterDiffusion")
+    parser.add_argument("--max_decoder_batch", type=int, default=None, help="FasterDiffusion")
+    parser.add_argument("--cache_interval", type=int, default=5, help="DeepCache: a full step every N steps")
+    parser.add_argument("--nonuniform", type=str2bool, default=False, help="DeepCache")
+    parser.add_argument("--pow", type=float, default=1.5, help="DeepCache, with --nonuniform")
+    parser.add_argument("--full_steps", type=lambda s: [int(i) for i in s.split(",")], default=None,
+                        help="DeepCache: explicit full steps, e.g. 0,3,8 (instead of an interval)")
+    parser.add_argument("--branch", type=int, default=0, help="DeepCache shallow branch")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode; the first counts FLOPs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    main(parser.parse_args())
+    args = parser.parse_args()
+    if args.full_steps is not None:
+        args.cache_interval = None
+    main(args)

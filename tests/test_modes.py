@@ -47,6 +47,7 @@ def test_parse_mode_gives_skip_type_to_dpm_solver_only():
     (lambda: make_mode("euler"), "unknown sampler 'euler'; choose one of ddim, plms, dpmpp2m, dpmpp3m"),
     (lambda: make_mode("ddim", "tome"), "unknown cache 'tome'; choose one of none, fd, deepcache"),
     (lambda: make_mode("ddim", "fd"), "cache 'fd' needs key_steps"),
+    (lambda: make_mode("ddim", "deepcache", branch=1), "cache 'deepcache' needs an interval"),
     (lambda: make_mode("ddim", "deepcache", interval=0), "interval must be a positive number of steps, not 0"),
     (lambda: make_mode("ddim", "deepcache", key_steps="ldm250"),
      "key_steps is an option of cache 'fd', not of 'deepcache'"),

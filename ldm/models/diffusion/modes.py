@@ -108,6 +108,8 @@ def make_cache(name, **options):
         return None
     if name == "fd" and "key_steps" not in options:
         raise ValueError("cache 'fd' needs key_steps (a preset such as ldm250 or uniform:4, or loop indices)")
+    if name == "deepcache" and "interval" not in options and "full_steps" not in options:
+        raise ValueError("cache 'deepcache' needs an interval (a full step every N steps) or full_steps")
     return CACHES[name](**options)
 
 
