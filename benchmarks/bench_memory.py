@@ -18,7 +18,7 @@ import torch
 
 from common import build_model, device_name, print_table, synchronize
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
-from ldm.sampling import sample_generators, sample_labels, sample_latents
+from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 
 
 class Stop(Exception):
@@ -39,7 +39,7 @@ def run_child(args):
         if step + 1 >= args.stop_after:
             raise Stop
 
-    labels = sample_labels(0, range(args.batch))
+    labels = sample_labels(0, range(args.batch), num_classes(model))
     synchronize(args.device)
     start = time.perf_counter()
     try:

@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import build_model, device_name, print_table, timed
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
-from ldm.sampling import decode_latents, sample_generators, sample_labels, sample_latents
+from ldm.sampling import (decode_latents, num_classes, sample_generators, sample_labels, sample_latents,
+                          unconditional_class)
 from ldm.util import autocast
 
 CIN256_UNET_PARAMETERS = 400_920_579
@@ -35,7 +36,7 @@ def rel_dev(a, b):
 
 def quality_rows(name, model, steps, key_steps, fast, batch=2):
     """Relative deviation of fast-precision latents and images from fp32, for DDIM and FasterDiffusion."""
-    labels = sample_labels(0, range(batch))
+    labels = sample_labels(0, range(batch), num_classes(model))
     rows = []
     for mode, plan in (("DDIM", None), (f"FD {key_steps}", FasterDiffusion(key_steps))):
         out = {}
@@ -58,7 +59,7 @@ def main(args):
     unet = model.model.diffusion_model
     x = torch.randn(2, model.channels, model.image_size, model.image_size, device=device)
     t = torch.full((2,), 500, device=device)
-    context = model.get_learned_conditioning({model.cond_stage_key: torch.tensor([1, 1000], device=device)})
+    context = model.get_learned_conditioning({model.cond_stage_key: torch.tensor([1, unconditional_class(model)], device=device)})
 
     with FlopCounterMode(display=False) as counter:
         unet(x, t, context)
@@ -96,8 +97,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--ckpt", default=None, help="checkpoint; random weights when omitted")
-    parser.add_argument("--tiny_config", default="../shared/fixtures/tiny/config.yaml")
-    parser.add_argument("--tiny_ckpt", default="../shared/fixtures/tiny/model.ckpt")
+    parser.add_argument("--tiny_config", default="tests/fixtures/tiny/config.yaml")
+    parser.add_argument("--tiny_ckpt", default="tests/fixtures/tiny/model.ckpt")
     parser.add_argument("--quality_steps", type=int, default=20, help="DDIM steps of the full-model deviation runs (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO.parent / "shared" / "fixtures" / "tiny"
+TINY = REPO / "tests" / "fixtures" / "tiny"
 MIB = 2**20
 
 

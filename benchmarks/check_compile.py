@@ -10,13 +10,13 @@ import torch
 
 from common import build_model, device_name, print_table, timed
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
-from ldm.sampling import sample_generators, sample_labels, sample_latents
+from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 from ldm.util import optimize_for_inference
 
 
 def main(args):
     eager = build_model(args.config, args.ckpt, args.device)
-    labels = sample_labels(0, range(args.batch))
+    labels = sample_labels(0, range(args.batch), num_classes(eager))
     plan = FasterDiffusion(args.key_steps)
     variants = {"eager": eager,
                 "channels_last": optimize_for_inference(copy.deepcopy(eager), channels_last=True),

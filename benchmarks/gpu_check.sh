@@ -16,7 +16,7 @@ $PY benchmarks/bench_sampler.py --device cuda --steps "${STEPS:-250}" --batch 4 
     --modes ddim:fp32,fd:fp32,ddim:fp16,fd:fp16 --repeats "${REPEATS:-2}" --warmup 1 $CKPT_ARG
 echo
 $PY benchmarks/bench_precision.py --device cuda --repeats 10 --quality_steps 50 $CKPT_ARG \
-    --tiny_config "${TINY_CONFIG:-../shared/fixtures/tiny/config.yaml}" --tiny_ckpt "${TINY_CKPT:-../shared/fixtures/tiny/model.ckpt}"
+    --tiny_config "${TINY_CONFIG:-tests/fixtures/tiny/config.yaml}" --tiny_ckpt "${TINY_CKPT:-tests/fixtures/tiny/model.ckpt}"
 echo
 $PY benchmarks/bench_memory.py --device cuda --batch 4 --chunks 0,32,16 $CKPT_ARG
 echo

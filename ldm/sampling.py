@@ -1,12 +1,30 @@
 """Per-sample seeding and the label -> image pipeline shared by the scripts."""
 import numpy as np
 import torch
+from torch import nn
 
 from ldm.models.diffusion.modes import Mode
 from ldm.util import autocast
 
-UNCONDITIONAL_CLASS = 1000
-NUM_CLASSES = 1000
+
+def unconditional_class(model):
+    """Label of the 'no class' embedding used for guidance: the class embedder's last index."""
+    embedding = getattr(model.cond_stage_model, "embedding", None)
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError("the model is not class-conditional: its conditioning stage has no class embedding")
+    return embedding.num_embeddings - 1
+
+
+def num_classes(model):
+    """Number of real classes (labels 0..num_classes-1): every embedding but the unconditional one."""
+    return unconditional_class(model)
+
+
+def image_shape(model):
+    """(height, width, channels) of the decoded images: the latent size times the first stage's upsampling."""
+    decoder = model.first_stage_model.decoder
+    factor = 2 ** sum(hasattr(level, "upsample") for level in decoder.up)
+    return (model.image_size * factor, model.image_size * factor, decoder.conv_out.out_channels)
 
 
 def sample_seed(seed, index, stream=0):
@@ -14,9 +32,9 @@ def sample_seed(seed, index, stream=0):
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def sample_labels(seed, indices, num_classes=NUM_CLASSES):
-    """Class label of each sample index, a function of (seed, index) alone."""
-    return torch.tensor([np.random.default_rng(sample_seed(seed, i, 0)).integers(num_classes) for i in indices],
+def sample_labels(seed, indices, classes):
+    """Class label in 0..classes-1 of each sample index, a function of (seed, index) alone."""
+    return torch.tensor([np.random.default_rng(sample_seed(seed, i, 0)).integers(classes) for i in indices],
                         dtype=torch.long)
 
 
@@ -44,7 +62,7 @@ def sample_latents(model, labels, steps, scale, eta=0.0, faster_diffusion=None, 
     device = model.device
     labels = labels.to(device)
     cond = model.get_learned_conditioning({model.cond_stage_key: labels})
-    uncond = model.get_learned_conditioning({model.cond_stage_key: torch.full_like(labels, UNCONDITIONAL_CLASS)})
+    uncond = model.get_learned_conditioning({model.cond_stage_key: torch.full_like(labels, unconditional_class(model))})
     shape = [model.channels, model.image_size, model.image_size]
     return mode.sample(
         model, steps, len(labels), shape, cond, x_T=x_T, unconditional_guidance_scale=scale,

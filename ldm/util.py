@@ -1,7 +1,10 @@
 """Building models from configs and loading checkpoints safely and strictly."""
+import hashlib
 import importlib
+import json
 import os
 import pickle
+import socket
 from pathlib import Path
 
 import torch
@@ -43,10 +46,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model built from the config."""
 
 
-def get_obj_from_str(string, reload=False):
+def get_obj_from_str(string):
     module, cls = string.rsplit(".", 1)
-    if reload:
-        importlib.reload(importlib.import_module(module))
     return getattr(importlib.import_module(module), cls)
 
 
@@ -60,8 +61,7 @@ def instantiate_from_config(config):
 
 
 def _model_config(config_path):
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"config not found: {config_path}")
+    check_file(config_path, "config")
     try:
         config = OmegaConf.load(config_path)
     except Exception as e:
@@ -71,10 +71,17 @@ def _model_config(config_path):
     return config.model
 
 
+def check_file(path, what):
+    """Raise FileNotFoundError for a missing path, IsADirectoryError for a folder: `what` names the file."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def read_state_dict(ckpt_path, allow_pickle=False):
     """Weights of a `.safetensors` file or a torch checkpoint (Lightning style: under `state_dict`)."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    check_file(ckpt_path, "checkpoint")
     if ckpt_path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -126,20 +133,58 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
+def build_model(config_path):
+    """The model of an upstream LDM config on the meta device: its structure, without weights."""
+    config = _model_config(config_path)
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+        return instantiate_from_config(config)
+
+
 def load_model(config_path, ckpt_path, device="cpu", allow_pickle=False):
     """Build the model of an upstream LDM config, load its checkpoint strictly, return it in eval mode."""
-    config = _model_config(config_path)
+    model = build_model(config_path)
     state_dict = read_state_dict(ckpt_path, allow_pickle=allow_pickle)
-    with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
-        model = instantiate_from_config(config)
     load_state_dict_strict(model, state_dict, source=ckpt_path)
     return model.eval().requires_grad_(False).to(device)
+
+
+def file_sha256(path, cache_from_bytes=64 << 20):
+    """SHA-256 of a file's bytes; for files of at least cache_from_bytes (None: never), cached in
+    `<path>.sha256.json` beside it and reused while the file's size and mtime match.
+
+    Identifies a checkpoint by content: a copy or a `touch` gives the same hash. Without write access to the
+    folder the hash is computed each time.
+    """
+    stat = os.stat(path)
+    cache = cache_from_bytes is not None and stat.st_size >= cache_from_bytes
+    cache_path = Path(f"{path}.sha256.json")
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        cached = json.loads(cache_path.read_text()) if cache else {}
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and {k: cached.get(k) for k in key} == key and "sha256" in cached:
+        return cached["sha256"]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if cache:
+        try:
+            write_atomic(cache_path, lambda f: f.write(json.dumps({**key, "sha256": digest}).encode()))
+        except OSError:
+            pass  # a read-only folder: no cache
+    return digest
+
+
+def temporary_name(path):
+    """Hidden name beside path that says which process writes it: `.NAME.HOST.PID.tmp`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
 def write_atomic(path, write):
     """Call write(file) on a temporary name next to path, then rename it to path: no half-written files."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from ldm.util import load_model
+from ldm.util import load_model, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -27,3 +29,18 @@ def golden():
 @pytest.fixture(scope="session")
 def golden_cases():
     return json.loads((TINY / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ten_class_files(tmp_path_factory):
+    """(config, checkpoint) of the tiny model cut to 10 classes: its embeddings of classes 0..9, then its
+    unconditional one (class 1000) as class 10, so that it samples exactly as the tiny model does."""
+    folder = tmp_path_factory.mktemp("ten_classes")
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.cond_stage_config.params.n_classes = 11
+    OmegaConf.save(config, folder / "config.yaml")
+    state_dict = read_state_dict(str(TINY_CKPT))
+    key = "cond_stage_model.embedding.weight"
+    state_dict[key] = torch.cat([state_dict[key][:10], state_dict[key][1000:]])
+    torch.save({"state_dict": state_dict}, folder / "model.ckpt")
+    return folder / "config.yaml", folder / "model.ckpt"

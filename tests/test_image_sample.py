@@ -1,7 +1,14 @@
-"""scripts/image_sample.py end to end on the tiny model: MPI vs one process, resume, the .npz format, bad input."""
+"""scripts/image_sample.py end to end on the tiny model: MPI vs one process, resume, finished runs, the .npz
+format, signals, bad input."""
+import importlib.util
+import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -10,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from ldm import cli, shards
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import generate, sample_generators, sample_labels, to_uint8
 
@@ -17,19 +25,34 @@ SCRIPT = REPO / "scripts" / "image_sample.py"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 N = 5
 FINAL = f"samples_{N}x64x64x3.npz"
+RECORD = f"samples_{N}x64x64x3.json"
 SHARDS = f"shards_{N}x64x64x3"
 MODES = {"ddim": [], "fd": ["--use_faster_diffusion", "true", "--key_steps", "uniform:3"]}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores: one thread each
 
 
-def run(out_dir, *flags, processes=1):
-    """Run image_sample.py on the tiny model (N samples, 10 steps) with extra flags; later flags win."""
-    cmd = [sys.executable, str(SCRIPT), "--config_path", str(TINY_CONFIG), "--model_path", str(TINY_CKPT),
-           "--num_samples", str(N), "--ddim_steps", "10", "--tqdm_disable", "yes", "--output_dir", str(out_dir),
-           *flags]
-    if processes > 1:
-        cmd = [str(MPIEXEC), "-n", str(processes), *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores: one thread each
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _load_script():
+    spec = importlib.util.spec_from_file_location("image_sample", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+image_sample = _load_script()
+
+
+def command(out_dir, *flags, processes=1, config=TINY_CONFIG, ckpt=TINY_CKPT):
+    """image_sample.py on the tiny model (N samples, 10 steps, published flag names) with extra flags."""
+    cmd = [sys.executable, str(SCRIPT), "--config_path", str(config), "--model_path", str(ckpt),
+           "--num_samples", str(N), "--ddim_steps", "10", "--tqdm_disable", "yes",
+           *(["--output_dir", str(out_dir)] if out_dir else []), *flags]
+    return [str(MPIEXEC), "-n", str(processes), *cmd] if processes > 1 else cmd
+
+
+def run(out_dir, *flags, processes=1, cwd=REPO, **model):
+    """Run image_sample.py (see command); later flags win."""
+    return subprocess.run(command(out_dir, *flags, processes=processes, **model), cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
 
 
 def load(path):
@@ -52,13 +75,14 @@ def reference(request, tmp_path_factory):
     result = run(out, "--batch_size", "3", *MODES[request.param])
     assert result.returncode == 0, result.stderr
     assert f"wrote {out / FINAL}" in result.stdout
+    assert result.stdout.splitlines()[-1] == f"samples: {out / FINAL}"
     return (request.param, out, *load(out / FINAL))
 
 
 def test_npz_format(reference):
     mode, out, _, _ = reference
     path = out / FINAL
-    assert sorted(os.listdir(out)) == [FINAL]  # shards and temporary files are gone
+    assert sorted(os.listdir(out)) == sorted([FINAL, RECORD])  # shards and temporary files are gone
     with zipfile.ZipFile(path) as zf:
         assert zf.namelist() == ["arr_0.npy", "arr_1.npy"]
         assert all(info.compress_type == zipfile.ZIP_STORED for info in zf.infolist())
@@ -73,7 +97,10 @@ def test_npz_format(reference):
     assert images.dtype == np.uint8 and images.shape == (N, 64, 64, 3)
     assert labels.dtype == np.int64 and labels.shape == (N,)
     np.testing.assert_array_equal(streamed, images)
-    np.testing.assert_array_equal(labels, sample_labels(0, range(N)).numpy())
+    np.testing.assert_array_equal(labels, sample_labels(0, range(N), 1000).numpy())
+    record = json.loads((out / RECORD).read_text())
+    assert record["num_samples"] == N and record["image_shape"] == [64, 64, 3] and record["steps"] == 10
+    assert record["checkpoint_sha256"] == shards.hashlib.sha256(TINY_CKPT.read_bytes()).hexdigest()
     assert images.std() > 0
 
 
@@ -85,7 +112,7 @@ def test_mpi_matches_one_process(reference, tmp_path):
     mpi_images, mpi_labels = load(tmp_path / FINAL)
     np.testing.assert_array_equal(mpi_labels, labels)
     assert_same_images(mpi_images, images)
-    assert sorted(os.listdir(tmp_path)) == [FINAL]
+    assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])
 
 
 def test_matches_generate(reference, tiny_model):
@@ -95,11 +122,21 @@ def test_matches_generate(reference, tiny_model):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        expected, _ = generate(tiny_model, sample_labels(0, [3, 4]), 10, 1.5, faster_diffusion=fd,
+        expected, _ = generate(tiny_model, sample_labels(0, [3, 4], 1000), 10, 1.5, faster_diffusion=fd,
                                generators=sample_generators(0, [3, 4]))
     finally:
         torch.set_num_threads(threads)
     assert_same_images(images[3:], to_uint8(expected).numpy())
+
+
+def plant_temporaries(folder, name):
+    """Temporary files of `name` as killed runs leave them, and one of a live process (this test)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = [f".{name}.{socket.gethostname()}.999999999.tmp", f".{name}.999999999.tmp", f".{name}.elsewhere.7.tmp"]
+    live = f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    for tmp in [*stale, live]:
+        (folder / tmp).write_bytes(b"partial")
+    return live
 
 
 @pytest.mark.parametrize("reference", ["fd"], indirect=True)
@@ -112,19 +149,121 @@ def test_resume_after_kill(reference, tmp_path):
     assert sorted(os.listdir(tmp_path / SHARDS)) == ["batch_000000.npz", "settings.json"]
 
     fresh = run(tmp_path, *flags)
-    assert fresh.returncode != 0 and "--resume" in fresh.stderr.strip().splitlines()[-1]
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr.strip().splitlines()[-1]
     changed = run(tmp_path, *flags, "--resume", "--seed", "1")
-    assert changed.returncode != 0 and "different settings: seed (0 vs 1)" in changed.stderr
+    assert changed.returncode == 2 and "other settings (seed: 0 -> 1)" in changed.stderr
     assert not (tmp_path / FINAL).exists()
 
+    live = [plant_temporaries(tmp_path, FINAL), plant_temporaries(tmp_path / SHARDS, "batch_000001.npz")]
     resumed = run(tmp_path, *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "made 2 of 5 images" in resumed.stdout  # only the missing batch was sampled
     resumed_images, resumed_labels = load(tmp_path / FINAL)
     np.testing.assert_array_equal(resumed_labels, labels)
     np.testing.assert_array_equal(resumed_images, images)
-    assert sorted(os.listdir(tmp_path)) == [FINAL]
+    assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD, live[0]])  # stale temporaries removed
 
+
+def test_resume_after_checkpoint_copied_and_touched(tmp_path):
+    """The checkpoint is identified by its content: a copy elsewhere with a new mtime resumes the shards."""
+    first, second = tmp_path / "a" / "model.ckpt", tmp_path / "b" / "model.ckpt"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    shutil.copyfile(TINY_CKPT, first)
+    out = tmp_path / "out"
+    assert run(out, "--batch_size", "3", "--stop_after_batches", "1", ckpt=first).returncode == 3
+    shutil.copyfile(first, second)
+    os.utime(second, ns=(10**18, 10**18))
+    resumed = run(out, "--batch_size", "3", "--resume", ckpt=second)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "made 2 of 5 images" in resumed.stdout
+
+
+def test_finished_run_is_recognised(reference, tmp_path):
+    mode, out, images, _ = reference
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / FINAL).stat().st_mtime_ns
+    # The same settings (another batch size and --resume make the same images): nothing to do.
+    again = run(tmp_path, "--batch_size", "2", "--resume", *MODES[mode])
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"already done: {tmp_path / FINAL}")
+    assert again.stdout.splitlines()[-1] == f"samples: {tmp_path / FINAL}"
+    assert (tmp_path / FINAL).stat().st_mtime_ns == before
+
+    other = run(tmp_path, "--classifier_scale", "2", *MODES[mode])
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines() == [
+        f"error: {tmp_path / FINAL} was made with other settings (scale: 1.5 -> 2.0); "
+        "pass --overwrite to replace it, or choose another --output_dir"]
+    assert (tmp_path / FINAL).stat().st_mtime_ns == before
+
+    replaced = run(tmp_path, "--classifier_scale", "2", "--overwrite", *MODES[mode])
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((tmp_path / RECORD).read_text())["scale"] == 2.0
+    assert not np.array_equal(load(tmp_path / FINAL)[0], images)
+    assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])
+
+
+def test_npz_without_record_is_not_overwritten(tmp_path):
+    np.savez(tmp_path / FINAL, np.zeros((N, 64, 64, 3), np.uint8), np.zeros(N, np.int64))
+    result = run(tmp_path)
+    assert result.returncode == 2 and "no record of its settings" in result.stderr
+    assert not load(tmp_path / FINAL)[0].any()
+
+
+def test_default_output_dir_depends_on_the_settings(tmp_path):
+    """Without --output_dir, runs with other settings write to other folders (under ./outputs/samples)."""
+    for seed in ("0", "1"):
+        result = run(None, "--num_samples", "2", "--steps", "1", "--seed", seed, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    written = sorted((tmp_path / "outputs" / "samples").glob("*/samples_2x64x64x3.npz"))
+    assert [p.parent.name.split("_")[:4] for p in written] == [["config", "ddim1", "scale1.5", f"seed{s}"]
+                                                               for s in "01"]
+
+
+def test_sigterm_stops_cleanly_with_a_line_on_resuming(tmp_path):
+    proc = subprocess.Popen(command(tmp_path, "--num_samples", "200", "--batch_size", "1", "--steps", "250"),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "shards_200x64x64x3" / "batch_000000.npz").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stopped: ") and lines[0].endswith(
+        "rerun the same command with --resume to continue"), err
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_interrupted_merge_keeps_shards_and_leaves_no_temporary(tmp_path, monkeypatch):
+    files = shards.RunFiles(tmp_path, 4, (2, 2, 3))
+    files.shard_dir.mkdir(parents=True)
+    settings = {"num_samples": 4, "batch_size": 2, "image_shape": [2, 2, 3]}
+    for k in range(2):
+        shards.write_shard(files.shard(k), np.zeros((2, 2, 2, 3), np.uint8), np.arange(2), range(2 * k, 2 * k + 2))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shards, "read_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shards.write_samples(files, settings)
+    assert sorted(os.listdir(tmp_path)) == [SHARDS.replace(str(N), "4").replace("64x64", "2x2")]
+    assert sorted(os.listdir(files.shard_dir)) == ["batch_000000.npz", "batch_000001.npz"]
+
+
+def test_ten_class_model_draws_its_own_labels(ten_class_files, tiny_model, tmp_path):
+    config, ckpt = ten_class_files
+    result = run(tmp_path, "--batch_size", "5", config=config, ckpt=ckpt)
+    assert result.returncode == 0, result.stderr
+    images, labels = load(tmp_path / FINAL)
+    np.testing.assert_array_equal(labels, sample_labels(0, range(N), 10).numpy())
+    assert labels.max() < 10
+    expected, _ = generate(tiny_model, torch.from_numpy(labels), 10, 1.5, generators=sample_generators(0, range(N)))
+    assert_same_images(images, to_uint8(expected).numpy())
+
+
+# --- bad input: one line, exit status 2, nothing written --------------------------------------------------
 
 def _garbage_checkpoint(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
@@ -136,37 +275,76 @@ def _file_as_output_dir(tmp_path):
     return ["--output_dir", str(tmp_path / "file" / "out")]
 
 
+def _x0_config(tmp_path):
+    config = TINY_CONFIG.read_text().replace("params:\n", "params:\n    parameterization: x0\n", 1)
+    (tmp_path / "x0.yaml").write_text(config)
+    return ["--config_path", str(tmp_path / "x0.yaml")]
+
+
 BAD_INPUTS = {
     "missing config": (lambda p: ["--config_path", str(p / "missing.yaml")], ["config not found", "missing.yaml"]),
     "missing checkpoint": (lambda p: ["--model_path", str(p / "missing.ckpt")], ["checkpoint not found"]),
+    "checkpoint is a directory": (lambda p: ["--model_path", str(p)], ["is a directory, not a file"]),
     "no samples": (lambda p: ["--num_samples", "0"], ["--num_samples", "at least 1"]),
     "zero batch": (lambda p: ["--batch_size", "0"], ["--batch_size", "at least 1"]),
-    "unwritable output": (_file_as_output_dir, ["cannot write to output directory"]),
-    "unknown key steps": (lambda p: [*MODES["fd"], "--key_steps", "bogus"], ["--key_steps", "unknown", "bogus"]),
-    "key steps without 0": (lambda p: [*MODES["fd"], "--key_steps", "3,5"], ["--key_steps", "start with 0"]),
-    "bad step count": (lambda p: ["--ddim_steps", "300"], ["--ddim_steps", "300"]),
+    "stop after no batches": (lambda p: ["--stop_after_batches", "0"], ["--stop_after_batches", "at least 1"]),
+    "negative seed": (lambda p: ["--seed", "-1"], ["--seed must be in 0..9223372036854775807, not -1"]),
+    "huge seed": (lambda p: ["--seed", str(2**64)], ["--seed must be in 0.."]),
+    "float seed": (lambda p: ["--seed", "1e20"], ["argument --seed: invalid int value: '1e20'"]),
+    "negative eta": (lambda p: ["--ddim_eta", "-0.5"], ["--eta must be a number >= 0"]),
+    "mps device": (lambda p: ["--device", "mps"], ["--device mps: only cpu and cuda devices are supported"]),
+    "meta device": (lambda p: ["--device", "meta"], ["--device meta: only cpu and cuda"]),
+    "no such device": (lambda p: ["--device", "tpu:0"], ["is not a device name"]),
+    "unwritable output": (_file_as_output_dir, ["--output_dir", "cannot create a directory there", "is a file"]),
+    "unknown key steps": (lambda p: [*MODES["fd"], "--key_steps", "bogus"], ["key_steps", "unknown", "bogus"]),
+    "key steps without 0": (lambda p: [*MODES["fd"], "--key_steps", "3,5"], ["key_steps must start with 0"]),
+    "bad step count": (lambda p: ["--ddim_steps", "300"], ["--steps: 300"]),
     "fp16 on cpu": (lambda p: ["--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA"]),
-    "bad checkpoint": (_garbage_checkpoint, ["bad.ckpt", "not a PyTorch checkpoint"]),
+    "bad boolean": (lambda p: ["--use_faster_diffusion", "maybe"], ["boolean value expected"]),
+    "x0 model": (_x0_config, ["cannot load the model: parameterization 'x0' is not supported"]),
 }
 
 
-def assert_one_error_line(result, words, out_dir):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+def check_bad_input(args_or_result, words, folder):
+    """One `error:` line holding words, and nothing written into folder (besides the test's own files)."""
+    lines = args_or_result.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), args_or_result
     for word in words:
         assert word in lines[0]
-    assert not list(Path(out_dir).rglob("samples_*.npz"))
+    assert not [p for p in folder.rglob("*") if p.name not in ("file", "bad.ckpt", "x0.yaml")]
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input(case, tmp_path):
+def test_bad_input(case, tmp_path, capsys):
+    """Checked in-process: parse_args and check_run, which run before any model is loaded."""
     make_flags, words = BAD_INPUTS[case]
-    assert_one_error_line(run(tmp_path, *make_flags(tmp_path)), words, tmp_path)
+    out = tmp_path / "out"
+    argv = command(out, *make_flags(tmp_path))[2:]
+    try:
+        image_sample.check_run(image_sample.parse_args(argv))
+    except cli.UsageError as e:
+        message = f"error: {e}"
+    except SystemExit as e:
+        assert e.code == cli.BAD_INPUT
+        message = capsys.readouterr().err
+    else:
+        raise AssertionError("accepted")
+    check_bad_input(message, words, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["negative seed", "bad checkpoint", "x0 model"])
+def test_bad_input_command_line(case, tmp_path):
+    """As a command: one line, exit status 2, no output folder (a checkpoint that fails to load included)."""
+    make_flags, words = BAD_INPUTS.get(case) or (_garbage_checkpoint, ["bad.ckpt", "not a PyTorch checkpoint"])
+    result = run(tmp_path / "out", *make_flags(tmp_path))
+    assert result.returncode == 2
+    check_bad_input(result.stderr, words, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["no samples", "bad checkpoint"])
 def test_bad_input_mpi(case, tmp_path):
     """Checked on rank 0 before loading (no samples) or by every rank while loading (bad checkpoint)."""
-    make_flags, words = BAD_INPUTS[case]
-    assert_one_error_line(run(tmp_path, *make_flags(tmp_path), processes=2), words, tmp_path)
+    make_flags, words = BAD_INPUTS.get(case) or (_garbage_checkpoint, ["bad.ckpt", "not a PyTorch checkpoint"])
+    result = run(tmp_path / "out", *make_flags(tmp_path), processes=2)
+    assert result.returncode == 2
+    check_bad_input(result.stderr, words, tmp_path)

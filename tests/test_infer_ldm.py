@@ -101,9 +101,47 @@ def test_defaults_are_the_published_settings():
     args = infer_ldm.parse_args([])
     assert (args.config, args.ckpt) == ("configs/latent-diffusion/cin256-v2.yaml", "models/ldm/cin256-v2/model.ckpt")
     assert args.classes == [25, 187, 448, 992, 123, 11] and args.n_per_class == 1
-    assert (args.steps, args.eta, args.scale, args.seed) == (250, 0.0, 6.0, 1)
-    assert (args.key_steps, args.context_layout, args.precision) == ("ldm250-fast", "paired", "fp32")
-    assert not args.compare and args.out == "outputs/samples.png"
+    assert (args.steps, args.eta, args.scale, args.seed) == (None, 0.0, 6.0, 0)  # steps: 250 on a GPU, see below
+    assert (args.faster_diffusion, args.key_steps, args.context_layout) == (True, "ldm250-fast", "paired")
+    assert args.precision == "fp32" and not args.compare and args.out == "outputs/samples.png"
+    cpu = infer_ldm.parse_args(["--device", "cpu", "--ckpt", str(TINY_CKPT), "--out", "x.png"])
+    infer_ldm.check_args(cpu)
+    assert cpu.steps == infer_ldm.CPU_STEPS == 20
+
+
+def test_published_flag_names_are_accepted(pictures, tmp_path):
+    """The sampling script's spellings of the same settings give the same picture."""
+    published = ["--config_path", str(TINY_CONFIG), "--model_path", str(TINY_CKPT), "--classes", *CLASSES,
+                 "--ddim_steps", "10", "--ddim_eta", "0", "--classifier_scale", "3", "--use_faster_diffusion", "True",
+                 "--key_steps", "uniform:3", "--device", "cpu", "--seed", "1", "--out", str(tmp_path / "p.png")]
+    assert infer_ldm.main(published) == 0
+    with Image.open(tmp_path / "p.png") as im:
+        np.testing.assert_array_equal(tile_row(np.asarray(im.convert("RGB")), 0), tile_row(pictures["fd_seed1"][1], 0))
+
+
+def test_ddim_only_without_faster_diffusion(tmp_path):
+    size, picture = run(tmp_path / "ddim.png", "--use_faster_diffusion", "no", "--seed", "1")
+    assert size == expected_size(rows=1, cols=len(CLASSES))
+
+
+def test_cpu_run_says_how_long_and_labels_its_progress_bars(tmp_path, capsys):
+    """Without --steps on the CPU: CPU_STEPS steps, one line with the expected time; bars say what they count."""
+    argv = [a for a in SMALL if a not in ("--steps", "10")] + ["--compare", "--classes", "1", "--out",
+                                                               str(tmp_path / "cpu.png")]
+    assert infer_ldm.main(argv) == 0
+    err = capsys.readouterr().err
+    notice = [line for line in err.splitlines() if line.startswith("on the CPU:")]
+    assert len(notice) == 1 and "expected time up to about" in notice[0]
+    assert "with 20 steps instead of the published 250 (pass --steps 250 for those: about" in notice[0]
+    assert "DDIM: classes" in err and "FasterDiffusion paired context: classes" in err
+
+
+def test_cpu_notice_estimates_from_the_measured_step():
+    args = infer_ldm.parse_args(["--classes", "1", "2", "--steps", "20"])
+    line = infer_ldm.cpu_notice(args, True, (0.5, 6.0), rows=2)  # (0.5 * 20 + 6) s x 2 classes x 2 rows
+    assert line.startswith("on the CPU: expected time up to about 1.1 min with 20 steps")
+    assert line.endswith("(pass --steps 250 for those: about 8.7 min)")  # (0.5 * 250 + 6) x 4 / 60
+    assert infer_ldm.cpu_notice(args, False, (0.5, 6.0), rows=2) == "on the CPU: expected time up to about 1.1 min"
 
 
 def test_render_grid_size():
@@ -118,35 +156,41 @@ BAD_INPUTS = {
                            "checkpoint not found: {tmp}/nowhere/model.ckpt; download it with "
                            "`python scripts/download_model.py --out {tmp}/nowhere/model.ckpt`"),
     "missing config": (["--config", "{tmp}/none.yaml"], "config not found: {tmp}/none.yaml"),
-    "unknown class": (["--classes", "25", "1000"], "unknown class id 1000: ImageNet class ids are 0..999"),
-    "negative class": (["--classes", "-3"], "unknown class id -3"),
+    "unknown class": (["--classes", "25", "1000"], "unknown class 1000: this model has 1000 classes, 0..999"),
+    "negative class": (["--classes", "-3"], "unknown class -3"),
+    "class of a 10-class model": (["--config", "{ten}/config.yaml", "--ckpt", "{ten}/model.ckpt", "--classes", "10"],
+                                  "unknown class 10: this model has 10 classes, 0..9"),
+    "negative seed": (["--seed", "-1"], "--seed must be in 0..9223372036854775807, not -1"),
+    "mps device": (["--device", "mps"], "--device mps: only cpu and cuda devices are supported"),
+    "checkpoint is a directory": (["--ckpt", "{tmp}"], "checkpoint {tmp} is a directory, not a file"),
+    "not a config": (["--config", "{tmp}/file.txt"], "cannot load the model: "),
     "key steps not starting at 0": (["--key_steps", "2,5"], "key_steps must start with 0"),
     "unknown key-step preset": (["--key_steps", "fastest"], "unknown key_steps preset 'fastest'"),
     "key steps past the end": (["--key_steps", "0,5,12"], "go past the last loop index 9"),
     "unsupported extension": (["--out", "{tmp}/sub/picture.gif"], "unsupported picture type '.gif'"),
-    "output folder under a file": (["--out", "{tmp}/file.txt/picture.png"], "cannot create directory"),
+    "output folder under a file": (["--out", "{tmp}/file.txt/picture.png"], "cannot create a directory there"),
     "bad checkpoint": (["--ckpt", "{tmp}/file.txt"], "cannot load the model: "),
     "non-integer class": (["--classes", "cat"], "argument --classes: invalid int value: 'cat'"),
 }
 
 
-def bad_input_argv(case, folder):
+def bad_input_argv(case, folder, ten_class_folder):
     (folder / "file.txt").write_text("not a checkpoint")
-    flags = [f.format(tmp=folder) for f in BAD_INPUTS[case][0]]
+    flags = [f.format(tmp=folder, ten=ten_class_folder) for f in BAD_INPUTS[case][0]]
     out = [] if "--out" in flags else ["--out", str(folder / "sub" / "picture.png")]
     return [*SMALL, *out, *flags]
 
 
 def check_bad_input(case, folder, returncode, stderr):
-    assert returncode != 0
+    assert returncode == 2
     assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert BAD_INPUTS[case][1].format(tmp=folder) in stderr
     assert sorted(p.name for p in folder.iterdir()) == ["file.txt"], "nothing written"
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
-def test_bad_input_message(case, tmp_path, capsys):
-    argv = bad_input_argv(case, tmp_path)
+def test_bad_input_message(case, tmp_path, capsys, ten_class_files):
+    argv = bad_input_argv(case, tmp_path, ten_class_files[0].parent)
     try:
         returncode = infer_ldm.main(argv)
     except SystemExit as e:  # argparse
@@ -155,9 +199,10 @@ def test_bad_input_message(case, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "bad checkpoint", "non-integer class"])
-def test_bad_input_command_line(case, tmp_path):
-    """The same as a command: one line on stderr, no traceback, a non-zero exit status."""
-    result = subprocess.run([sys.executable, "infer_ldm.py", *bad_input_argv(case, tmp_path)], cwd=REPO,
+def test_bad_input_command_line(case, tmp_path, ten_class_files):
+    """The same as a command: one line on stderr, no traceback, exit status 2."""
+    argv = bad_input_argv(case, tmp_path, ten_class_files[0].parent)
+    result = subprocess.run([sys.executable, "infer_ldm.py", *argv], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     check_bad_input(case, tmp_path, result.returncode, result.stderr)
 

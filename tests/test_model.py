@@ -1,5 +1,6 @@
 """Model stack: exact key layout of cin256-v2, golden outputs of the tiny model, checkpoint loading."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG
-from ldm.util import CheckpointError, instantiate_from_config, load_model, read_state_dict
+from ldm.sampling import generate, image_shape, num_classes, unconditional_class
+from ldm.util import CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, read_state_dict
 
 CIN256_CONFIG = REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml"
 
@@ -133,6 +135,61 @@ def test_missing_files(tmp_path):
         load_model(str(TINY_CONFIG), str(tmp_path / "nope.ckpt"))
     with pytest.raises(FileNotFoundError, match="config not found"):
         load_model(str(tmp_path / "nope.yaml"), str(TINY_CKPT))
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"checkpoint {tmp_path} is a directory, not a file"):
+        load_model(str(TINY_CONFIG), str(tmp_path))
+    with pytest.raises(IsADirectoryError, match="config .* is a directory"):
+        load_model(str(tmp_path), str(TINY_CKPT))
+
+
+def test_x0_parameterization_is_refused(tmp_path):
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.parameterization = "x0"
+    OmegaConf.save(config, tmp_path / "x0.yaml")
+    with pytest.raises(ValueError, match="parameterization 'x0' is not supported.*eps"):
+        build_model(str(tmp_path / "x0.yaml"))
+
+
+def test_classes_come_from_the_model(tiny_model, ten_class_files):
+    assert (num_classes(tiny_model), unconditional_class(tiny_model)) == (1000, 1000)
+    small = build_model(str(ten_class_files[0]))
+    assert (num_classes(small), unconditional_class(small)) == (10, 10)
+    assert image_shape(small) == image_shape(tiny_model) == (64, 64, 3)
+
+
+def test_fewer_classes_sample_like_the_same_embeddings(tiny_model, ten_class_files):
+    """Guidance uses the model's own last class: the 10-class cut samples exactly as the tiny model."""
+    small = load_model(*map(str, ten_class_files))
+    labels = torch.tensor([3, 9])
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected, _ = generate(tiny_model, labels, 10, 3.0, x_T=x_T)
+    got, _ = generate(small, labels, 10, 3.0, x_T=x_T)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_unconditional_model_has_no_classes(tiny_model):
+    class Unconditional:
+        cond_stage_model = None
+    with pytest.raises(ValueError, match="not class-conditional"):
+        num_classes(Unconditional())
+
+
+def test_file_sha256_is_cached_beside_the_file_by_size_and_mtime(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"abc")
+    expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # SHA-256 of b"abc"
+    assert file_sha256(path) == expected
+    cache = tmp_path / "weights.bin.sha256.json"
+    assert not cache.exists()  # small files are not worth a cache
+    assert file_sha256(path, cache_from_bytes=3) == expected
+    assert json.loads(cache.read_text())["sha256"] == expected
+    cache.write_text(cache.read_text().replace(expected, "cached"))
+    assert file_sha256(path, cache_from_bytes=3) == "cached"  # size and mtime unchanged: the cache answers
+    assert file_sha256(path, cache_from_bytes=None) == expected
+    os.utime(path, ns=(1, 1))  # a touch or a copy: computed again, the same content hash
+    assert file_sha256(path, cache_from_bytes=3) == expected
 
 
 def test_not_a_checkpoint(tmp_path):

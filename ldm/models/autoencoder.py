@@ -13,7 +13,7 @@ class VectorQuantizer2(nn.Module):
         super().__init__()
         if remap is not None:
             raise NotImplementedError("codebook index remapping (remap) is not supported")
-        self.n_e, self.e_dim, self.beta, self.legacy = n_e, e_dim, beta, legacy
+        self.e_dim = e_dim
         self.embedding = nn.Embedding(n_e, e_dim)
 
     @torch.autocast("cuda", enabled=False)

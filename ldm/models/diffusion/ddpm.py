@@ -46,13 +46,13 @@ class LatentDiffusion(nn.Module):
         unknown = sorted(set(training_only) - TRAINING_ONLY_KEYS)
         if unknown:
             raise TypeError(f"LatentDiffusion got unknown config keys: {', '.join(unknown)}")
-        if parameterization not in ("eps", "x0"):
-            raise ValueError(f"parameterization must be 'eps' or 'x0', not {parameterization!r}")
+        if parameterization != "eps":
+            raise ValueError(f"parameterization {parameterization!r} is not supported: the samplers here take "
+                             "noise-predicting (eps) models only")
         if conditioning_key is None:  # upstream's rule
             conditioning_key = "concat" if training_only.get("concat_mode", True) else "crossattn"
         if cond_stage_config == "__is_unconditional__":
             conditioning_key = None
-        self.parameterization = parameterization
         self.image_size = image_size
         self.channels = channels
         self.cond_stage_key = cond_stage_key
@@ -127,8 +127,3 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(self, encoder_posterior):
-        if hasattr(encoder_posterior, "sample"):
-            encoder_posterior = encoder_posterior.sample()
-        return self.scale_factor * encoder_posterior

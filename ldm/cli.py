@@ -1,0 +1,246 @@
+"""The command line shared by `infer_ldm.py` and `scripts/image_sample.py`: argument groups, checks, loading.
+
+Each script builds its parser from the groups below and sets its own defaults with `parser.set_defaults`.
+Every flag has one name and, where the published sampling script spelled it differently, that name as an
+alias (`--steps`/`--ddim_steps`, ...), so published commands run unchanged with either script. Bad input
+of any kind is a `UsageError`: one `error: ...` line on stderr and exit status `BAD_INPUT`, as argparse
+does for malformed flags.
+"""
+import argparse
+import contextlib
+import math
+import os
+import signal
+import sys
+
+import torch
+
+from ldm.models.diffusion.ddim import make_ddim_timesteps
+from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
+from ldm.sampling import num_classes
+from ldm.util import PRECISIONS, autocast, build_model, check_file, load_model, optimize_for_inference
+
+BAD_INPUT = 2
+DEFAULT_CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
+DEFAULT_CKPT = "models/ldm/cin256-v2/model.ckpt"
+MAX_SEED = 2**63 - 1
+DEVICE_TYPES = ("cpu", "cuda")
+# What building or loading a model raises for a config or checkpoint that does not fit.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError)
+
+
+class UsageError(Exception):
+    """Bad input, reported as one `error: ...` line and exit status BAD_INPUT."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviated flags that reports bad flags as one line with exit status BAD_INPUT."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(BAD_INPUT, f"error: {message} (see --help)\n")
+
+
+def report(error):
+    """Print a UsageError as its one line; returns BAD_INPUT, the exit status."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return BAD_INPUT
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def interrupt_exit_status(interrupt):
+    """128 + the signal number, as a shell reports a process that a signal ended: 143 for SIGTERM, else 130."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM (what schedulers and `kill` send) raises Terminated, a KeyboardInterrupt."""
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def first_line(error):
+    """The first line of an exception's message, or its type name."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def str2bool(value):
+    """Booleans as the published flags spell them: yes/true/t/y/1 or no/false/f/n/0."""
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, not {value!r}")
+
+
+def add_bool_flag(group, *names, default, help):
+    """A flag that is true alone (`--x`) and also takes the published spelling `--x True` / `--x no`."""
+    group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument groups
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--config", "--config_path", dest="config", default=DEFAULT_CONFIG,
+                       help="model config (upstream LDM yaml)")
+    group.add_argument("--ckpt", "--model_path", dest="ckpt", default=DEFAULT_CKPT,
+                       help="checkpoint (.ckpt or .safetensors)")
+    group.add_argument("--allow_pickle", action="store_true",
+                       help="allow a checkpoint holding pickled Python objects (only for files you trust)")
+
+
+def add_sampling_args(parser):
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=250, help="DDIM steps")
+    group.add_argument("--eta", "--ddim_eta", dest="eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    group.add_argument("--scale", "--classifier_scale", dest="scale", type=float, default=1.5,
+                       help="classifier-free guidance scale (1 = no guidance)")
+    group.add_argument("--seed", type=int, default=0, help=f"seed of the noise (and labels), 0..{MAX_SEED}")
+
+
+def add_faster_diffusion_args(parser):
+    group = parser.add_argument_group("FasterDiffusion")
+    add_bool_flag(group, "--faster_diffusion", "--use_faster_diffusion", default=False,
+                  help="sample with FasterDiffusion (encoder at key steps only, parallel decoding)")
+    group.add_argument("--key_steps", default="ldm250",
+                       help="loop indices where the encoder runs: ldm250, ldm250-fast, uniform:N or a list 0,1,2,5")
+    group.add_argument("--context_layout", choices=CONTEXT_LAYOUTS, default="paired",
+                       help="class context of the parallel decoder rows ('reference' = the published fork's)")
+    group.add_argument("--max_decoder_batch", type=int, default=None,
+                       help="at most this many decoder rows per call (bounds memory; same result)")
+
+
+def add_device_args(parser):
+    group = parser.add_argument_group("device and speed")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one, else cpu)")
+    group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16, or fp16 (GPU only)")
+    group.add_argument("--channels_last", action="store_true", help="NHWC convolutions (often faster)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow first call)")
+    add_bool_flag(group, "--tqdm_disable", default=False, help="no progress bars")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks, before any model work
+
+
+def check_files(args):
+    """The config and the checkpoint are files; a missing checkpoint comes with the command that fetches it."""
+    try:
+        check_file(args.config, "config")
+    except OSError as e:
+        raise UsageError(str(e)) from None
+    try:
+        check_file(args.ckpt, "checkpoint")
+    except FileNotFoundError as e:
+        fetch = "python scripts/download_model.py" + ("" if args.ckpt == DEFAULT_CKPT else f" --out {args.ckpt}")
+        raise UsageError(f"{e}; download it with `{fetch}`") from None
+    except OSError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_sampling(args):
+    """Step count, eta, guidance scale and seed."""
+    try:
+        make_ddim_timesteps(args.steps)
+    except ValueError as e:
+        raise UsageError(f"--steps: {e}") from None
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta must be a number >= 0, not {args.eta}")
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale must be a finite number, not {args.scale}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be in 0..{MAX_SEED}, not {args.seed}")
+
+
+def make_plan(args, context_layout=None):
+    """The FasterDiffusion plan of the flags, checked against --steps; None without --faster_diffusion."""
+    if not args.faster_diffusion:
+        return None
+    try:
+        plan = FasterDiffusion(args.key_steps, context_layout=context_layout or args.context_layout,
+                               max_decoder_batch=args.max_decoder_batch)
+        plan.groups(args.steps)
+    except ValueError as e:
+        raise UsageError(f"FasterDiffusion: {e}") from None
+    return plan
+
+
+def resolve_device(name, rank=0):
+    """The device of --device, or by default this process's GPU (rank modulo GPUs) if CUDA works, else the CPU."""
+    if name is None:
+        return torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name such as cpu, cuda or cuda:0") from None
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_device(args, rank=0):
+    """The device to run on, checked together with --precision."""
+    device = resolve_device(args.device, rank)
+    try:
+        autocast(args.precision, device)
+    except ValueError as e:
+        raise UsageError(f"--precision {args.precision}: {e}") from None
+    return device
+
+
+def check_writable_folder(folder, flag):
+    """The folder exists and is writable, or can be created: its nearest existing ancestor is a writable folder."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {folder}: cannot create a directory there ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: directory {existing} is not writable")
+
+
+def inspect_model(args):
+    """The model's structure without its weights (fast): a config that cannot be built, or a model without
+    class labels, is a UsageError before the checkpoint is read."""
+    try:
+        model = build_model(args.config)
+        num_classes(model)
+    except LOAD_ERRORS as e:
+        raise UsageError(f"cannot load the model: {first_line(e)}") from None
+    return model
+
+
+def check_classes(classes, model):
+    """Class labels given on the command line are among the model's classes."""
+    count = num_classes(model)
+    unknown = [c for c in classes if not 0 <= c < count]
+    if unknown:
+        raise UsageError(f"unknown class {unknown[0]}: this model has {count} classes, 0..{count - 1}")
+
+
+def load(args, device):
+    """The model on the device with the opt-in speed-ups; a config or checkpoint that does not load is a UsageError."""
+    try:
+        model = load_model(args.config, args.ckpt, device=device, allow_pickle=args.allow_pickle)
+    except LOAD_ERRORS as e:
+        raise UsageError(f"cannot load the model: {first_line(e)}") from None
+    return optimize_for_inference(model, channels_last=args.channels_last, compile=args.compile)

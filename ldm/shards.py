@@ -1,0 +1,196 @@
+"""The files of a sampling run: per-batch shards, the merged ADM .npz, and the settings each was made with.
+
+    <output_dir>/shards_<N>x<H>x<W>x<C>/batch_<k>.npz   samples [k*B, (k+1)*B): images, labels, indices
+    <output_dir>/shards_<N>x<H>x<W>x<C>/settings.json   the settings the shards are made with
+    <output_dir>/samples_<N>x<H>x<W>x<C>.npz            arr_0 uint8 NHWC images, arr_1 int64 labels (ADM)
+    <output_dir>/samples_<N>x<H>x<W>x<C>.json           the settings the .npz was made with
+
+Every file is written under a temporary name and renamed into place (`ldm.util.write_atomic`).
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ldm.cli import UsageError
+from ldm.util import write_atomic
+
+SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
+# Temporary files of write_atomic for the files above: `.NAME.HOST.PID.tmp` (older versions: `.NAME.PID.tmp`).
+TEMPORARY_NAME = re.compile(r"\.(samples_\d+(x\d+)+\.(npz|json)|batch_\d+\.npz|settings\.json)(\.(?P<host>.+))?"
+                            r"\.(?P<pid>\d+)\.tmp")
+SHARD_ONLY_SETTINGS = ("batch_size",)  # settings that place the shard boundaries but do not change the images
+
+
+class RunFiles:
+    """Paths of the run that writes num_samples images of image_shape into output_dir."""
+
+    def __init__(self, output_dir, num_samples, image_shape):
+        name = "x".join(map(str, [num_samples, *image_shape]))
+        self.output_dir = Path(output_dir)
+        self.samples = self.output_dir / f"samples_{name}.npz"
+        self.record = self.output_dir / f"samples_{name}.json"
+        self.shard_dir = self.output_dir / f"shards_{name}"
+        self.shard_settings = self.shard_dir / "settings.json"
+
+    def shard(self, k):
+        return self.shard_dir / f"batch_{k:06d}.npz"
+
+
+def default_output_dir(settings, config_path, root="outputs/samples"):
+    """A folder named after the model and the main settings plus a digest of all of them: runs with other
+    settings never share it."""
+    images = {k: v for k, v in settings.items() if k not in SHARD_ONLY_SETTINGS}
+    digest = hashlib.sha256(json.dumps(images, sort_keys=True).encode()).hexdigest()[:10]
+    mode = "fd" if settings["faster_diffusion"] else "ddim"
+    name = f"{Path(config_path).stem}_{mode}{settings['steps']}_scale{settings['scale']:g}_seed{settings['seed']}"
+    return str(Path(root) / f"{name}_{digest}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings records
+
+
+def read_settings(path):
+    """The settings stored at path, or None if there is no readable record."""
+    try:
+        settings = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def write_settings(path, settings):
+    write_atomic(path, lambda f: f.write((json.dumps(settings, indent=1) + "\n").encode()))
+
+
+def differences(old, new, ignore=()):
+    """'name: old -> new' for each setting that differs."""
+    return [f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if k not in ignore and old.get(k) != v]
+
+
+def previous_run(files, settings, resume=False, overwrite=False):
+    """What output_dir holds for this run: 'done' (the .npz with these settings), 'resume' (shards to continue),
+    'restart' (shards to delete: --overwrite) or 'fresh'. Anything else is a UsageError naming what differs."""
+    if files.samples.exists() and not overwrite:
+        old = read_settings(files.record)
+        if old is None:
+            raise UsageError(f"{files.samples} exists with no record of its settings ({files.record.name}); "
+                             "pass --overwrite to replace it, or choose another --output_dir")
+        changed = differences(old, settings, ignore=SHARD_ONLY_SETTINGS)
+        if not changed:
+            return "done"
+        raise UsageError(f"{files.samples} was made with other settings ({'; '.join(changed)}); "
+                         "pass --overwrite to replace it, or choose another --output_dir")
+    done = finished_batches(files.shard_dir)
+    if not done:
+        return "fresh"
+    old = read_settings(files.shard_settings)
+    changed = None if old is None else differences(old, settings)
+    if resume and changed == []:
+        return "resume"
+    if overwrite:
+        return "restart"
+    if old is None:
+        raise UsageError(f"{files.shard_dir} holds shards but no readable settings.json; "
+                         "pass --overwrite to start over")
+    if not resume:
+        raise UsageError(f"{files.shard_dir} holds {len(done)} finished batches of an earlier run; "
+                         "pass --resume to continue it, or --overwrite to start over")
+    raise UsageError(f"cannot --resume from {files.shard_dir}: its shards were made with other settings "
+                     f"({'; '.join(changed)}); pass --overwrite to start over")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shards
+
+
+def finished_batches(shard_dir):
+    """Batch numbers whose shard exists."""
+    if not Path(shard_dir).is_dir():
+        return set()
+    return {int(m.group(1)) for m in map(SHARD_NAME.fullmatch, os.listdir(shard_dir)) if m}
+
+
+def batch_range(k, batch_size, num_samples):
+    """Sample indices of batch k."""
+    return range(k * batch_size, min((k + 1) * batch_size, num_samples))
+
+
+def write_shard(path, images, labels, indices):
+    write_atomic(path, lambda f: np.savez(f, images=images, labels=labels, indices=np.asarray(indices)))
+
+
+def read_shard(path, indices, shape):
+    """(images, labels) of a shard, checked against the sample indices and image shape it must hold."""
+    try:
+        with np.load(path) as shard:
+            images, labels, stored = shard["images"], shard["labels"], shard["indices"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UsageError(f"shard {path} is unreadable ({e}); delete it and rerun with --resume") from None
+    if (images.dtype != np.uint8 or images.shape != (len(indices), *shape)
+            or not np.array_equal(stored, np.asarray(indices))):
+        raise UsageError(f"shard {path} does not hold samples {indices.start}..{indices.stop - 1}; "
+                         "delete it and rerun with --resume")
+    return images, labels.astype(np.int64)
+
+
+def write_samples(files, settings):
+    """Merge the shards, one at a time, into the ADM .npz (as np.savez: arr_0 images, arr_1 labels), record its
+    settings beside it, then delete the shards. A previous .npz is replaced only when the new one is complete."""
+    n, b, shape = settings["num_samples"], settings["batch_size"], tuple(settings["image_shape"])
+    labels = np.empty(n, dtype=np.int64)
+
+    def write(f):
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": (n, *shape)}
+                np.lib.format.write_array_header_1_0(member, header)
+                for k in range((n + b - 1) // b):
+                    indices = batch_range(k, b, n)
+                    images, labels[indices.start:indices.stop] = read_shard(files.shard(k), indices, shape)
+                    member.write(images.tobytes())
+            with zf.open("arr_1.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, labels)
+
+    files.record.unlink(missing_ok=True)  # never a record that describes another .npz
+    write_atomic(files.samples, write)
+    write_settings(files.record, settings)
+    shutil.rmtree(files.shard_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Temporary files left by killed runs
+
+
+def _writer_is_gone(host, pid):
+    """Whether the process that named a temporary file has ended (one on another host counts as ended)."""
+    if host not in (None, socket.gethostname()):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of this module's kinds in folder whose writer has ended; returns their names."""
+    if not Path(folder).is_dir():
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = TEMPORARY_NAME.fullmatch(name)
+        if match and _writer_is_gone(match["host"], int(match["pid"])):
+            (Path(folder) / name).unlink(missing_ok=True)
+            removed.append(name)
+    return removed
