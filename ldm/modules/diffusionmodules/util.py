@@ -58,9 +58,3 @@ def conv_nd(dims, *args, **kwargs):
 def avg_pool_nd(dims, *args, **kwargs):
     return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
 
-
-def zero_module(module):
-    """Zero a module's parameters (upstream initialisation; weights are loaded afterwards)."""
-    for p in module.parameters():
-        p.detach().zero_()
-    return module
