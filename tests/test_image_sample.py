@@ -179,6 +179,7 @@ def test_resume_after_checkpoint_copied_and_touched(tmp_path):
     assert "made 2 of 5 images" in resumed.stdout
 
 
+@pytest.mark.parametrize("reference", ["ddim"], indirect=True)
 def test_finished_run_is_recognised(reference, tmp_path):
     mode, out, images, _ = reference
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
@@ -202,6 +203,19 @@ def test_finished_run_is_recognised(reference, tmp_path):
     assert json.loads((tmp_path / RECORD).read_text())["scale"] == 2.0
     assert not np.array_equal(load(tmp_path / FINAL)[0], images)
     assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])
+
+
+def test_both_spellings_of_each_flag():
+    """The published flag names and the shorter ones shared with infer_ldm.py set the same options."""
+    published = image_sample.parse_args(["--config_path", "c.yaml", "--model_path", "m.ckpt", "--ddim_steps", "50",
+                                         "--ddim_eta", "0.5", "--classifier_scale", "3", "--use_faster_diffusion",
+                                         "True", "--tqdm_disable", "yes"])
+    short = image_sample.parse_args(["--config", "c.yaml", "--ckpt", "m.ckpt", "--steps", "50", "--eta", "0.5",
+                                     "--scale", "3", "--faster_diffusion", "--tqdm_disable"])
+    assert vars(published) == vars(short)
+    assert (published.config, published.steps, published.scale, published.faster_diffusion) == ("c.yaml", 50, 3.0, True)
+    defaults = image_sample.parse_args([])
+    assert (defaults.scale, defaults.seed, defaults.faster_diffusion, defaults.key_steps) == (1.5, 0, False, "ldm250")
 
 
 def test_npz_without_record_is_not_overwritten(tmp_path):
