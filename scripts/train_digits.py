@@ -1,0 +1,274 @@
+"""Train the small digits LDM in plain PyTorch: the VQ-f4 first stage, then the UNet on its latents.
+
+    python scripts/train_digits.py first_stage --data data/digits_train.npz --minutes 15
+    python scripts/train_digits.py unet --data data/digits_train.npz --minutes 60
+    python scripts/train_digits.py export --out models/digits32
+
+Each stage saves a checkpoint to --workdir every --save_every steps (and when stopped with Ctrl-C) and resumes
+from it when run again; a stage ends at --steps or after --minutes of training, whichever comes first.
+`export` writes the EMA weights in the upstream state_dict layout as model.safetensors, beside a config.yaml
+that carries the measured latent scale factor; `ldm.util.load_model` reads the pair strictly.
+"""
+import argparse
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from ldm.util import instantiate_from_config, write_atomic
+
+DEFAULT_CONFIG = "configs/latent-diffusion/digits32.yaml"
+
+
+def build_model(config_path, seed):
+    """The LatentDiffusion of the config with upstream's initialisation (zeroed residual outputs)."""
+    torch.manual_seed(seed)
+    model = instantiate_from_config(OmegaConf.load(config_path).model)
+    unet = model.model.diffusion_model
+    for module in unet.modules():
+        if isinstance(module, ResBlock):
+            torch.nn.init.zeros_(module.out_layers[-1].weight)
+            torch.nn.init.zeros_(module.out_layers[-1].bias)
+        elif isinstance(module, SpatialTransformer):
+            torch.nn.init.zeros_(module.proj_out.weight)
+            torch.nn.init.zeros_(module.proj_out.bias)
+    torch.nn.init.zeros_(unet.out[-1].weight)
+    torch.nn.init.zeros_(unet.out[-1].bias)
+    return model
+
+
+def load_images(path):
+    """uint8 NHWC images and int64 labels of an ADM-format .npz."""
+    with np.load(path) as data:
+        return torch.from_numpy(data["arr_0"]), torch.from_numpy(data["arr_1"]).long()
+
+
+def to_float(images):
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class EMA:
+    """Exponential moving average of parameters, with upstream LDM's warm-up of the decay."""
+
+    def __init__(self, params, decay):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step):
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p, 1 - decay)
+
+
+def save_checkpoint(path, **state):
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def vq_losses(first_stage, images, beta=0.25):
+    """Reconstruction (L1 + L2), codebook and commitment losses of the VQ autoencoder on images in [-1, 1]."""
+    h = first_stage.encode(images)
+    z = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    codes = first_stage.quantize.embedding.weight
+    indices = torch.cdist(z, codes).argmin(dim=1)
+    q = codes[indices].view(h.shape[0], h.shape[2], h.shape[3], -1).permute(0, 3, 1, 2)
+    codebook = F.mse_loss(q, h.detach())
+    commitment = F.mse_loss(h, q.detach())
+    reconstruction = first_stage.decode(h + (q - h).detach(), force_not_quantize=True)
+    rec = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images)
+    return rec, codebook + beta * commitment, h.detach(), indices
+
+
+@torch.no_grad()
+def restart_dead_codes(codebook, latents, usage):
+    """Move codes unused since the last restart onto random recent encoder outputs."""
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead):
+        pick = torch.randint(len(latents), (len(dead),))
+        codebook[dead] = latents[pick] + 0.01 * torch.randn_like(latents[pick])
+    usage.zero_()
+    return len(dead)
+
+
+def train_first_stage(args):
+    images, _ = load_images(args.data)
+    model = build_model(args.config, args.seed)
+    first_stage = model.first_stage_model.train()
+    opt = torch.optim.Adam(first_stage.parameters(), lr=args.lr or 2e-4, betas=(0.5, 0.9))
+    ckpt = Path(args.workdir) / "first_stage.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        first_stage.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed first stage at step {step}")
+    gen = torch.Generator().manual_seed(args.seed + step)
+    usage = torch.zeros(first_stage.quantize.embedding.num_embeddings, dtype=torch.long)
+    recent = []
+    start, bar = time.time(), tqdm(initial=step, total=args.steps, desc="first stage")
+    try:
+        while step < args.steps and time.time() - start < args.minutes * 60:
+            batch = to_float(images[torch.randint(len(images), (args.batch_size,), generator=gen)])
+            rec, vq, latents, indices = vq_losses(first_stage, batch)
+            loss = rec + vq
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            usage += torch.bincount(indices, minlength=len(usage))
+            recent = (recent + [latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])])[-8:]
+            step += 1
+            if step % 200 == 0:
+                dead = restart_dead_codes(first_stage.quantize.embedding.weight.data, torch.cat(recent), usage)
+                bar.set_postfix(rec=f"{rec.item():.4f}", vq=f"{vq.item():.4f}", restarted=dead)
+            else:
+                bar.set_postfix(rec=f"{rec.item():.4f}", vq=f"{vq.item():.4f}")
+            bar.update()
+            if step % args.save_every == 0:
+                save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step)
+    finally:
+        bar.close()
+        save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step)
+    print(f"first stage: {step} steps, last reconstruction loss {rec.item():.4f}, vq loss {vq.item():.4f}")
+
+
+@torch.no_grad()
+def encode_dataset(first_stage, images, batch_size=1000):
+    """Unquantized latents of all images, as LDM trains its UNet on them."""
+    return torch.cat([first_stage.encode(to_float(images[i:i + batch_size]))
+                      for i in tqdm(range(0, len(images), batch_size), desc="encoding")])
+
+
+def diffusion_loss(model, latents, labels, generator, uncond_class, p_uncond):
+    """The LDM objective: MSE between the noise and the UNet's prediction at uniform random timesteps."""
+    n = len(latents)
+    t = torch.randint(model.num_timesteps, (n,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    drop = torch.rand(n, generator=generator) < p_uncond
+    labels = torch.where(drop, torch.full_like(labels, uncond_class), labels)
+    a = model.alphas_cumprod[t].view(n, 1, 1, 1)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    cond = model.cond_stage_model({model.cond_stage_key: labels})
+    return F.mse_loss(model.apply_model(x_t, t, cond), noise)
+
+
+def train_unet(args):
+    workdir = Path(args.workdir)
+    first = torch.load(workdir / "first_stage.pt", weights_only=True)
+    model = build_model(args.config, args.seed)
+    model.first_stage_model.load_state_dict(first["model"])
+    model.first_stage_model.eval().requires_grad_(False)
+    images, labels = load_images(args.data)
+    latents = encode_dataset(model.first_stage_model, images)
+    scale_factor = 1.0 / latents.flatten().std().item()
+    latents = latents * scale_factor
+    uncond_class = model.cond_stage_model.embedding.num_embeddings - 1
+    params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr or 2e-4, weight_decay=0.0)
+    ema = EMA(params, args.ema_decay)
+    ckpt = workdir / "unet.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        for p, v in zip(params, state["params"]):
+            p.data.copy_(v)
+        for s, v in zip(ema.shadow, state["ema"]):
+            s.copy_(v)
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed UNet at step {step}")
+    gen = torch.Generator().manual_seed(args.seed + 1 + step)
+    model.model.train()
+    start, bar = time.time(), tqdm(initial=step, total=args.steps, desc="unet")
+    smoothed = None
+
+    def save():
+        save_checkpoint(ckpt, params=[p.detach() for p in params], ema=ema.shadow, opt=opt.state_dict(), step=step,
+                        scale_factor=scale_factor, first_stage=first["model"], loss=smoothed)
+
+    try:
+        while step < args.steps and time.time() - start < args.minutes * 60:
+            idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
+            loss = diffusion_loss(model, latents[idx], labels[idx], gen, uncond_class, args.p_uncond)
+            warmup = min(1.0, (step + 1) / 500)
+            for group in opt.param_groups:
+                group["lr"] = (args.lr or 2e-4) * warmup
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            ema.update(step)
+            smoothed = loss.item() if smoothed is None else 0.99 * smoothed + 0.01 * loss.item()
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+            bar.update()
+            if step % args.save_every == 0:
+                save()
+    finally:
+        bar.close()
+        save()
+    print(f"unet: {step} steps, smoothed loss {smoothed:.4f}, latent scale factor {scale_factor:.4f}")
+
+
+def export(args):
+    """Write config.yaml (with the measured scale factor) and model.safetensors (EMA weights) to --out."""
+    workdir, out = Path(args.workdir), Path(args.out)
+    state = torch.load(workdir / "unet.pt", weights_only=True)
+    model = build_model(args.config, args.seed)
+    model.first_stage_model.load_state_dict(state["first_stage"])
+    params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
+    for p, v in zip(params, state["ema"]):
+        p.data.copy_(v)
+    config = OmegaConf.load(args.config)
+    config.model.params.scale_factor = float(state["scale_factor"])
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_atomic(out / "model.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
+    write_atomic(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(config).encode()))
+    print(f"wrote {out}/model.safetensors ({len(tensors)} tensors, step {state['step']}) and {out}/config.yaml "
+          f"(scale_factor {state['scale_factor']:.5f})")
+
+
+def _safetensors_bytes(tensors):
+    from safetensors.torch import save
+    return save(tensors)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("first_stage", "unet", "export"))
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--data", default="data/digits_train.npz", help="training set from scripts/make_digits.py")
+    parser.add_argument("--workdir", default="logs/train_digits", help="checkpoints of the stages")
+    parser.add_argument("--out", default="models/digits32", help="export: output folder")
+    parser.add_argument("--steps", type=int, default=10**9, help="stop at this many steps")
+    parser.add_argument("--minutes", type=float, default=math.inf, help="stop after this many minutes")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=None, help="default: 2e-4")
+    parser.add_argument("--ema_decay", type=float, default=0.9995)
+    parser.add_argument("--p_uncond", type=float, default=0.1, help="class dropout to the unconditional class")
+    parser.add_argument("--save_every", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: save, then exit
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    {"first_stage": train_first_stage, "unet": train_unet, "export": export}[args.stage](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
