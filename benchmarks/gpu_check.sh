@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 echo
 $PY benchmarks/bench_sampler.py --device cuda --steps "${STEPS:-250}" --batch 4 --scale 1.5 --key_steps ldm250 \
-    --modes ddim:fp32,fd:fp32,ddim:fp16,fd:fp16 --repeats "${REPEATS:-2}" --warmup 1 $CKPT_ARG
+    --modes ddim,ddim+fd,ddim@fp16,ddim+fd@fp16 --repeats "${REPEATS:-2}" --warmup 1 $CKPT_ARG
 echo
 $PY benchmarks/bench_precision.py --device cuda --repeats 10 --quality_steps 50 $CKPT_ARG \
     --tiny_config "${TINY_CONFIG:-tests/fixtures/tiny/config.yaml}" --tiny_ckpt "${TINY_CKPT:-tests/fixtures/tiny/model.ckpt}"

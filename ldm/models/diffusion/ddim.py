@@ -49,9 +49,11 @@ class DDIMSampler(Sampler):
                                        (self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas))
         noise = partial(randn, (batch_size, *shape), generator, device)
         solve = partial(sample_ddim, alphas=alphas, alphas_prev=alphas_prev, sigmas=sigmas, noise=noise)
-        return self.run(solve, loop_order(self.ddim_timesteps), batch_size, shape, conditioning, x_T,
-                        unconditional_guidance_scale, unconditional_conditioning, cache, callback, log_every_t,
-                        generator, precision, progress, count_flops)
+        return self.run(solve, loop_order(self.ddim_timesteps), batch_size, shape, conditioning, x_T=x_T,
+                        unconditional_guidance_scale=unconditional_guidance_scale,
+                        unconditional_conditioning=unconditional_conditioning, cache=cache, callback=callback,
+                        log_every_t=log_every_t, generator=generator, precision=precision, progress=progress,
+                        count_flops=count_flops)
 
 
 def loop_order(values, device="cpu"):

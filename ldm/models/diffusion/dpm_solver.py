@@ -41,6 +41,8 @@ class DPMSolverSampler(Sampler):
         if verbose:
             print(f"DPM-Solver++ continuous times: {times.tolist()}")
         solve = partial(sample_dpmpp, ns=ns, times=times, order=order, lower_order_final=lower_order_final)
-        return self.run(solve, ns.model_time(times[:-1]), batch_size, shape, conditioning, x_T,
-                        unconditional_guidance_scale, unconditional_conditioning, cache, callback, log_every_t,
-                        generator, precision, progress, count_flops)
+        return self.run(solve, ns.model_time(times[:-1]), batch_size, shape, conditioning, x_T=x_T,
+                        unconditional_guidance_scale=unconditional_guidance_scale,
+                        unconditional_conditioning=unconditional_conditioning, cache=cache, callback=callback,
+                        log_every_t=log_every_t, generator=generator, precision=precision, progress=progress,
+                        count_flops=count_flops)

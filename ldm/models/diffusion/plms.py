@@ -31,6 +31,8 @@ class PLMSSampler(DDIMSampler):
         device = self.model.device
         solve = partial(sample_plms, alphas=loop_order(self.ddim_alphas, device),
                         alphas_prev=loop_order(self.ddim_alphas_prev, device))
-        return self.run(solve, loop_order(self.ddim_timesteps), batch_size, shape, conditioning, x_T,
-                        unconditional_guidance_scale, unconditional_conditioning, cache, callback, log_every_t,
-                        generator, precision, progress, count_flops)
+        return self.run(solve, loop_order(self.ddim_timesteps), batch_size, shape, conditioning, x_T=x_T,
+                        unconditional_guidance_scale=unconditional_guidance_scale,
+                        unconditional_conditioning=unconditional_conditioning, cache=cache, callback=callback,
+                        log_every_t=log_every_t, generator=generator, precision=precision, progress=progress,
+                        count_flops=count_flops)
