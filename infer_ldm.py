@@ -1,4 +1,4 @@
-"""Sample a class-conditional LDM with FasterDiffusion (and, with --compare, plain DDIM) into one picture.
+"""Sample a class-conditional LDM with FasterDiffusion (or any solver and cache; with --compare, several) into one picture.
 
 With no arguments it uses the published demo's settings for cin256-v2: classes 25 187 448 992 123 11, one
 sample each, 250 DDIM steps, eta 0, guidance scale 6, FasterDiffusion with the `ldm250-fast` key steps; the
@@ -7,6 +7,10 @@ On the CPU, without --steps, it takes CPU_STEPS steps instead (minutes, not hour
 Every class starts from the same initial noise x_T, so rows and columns are comparable.
 The picture has one labelled row per sampling mode and one tile per sample (class-major); tiles are the
 decoded images mapped to uint8 by ldm.sampling.to_uint8 (truncating, like the evaluated samples).
+`--compare` adds rows before the flags' mode: plain DDIM, or the modes it lists (SAMPLER[+CACHE[:VALUE]], e.g.
+ddim dpmpp2m+deepcache:3 plms+fd:uniform:4; the cache flags give their other options). The table printed
+compares each row with the first: seconds per image, speed-up, UNet GFLOPs per image (counted with
+torch.utils.flop_counter in one extra untimed image per row), encoder passes, decoder rows, shallow passes.
 """
 import os
 import sys
@@ -17,7 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ldm import cli
-from ldm.sampling import generate, to_uint8
+from ldm.models.diffusion.deepcache import DeepCache
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.sampling import generate, sample_latents, to_uint8
 from ldm.util import write_atomic
 
 PUBLISHED_CLASSES = (25, 187, 448, 992, 123, 11)
@@ -57,20 +63,40 @@ def check_args(args):
     modes = sampling_modes(args)
     check_output_path(args.out)
     cli.check_files(args)
-    cli.check_classes(args.classes, cli.inspect_model(args))
+    model = cli.inspect_model(args)
+    cli.check_classes(args.classes, model)
+    for mode in modes:
+        cli.check_mode_fits(mode, model)
     return device, modes
 
 
-def sampling_modes(args):
-    """(row label lines, FasterDiffusion plan or None for plain DDIM) for each row of the picture."""
-    modes = []
-    if args.compare or args.compare_reference or not args.faster_diffusion:
-        modes.append((["DDIM"], None))
-    if args.faster_diffusion:
-        modes.append((["FasterDiffusion", f"{args.context_layout} context"], cli.make_plan(args)))
-        if args.compare_reference:
-            modes.append((["FasterDiffusion", "reference context"], cli.make_plan(args, "reference")))
-    return modes
+def sampling_modes(args, calibrate_on=None):
+    """The Mode of each row: the --compare modes (plain DDIM for a bare --compare), the flags' mode and, with
+    --compare_reference, the flags' FasterDiffusion with the reference context layout; repeats dropped."""
+    if args.compare_reference and args.cache != "fd":
+        raise cli.UsageError(f"--compare_reference adds a FasterDiffusion row: it needs --cache fd, not {args.cache}")
+    names = args.compare or (["ddim"] if args.compare is not None or args.compare_reference else [])
+    modes = [cli.make_mode(args, name, calibrate_on=calibrate_on) for name in names]
+    modes.append(cli.make_mode(args, calibrate_on=calibrate_on))
+    if args.compare_reference:
+        modes.append(cli.make_mode(args, context_layout="reference", calibrate_on=calibrate_on))
+    return list({repr(mode): mode for mode in modes}.values())
+
+
+def row_label(mode):
+    """The label lines of a mode's row: solver, then cache (FasterDiffusion: context layout and key steps)."""
+    solver, _, _ = mode.label.partition(" + ")
+    cache = mode.cache
+    if isinstance(cache, FasterDiffusion):
+        keys = cache.key_steps if isinstance(cache.key_steps, str) else f"{len(cache.key_steps)} key steps"
+        lines = ["FasterDiffusion", f"{cache.context_layout} context", keys]
+    elif isinstance(cache, DeepCache):
+        lines = ["DeepCache", f"{len(cache.full_steps)} full steps" if cache.full_steps is not None
+                 else f"N={cache.interval}{' nonuniform' if cache.nonuniform else ''}"]
+        lines += [f"branch {cache.branch}"] if cache.branch else []
+    else:
+        return [solver]
+    return lines if solver == "DDIM" else [solver, *lines]
 
 
 def initial_noise(model, n, seed):
@@ -99,8 +125,8 @@ def cpu_notice(args, steps_chosen, timing, rows):
     """One line for a CPU run: the expected time, and how to get the published step count if it was lowered."""
     per_step, per_call = timing
 
-    def expected(steps):
-        minutes = (per_step * steps + per_call) * len(args.classes) * rows / 60
+    def expected(steps):  # per row: a call per class and the FLOP-counting image
+        minutes = (per_step * steps + per_call) * (len(args.classes) + 1) * rows / 60
         return f"{minutes / 60:.1f} h" if minutes > 90 else f"{max(minutes, 0.1):.1f} min"
 
     line = f"on the CPU: expected time up to about {expected(args.steps)}"
@@ -110,20 +136,28 @@ def cpu_notice(args, steps_chosen, timing, rows):
     return line
 
 
-def sample_row(model, classes, x_T, faster_diffusion, args, desc):
+def count_flops(model, x_T, mode, args):
+    """UNet FLOPs per image of the mode, from one untimed image (which also warms the mode up)."""
+    labels = torch.full((1,), args.classes[0], dtype=torch.long)
+    _, intermediates = sample_latents(model, labels, args.steps, args.scale, x_T=x_T[:1],
+                                      generators=torch.Generator().manual_seed(args.seed + 1),
+                                      precision=args.precision, mode=mode, count_flops=True)
+    return intermediates["stats"].flops
+
+
+def sample_row(model, classes, x_T, mode, args, desc):
     """Sample every class from the same x_T; returns (uint8 tiles [N, H, W, 3], seconds per image, stats).
 
-    The stats (encoder passes, decoder rows) are those of one sampling call of len(x_T) images. Two progress
-    bars: the classes of this row (labelled `desc: classes`) and, below it, the steps of the current class.
+    The stats (passes, decoder rows) are those of one sampling call of len(x_T) images. Two progress bars: the
+    classes of this row (labelled `desc: classes`) and, below it, the steps of the current class.
     """
     tiles, seconds, stats = [], 0.0, None
     for c in tqdm(classes, desc=f"{desc}: classes", unit="class", disable=args.tqdm_disable):
         labels = torch.full((len(x_T),), c, dtype=torch.long)
         eta_noise = torch.Generator().manual_seed(args.seed + 1)  # DDIM noise when eta > 0, the same for every class
         start = time.perf_counter()
-        images, intermediates = generate(model, labels, args.steps, args.scale, eta=args.eta,
-                                         faster_diffusion=faster_diffusion, x_T=x_T, generators=eta_noise,
-                                         precision=args.precision, progress=not args.tqdm_disable)
+        images, intermediates = generate(model, labels, args.steps, args.scale, x_T=x_T, generators=eta_noise,
+                                         precision=args.precision, progress=not args.tqdm_disable, mode=mode)
         tiles.append(to_uint8(images).cpu())  # the copy to the CPU waits for the device to finish
         seconds += time.perf_counter() - start
         stats = intermediates["stats"]
@@ -131,17 +165,25 @@ def sample_row(model, classes, x_T, faster_diffusion, args, desc):
 
 
 def render_grid(rows, labels):
-    """One row of tiles per entry of rows (uint8 [N, H, W, 3], equal shapes), its label lines on the left."""
+    """One row of tiles per entry of rows (uint8 [N, H, W, 3], equal shapes), its label lines on the left.
+
+    Rows are as high as their tiles, or as the tallest label where that is taller; the label column is
+    LABEL_WIDTH wide, or as wide as the widest label line.
+    """
     n, height, width = rows[0].shape[:3]
-    picture = Image.new("RGB", (LABEL_WIDTH + n * (width + PAD) + PAD, len(rows) * (height + PAD) + PAD),
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.multiline_textbbox((4, 2), "\n".join(lines), font=font, spacing=2) for lines in labels]
+    label_width = max([LABEL_WIDTH] + [box[2] + 4 for box in boxes])
+    row_height = max([height] + [box[3] + 2 for box in boxes])
+    picture = Image.new("RGB", (label_width + n * (width + PAD) + PAD, len(rows) * (row_height + PAD) + PAD),
                         BACKGROUND)
     draw = ImageDraw.Draw(picture)
-    font = ImageFont.load_default()
     for r, (tiles, lines) in enumerate(zip(rows, labels)):
-        top = PAD + r * (height + PAD)
+        top = PAD + r * (row_height + PAD)
         draw.multiline_text((4, top + 2), "\n".join(lines), fill=TEXT_COLOR, font=font, spacing=2)
         for k, tile in enumerate(tiles):
-            picture.paste(Image.fromarray(tile), (LABEL_WIDTH + PAD + k * (width + PAD), top))
+            picture.paste(Image.fromarray(tile), (label_width + PAD + k * (width + PAD), top))
     return picture
 
 
@@ -160,16 +202,16 @@ def save_picture(picture, path):
 
 
 def format_table(results, images_per_call):
-    """A plain-text table: mode, seconds per image, speed-up against DDIM, encoder passes, decoder rows."""
-    baseline = next((sec for name, sec, _ in results if name == "DDIM"), None)
-    width = max(len(name) for name, _, _ in results)
-    lines = [f"{'mode':<{width}}  {'s/img':>8}  {'speed-up':>8}  {'encoder passes':>14}  {'decoder rows':>12}"]
-    for name, sec, stats in results:
-        speedup = f"{baseline / sec:.2f}x" if baseline is not None else "-"
-        lines.append(f"{name:<{width}}  {sec:>8.3f}  {speedup:>8}  {stats.encoder_passes:>14}  "
-                     f"{stats.decoder_rows:>12}")
-    lines.append(f"(passes and rows per sampling call of {images_per_call} image(s); "
-                 "decoder rows count both guidance branches)")
+    """A plain-text table: each mode's seconds per image, speed-up against the first row, GFLOPs per image, passes."""
+    header = ["mode", "s/img", "speed-up", "GFLOP/img", "encoder passes", "decoder rows", "shallow passes"]
+    base = results[0][1]
+    rows = [[name, f"{sec:.3f}", f"{base / sec:.2f}x", f"{flops / 1e9:.4g}", str(stats.encoder_passes),
+             str(stats.decoder_rows), str(stats.shallow_passes)] for name, sec, flops, stats in results]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    lines.append(f"(speed-up against the first row; passes and rows per sampling call of {images_per_call} "
+                 "image(s); decoder rows count both guidance branches)")
     return "\n".join(lines)
 
 
@@ -179,18 +221,20 @@ def main(argv=None):
     try:
         device, modes = check_args(args)
         model = cli.load(args, device)
+        modes = sampling_modes(args, calibrate_on=model)  # auto:K key steps calibrated on the model
         x_T = initial_noise(model, args.n_per_class, args.seed)
         timing = warm_up(model, x_T, args.precision)
         if device.type == "cpu":
             print(cpu_notice(args, steps_chosen, timing, len(modes)), file=sys.stderr, flush=True)
         rows, labels, results = [], [], []
-        for lines, fd in modes:
-            tiles, sec, stats = sample_row(model, args.classes, x_T, fd, args, desc=" ".join(lines))
+        for mode in modes:
+            lines = row_label(mode)
+            flops = count_flops(model, x_T, mode, args)
+            tiles, sec, stats = sample_row(model, args.classes, x_T, mode, args, desc=" ".join(lines))
             rows.append(tiles)
-            results.append((" ".join(lines), sec, stats))
-        baseline = results[0][1] if modes[0][1] is None else None
-        for (lines, fd), (_, sec, _) in zip(modes, results):
-            speedup = [f"{baseline / sec:.2f}x vs DDIM"] if baseline is not None and fd is not None else []
+            results.append((mode.label, sec, flops, stats))
+            speedup = [] if not results[1:] else [f"{results[0][1] / sec:.2f}x vs " + (
+                "DDIM" if results[0][0] == "DDIM" else "row 1")]
             labels.append(lines + [f"{sec:.3f} s/img"] + speedup)
         print(format_table(results, args.n_per_class))
         save_picture(render_grid(rows, labels), args.out)
@@ -204,18 +248,20 @@ def parse_args(argv=None):
     parser = cli.Parser(description=__doc__.splitlines()[0])
     cli.add_model_args(parser)
     cli.add_sampling_args(parser)
-    cli.add_faster_diffusion_args(parser)
+    cli.add_mode_args(parser)
     cli.add_device_args(parser)
     picture = parser.add_argument_group("picture")
     picture.add_argument("--classes", type=int, nargs="+", default=list(PUBLISHED_CLASSES),
                          help="class labels, 0..N-1 for a model of N classes")
     picture.add_argument("--n_per_class", type=int, default=1, help="samples per class (they share one x_T)")
-    picture.add_argument("--compare", action="store_true", help="add a plain DDIM row from the same noise")
+    picture.add_argument("--compare", nargs="*", default=None, metavar="MODE",
+                         help="rows before the flags' mode, from the same noise: plain DDIM, or these modes "
+                              "(SAMPLER[+CACHE[:VALUE]], e.g. ddim dpmpp2m+deepcache:3 plms+fd:uniform:4)")
     picture.add_argument("--compare_reference", action="store_true",
                          help="also add a FasterDiffusion row with the reference context layout (implies --compare)")
     picture.add_argument("--out", default="outputs/samples.png", help="picture to write (.png, .jpg or .jpeg)")
     # The published demo's settings; steps: 250 on a GPU, CPU_STEPS on the CPU.
-    parser.set_defaults(steps=None, scale=6.0, key_steps="ldm250-fast", faster_diffusion=True)
+    parser.set_defaults(steps=None, scale=6.0, key_steps="ldm250-fast", cache="fd")
     return parser.parse_args(argv)
 
 

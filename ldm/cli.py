@@ -15,10 +15,16 @@ import sys
 
 import torch
 
+from ldm.calibration import FEATURES, auto_count, auto_steps, is_calibrated, read_steps
 from ldm.models.diffusion.ddim import make_ddim_timesteps
+from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
+from ldm.models.diffusion.modes import CACHES, MAIN_OPTION, SAMPLERS
+from ldm.models.diffusion.modes import make_mode as make_library_mode
+from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 from ldm.sampling import num_classes
-from ldm.util import PRECISIONS, autocast, build_model, check_file, load_model, optimize_for_inference
+from ldm.util import (PRECISIONS, autocast, build_model, check_file, file_sha256, load_model,
+                      optimize_for_inference)
 
 BAD_INPUT = 2
 DEFAULT_CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
@@ -113,16 +119,66 @@ def add_sampling_args(parser):
     group.add_argument("--seed", type=int, default=0, help=f"seed of the noise (and labels), 0..{MAX_SEED}")
 
 
-def add_faster_diffusion_args(parser):
-    group = parser.add_argument_group("FasterDiffusion")
-    add_bool_flag(group, "--faster_diffusion", "--use_faster_diffusion", default=False,
-                  help="sample with FasterDiffusion (encoder at key steps only, parallel decoding)")
-    group.add_argument("--key_steps", default="ldm250",
-                       help="loop indices where the encoder runs: ldm250, ldm250-fast, uniform:N or a list 0,1,2,5")
-    group.add_argument("--context_layout", choices=CONTEXT_LAYOUTS, default="paired",
-                       help="class context of the parallel decoder rows ('reference' = the published fork's)")
-    group.add_argument("--max_decoder_batch", type=int, default=None,
-                       help="at most this many decoder rows per call (bounds memory; same result)")
+class CacheFlag(argparse.Action):
+    """`--faster_diffusion [BOOL]`, the published spelling of `--cache fd` (true) and `--cache none` (false)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", const="true", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            enabled = str2bool(value)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument {option_string}: {e}")
+        setattr(namespace, self.dest, "fd" if enabled else "none")
+
+
+def step_list(value):
+    """'0,3,8' -> [0, 3, 8]; '@file.json' and 'auto:K' stay strings (calibrated steps, see ldm.calibration)."""
+    if value.startswith("@") or value.startswith("auto:"):
+        return value
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected loop indices such as 0,3,8 (or @FILE.json, auto:K), "
+                                         f"not {value!r}") from None
+
+
+# DeepCache and DPM-Solver++ flags -> the option they set; None means not given.
+DEEPCACHE_FLAGS = {"cache_interval": "interval", "nonuniform": "nonuniform", "pow": "pow",
+                   "full_steps": "full_steps", "branch": "branch"}
+DPM_FLAGS = ("skip_type", "lower_order_final")
+
+
+def add_mode_args(parser):
+    """Solver and cache (`ldm.models.diffusion.modes`) with their options; `--faster_diffusion` is an alias."""
+    group = parser.add_argument_group("solver and cache")
+    group.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                       help="solver: ddim, plms, dpmpp2m or dpmpp3m (DPM-Solver++ multistep, order 2 or 3)")
+    group.add_argument("--cache", choices=list(CACHES), default="none",
+                       help="none, fd (FasterDiffusion: encoder at key steps) or deepcache (deep features reused)")
+    group.add_argument("--faster_diffusion", "--use_faster_diffusion", dest="cache", action=CacheFlag,
+                       help="the published flag: true = --cache fd, false = --cache none")
+    group.add_argument("--skip_type", choices=DPM_SKIP_TYPES, default=None,
+                       help="DPM-Solver++ time spacing (default time_uniform)")
+    add_bool_flag(group, "--lower_order_final", default=None,
+                  help="DPM-Solver++: lower orders at the last steps when S < 10 (default true)")
+    fd = parser.add_argument_group("FasterDiffusion (--cache fd)")
+    fd.add_argument("--key_steps", default="ldm250",
+                    help="loop indices where the encoder runs: ldm250, ldm250-fast, uniform:N, a list 0,1,2,5, "
+                         "@FILE.json (scripts/calibrate.py) or auto:K (calibrated now)")
+    fd.add_argument("--context_layout", choices=CONTEXT_LAYOUTS, default="paired",
+                    help="class context of the parallel decoder rows ('reference' = the published fork's)")
+    add_bool_flag(fd, "--noise_injection", default=True, help="prior noise injection at timesteps below 150")
+    fd.add_argument("--max_decoder_batch", type=int, default=None,
+                    help="at most this many decoder rows per call (bounds memory; same result)")
+    deep = parser.add_argument_group("DeepCache (--cache deepcache)")
+    deep.add_argument("--cache_interval", type=int, default=None, help="a full UNet pass every N steps")
+    add_bool_flag(deep, "--nonuniform", default=None, help="with --cache_interval: full steps packed towards the start")
+    deep.add_argument("--pow", type=float, default=None, help="with --nonuniform: the power of the packing (1.5)")
+    deep.add_argument("--full_steps", type=step_list, default=None,
+                      help="explicit full steps instead of an interval: 0,3,8, @FILE.json or auto:K")
+    deep.add_argument("--branch", type=int, default=None, help="shallow branch depth (0 = DeepCache's LDM setting)")
 
 
 def add_device_args(parser):
@@ -154,11 +210,15 @@ def check_files(args):
 
 
 def check_sampling(args):
-    """Step count, eta, guidance scale and seed."""
-    try:
-        make_ddim_timesteps(args.steps)
-    except ValueError as e:
-        raise UsageError(f"--steps: {e}") from None
+    """Step count (for the solver), eta, guidance scale and seed."""
+    order = SAMPLERS[args.sampler][1].get("order")
+    if order is not None and args.steps < order:
+        raise UsageError(f"--steps: DPM-Solver++ of order {order} needs at least {order} steps, not {args.steps}")
+    if order is None:
+        try:
+            make_ddim_timesteps(args.steps)
+        except ValueError as e:
+            raise UsageError(f"--steps: {e}") from None
     if not (math.isfinite(args.eta) and args.eta >= 0):
         raise UsageError(f"--eta must be a number >= 0, not {args.eta}")
     if not math.isfinite(args.scale):
@@ -167,17 +227,103 @@ def check_sampling(args):
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, not {args.seed}")
 
 
-def make_plan(args, context_layout=None):
-    """The FasterDiffusion plan of the flags, checked against --steps; None without --faster_diffusion."""
-    if not args.faster_diffusion:
-        return None
+def check_flags_fit(args):
+    """DeepCache flags need --cache deepcache, DPM-Solver++ flags a DPM-Solver++ sampler, eta > 0 DDIM."""
+    for flag in DEEPCACHE_FLAGS:
+        if getattr(args, flag) is not None and args.cache != "deepcache":
+            raise UsageError(f"--{flag} is a DeepCache option: add --cache deepcache (the cache is {args.cache})")
+    for flag in DPM_FLAGS:
+        if getattr(args, flag) is not None and "order" not in SAMPLERS[args.sampler][1]:
+            raise UsageError(f"--{flag} is a DPM-Solver++ option (--sampler dpmpp2m or dpmpp3m), "
+                             f"not one of {args.sampler}")
+    if args.eta != 0 and args.sampler != "ddim":
+        raise UsageError(f"--eta {args.eta:g} needs --sampler ddim; {args.sampler} is deterministic (eta 0)")
+
+
+def cache_options(args, cache, context_layout=None):
+    """The options of a cache (by option name) that the flags give; DeepCache's unset ones are left out."""
+    if cache == "fd":
+        return dict(key_steps=args.key_steps, context_layout=context_layout or args.context_layout,
+                    noise_injection=args.noise_injection, max_decoder_batch=args.max_decoder_batch)
+    if cache == "deepcache":
+        return {option: getattr(args, flag) for flag, option in DEEPCACHE_FLAGS.items()
+                if getattr(args, flag) is not None}
+    return {}
+
+
+def split_mode_name(name):
+    """'SAMPLER[+CACHE[:VALUE]]' -> (sampler, cache, value or None), names checked."""
+    sampler, _, rest = name.strip().partition("+")
+    cache, _, value = rest.partition(":")
+    cache = cache or "none"
+    if sampler not in SAMPLERS:
+        raise UsageError(f"mode {name!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if cache not in CACHES:
+        raise UsageError(f"mode {name!r}: unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
+    if value and cache == "none":
+        raise UsageError(f"mode {name!r}: a value needs a cache (fd:KEY_STEPS or deepcache:INTERVAL)")
+    return sampler, cache, value or None
+
+
+def resolve_steps(options, cache, args, mode, calibrate_on):
+    """Calibrated key/full steps ('@FILE.json', 'auto:K') -> loop indices. Without calibrate_on (the checks
+    before the weights are loaded), 'auto:K' stands for K uniformly spaced steps."""
+    key = {"fd": "key_steps", "deepcache": "full_steps"}.get(cache)
+    spec = options.get(key)
+    if not is_calibrated(spec):
+        return options
+    feature = FEATURES[cache]
+    if spec.startswith("@"):
+        steps = read_steps(spec[1:], args.steps, feature, file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None)
+    elif calibrate_on is None:
+        count = auto_count(spec, args.steps)
+        steps = sorted({i * args.steps // count for i in range(count)})
+    else:
+        steps = auto_steps(calibrate_on, spec, mode, args.steps, args.scale, feature, options.get("branch", 0),
+                           args.precision)
+    return {**{k: v for k, v in options.items() if k != "interval"}, key: steps}
+
+
+def make_mode(args, name=None, context_layout=None, calibrate_on=None):
+    """The sampling mode of the flags, or of a mode name SAMPLER[+CACHE[:VALUE]] (VALUE: fd key steps, DeepCache
+    interval or calibrated full steps) with the flags' cache options, checked against --steps before any model work.
+
+    calibrate_on: the loaded model, on which 'auto:K' steps are calibrated (see resolve_steps).
+    """
+    if name is None:
+        check_flags_fit(args)
+        sampler, cache, value = args.sampler, args.cache, None
+    else:
+        sampler, cache, value = split_mode_name(name)
+    dpm = "order" in SAMPLERS[sampler][1]
+    options = cache_options(args, cache, context_layout)
+    if value is not None:
+        main = "full_steps" if cache == "deepcache" and is_calibrated(value) else MAIN_OPTION[cache]
+        options = {k: v for k, v in options.items() if k not in ("interval", "full_steps")}
+        options[main] = int(value) if main == "interval" and value.isdigit() else value
+    solver = dict(eta=args.eta if sampler == "ddim" else 0.0,
+                  skip_type=(args.skip_type or "time_uniform") if dpm else "time_uniform",
+                  lower_order_final=args.lower_order_final is not False if dpm else True)
     try:
-        plan = FasterDiffusion(args.key_steps, context_layout=context_layout or args.context_layout,
-                               max_decoder_batch=args.max_decoder_batch)
-        plan.groups(args.steps)
-    except ValueError as e:
-        raise UsageError(f"FasterDiffusion: {e}") from None
-    return plan
+        options = resolve_steps(options, cache, args, make_library_mode(sampler, **solver), calibrate_on)
+        mode = make_library_mode(sampler, cache, **solver, **options)
+        if isinstance(mode.cache, FasterDiffusion):
+            mode.cache.groups(args.steps)
+        elif isinstance(mode.cache, DeepCache):
+            mode.cache.full_steps_for(args.steps)
+    except (ValueError, TypeError) as e:
+        what = {"fd": "FasterDiffusion", "deepcache": "DeepCache"}.get(cache, "mode")
+        raise UsageError(f"{what}: {first_line(e)}" if name is None else f"mode {name!r}: {first_line(e)}") from None
+    return mode
+
+
+def check_mode_fits(mode, model):
+    """What only the model's structure tells: the depth of DeepCache's shallow branch."""
+    if isinstance(mode.cache, DeepCache):
+        try:
+            model.model.diffusion_model.check_branch(mode.cache.branch)
+        except ValueError as e:
+            raise UsageError(f"--branch: {e}") from None
 
 
 def resolve_device(name, rank=0):

@@ -48,9 +48,19 @@ def default_output_dir(settings, config_path, root="outputs/samples"):
     settings never share it."""
     images = {k: v for k, v in settings.items() if k not in SHARD_ONLY_SETTINGS}
     digest = hashlib.sha256(json.dumps(images, sort_keys=True).encode()).hexdigest()[:10]
-    mode = "fd" if settings["faster_diffusion"] else "ddim"
+    mode = mode_name(settings)
     name = f"{Path(config_path).stem}_{mode}{settings['steps']}_scale{settings['scale']:g}_seed{settings['seed']}"
     return str(Path(root) / f"{name}_{digest}")
+
+
+def mode_name(settings):
+    """The sampling mode in a folder name: 'ddim' and 'fd' (DDIM with FasterDiffusion) as before other modes
+    existed, else SAMPLER[-CACHE], e.g. 'plms', 'dpmpp2m-deepcache', 'ddim-deepcache'."""
+    sampler = settings.get("sampler", "ddim")
+    cache = "fd" if settings.get("faster_diffusion") else "deepcache" if settings.get("deepcache") else None
+    if sampler == "ddim" and cache != "deepcache":
+        return cache or "ddim"
+    return "-".join(filter(None, (sampler, cache)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,8 +81,9 @@ def write_settings(path, settings):
 
 
 def differences(old, new, ignore=()):
-    """'name: old -> new' for each setting that differs."""
-    return [f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if k not in ignore and old.get(k) != v]
+    """'name: old -> new' for each setting that differs, one that only one of them has included."""
+    names = list(new) + [k for k in old if k not in new]
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in names if k not in ignore and old.get(k) != new.get(k)]
 
 
 def previous_run(files, settings, resume=False, overwrite=False):

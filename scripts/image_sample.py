@@ -1,4 +1,5 @@
-"""Sample a class-conditional LDM with DDIM (optionally FasterDiffusion) into an ADM-format .npz.
+"""Sample a class-conditional LDM (a solver and a cache: DDIM, PLMS, DPM-Solver++; FasterDiffusion, DeepCache) into an
+ADM-format .npz.
 
     python scripts/image_sample.py [flags]                  # one process
     mpiexec -n R python scripts/image_sample.py [flags]     # R processes (one GPU each)
@@ -23,7 +24,11 @@ import torch
 from tqdm import tqdm
 
 from ldm import cli
+from ldm.calibration import AUTO
 from ldm.distributed import Comm, first_error, share_cpu_threads
+from ldm.models.diffusion.deepcache import DeepCache
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import SAMPLERS
 from ldm.sampling import decode_latents, image_shape, num_classes, sample_generators, sample_labels, sample_latents
 from ldm.sampling import to_uint8
 from ldm.shards import (RunFiles, batch_range, default_output_dir, finished_batches, previous_run,
@@ -40,22 +45,29 @@ def check_run(args):
     """
     cli.check_files(args)
     cli.check_sampling(args)
-    plan = cli.make_plan(args)
+    mode = cli.make_mode(args)
     cli.check_device(args)
     for flag, value in (("--num_samples", args.num_samples), ("--batch_size", args.batch_size),
                         ("--stop_after_batches", args.stop_after_batches)):
         if value is not None and value < 1:
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")
-    settings = run_settings(args, cli.inspect_model(args), plan)
+    model = cli.inspect_model(args)
+    cli.check_mode_fits(mode, model)
+    settings = run_settings(args, model, mode)
     output_dir = args.output_dir or default_output_dir(settings, args.config)
     cli.check_writable_folder(output_dir, "--output_dir")
     files = RunFiles(output_dir, args.num_samples, settings["image_shape"])
     return settings, files, previous_run(files, settings, resume=args.resume, overwrite=args.overwrite)
 
 
-def run_settings(args, model, plan):
-    """What defines the images (checkpoint and config by content), and the batch size that places the shards."""
-    return {
+def run_settings(args, model, mode):
+    """What defines the images (checkpoint and config by content), and the batch size that places the shards.
+
+    DDIM and FasterDiffusion runs are recorded as before other solvers and caches existed (so their records
+    and default folders still match); the other modes add what defines them.
+    """
+    fd = mode.cache if isinstance(mode.cache, FasterDiffusion) else None
+    settings = {
         "config_sha256": file_sha256(args.config, cache_from_bytes=None),
         "checkpoint_sha256": file_sha256(args.ckpt),
         "image_shape": list(image_shape(model)),
@@ -65,11 +77,20 @@ def run_settings(args, model, plan):
         "eta": args.eta,
         "scale": args.scale,
         "precision": args.precision,
-        "faster_diffusion": None if plan is None else {
-            "key_steps": list(plan.key_steps_for(args.steps)), "context_layout": plan.context_layout,
-            "noise_injection": plan.noise_injection},
+        "faster_diffusion": None if fd is None else {
+            "key_steps": args.key_steps if AUTO.fullmatch(args.key_steps) else list(fd.key_steps_for(args.steps)),
+            "context_layout": fd.context_layout, "noise_injection": fd.noise_injection},
         "batch_size": args.batch_size,
     }
+    if mode.sampler != "ddim":
+        settings["sampler"] = mode.sampler
+    if "order" in SAMPLERS[mode.sampler][1]:
+        settings.update(skip_type=mode.skip_type, lower_order_final=mode.lower_order_final)
+    if isinstance(mode.cache, DeepCache):
+        full_steps = args.full_steps if isinstance(args.full_steps, str) and AUTO.fullmatch(args.full_steps) else \
+            list(mode.cache.full_steps_for(args.steps))
+        settings["deepcache"] = {"full_steps": full_steps, "branch": mode.cache.branch}
+    return settings
 
 
 def prepare_output(files, settings, state):
@@ -110,18 +131,18 @@ def clock(device):
     return time.perf_counter()
 
 
-def sample_batch(model, indices, args, plan):
+def sample_batch(model, indices, args, mode):
     """Sample indices -> (uint8 NHWC images, labels, sampling seconds, decoding seconds)."""
     start = clock(model.device)
     labels = sample_labels(args.seed, indices, num_classes(model))
-    latents, _ = sample_latents(model, labels, args.steps, args.scale, eta=args.eta, faster_diffusion=plan,
+    latents, _ = sample_latents(model, labels, args.steps, args.scale, mode=mode,
                                 generators=sample_generators(args.seed, indices), precision=args.precision)
     sampled = clock(model.device)
     images = to_uint8(decode_latents(model, latents, args.precision)).cpu().numpy()
     return images, labels.numpy(), sampled - start, clock(model.device) - sampled
 
 
-def sample_shards(args, comm, model, plan, files):
+def sample_shards(args, comm, model, mode, files):
     """Sample this rank's missing batches into shards, with one bar on rank 0 for all ranks' shards.
 
     Returns (sampling seconds, decoding seconds, images made) of this rank and the wall time of all ranks.
@@ -142,7 +163,7 @@ def sample_shards(args, comm, model, plan, files):
         if files.shard(k).exists():
             continue
         indices = batch_range(k, b, n)
-        images, labels, ts, td = sample_batch(model, indices, args, plan)
+        images, labels, ts, td = sample_batch(model, indices, args, mode)
         write_shard(files.shard(k), images, labels, indices)
         sample_s, decode_s, made, written = sample_s + ts, decode_s + td, made + len(indices), written + 1
         refresh()
@@ -175,7 +196,8 @@ def main(args, comm):
     try:
         model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
         collective(comm, lambda: prepare_output(files, settings, state))
-        *own, wall = sample_shards(args, comm, model, cli.make_plan(args), files)
+        mode = collective(comm, lambda: cli.make_mode(args, calibrate_on=model))  # auto:K calibrated once
+        *own, wall = sample_shards(args, comm, model, mode, files)
         stats = comm.gather(own)
         collective(comm, lambda: write_samples(files, settings))
     except KeyboardInterrupt as interrupt:
@@ -196,7 +218,7 @@ def parse_args(argv=None):
     parser = cli.Parser(description=__doc__.splitlines()[0])
     cli.add_model_args(parser)
     cli.add_sampling_args(parser)
-    cli.add_faster_diffusion_args(parser)
+    cli.add_mode_args(parser)
     cli.add_device_args(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--num_samples", type=int, default=50000)
@@ -210,7 +232,7 @@ def parse_args(argv=None):
     run.add_argument("--stop_after_batches", type=int, default=None,
                      help=f"for testing: stop with exit status {STOPPED_EXIT_CODE} after this process has "
                           "written this many batches, as if the run were killed")
-    parser.set_defaults(scale=1.5, key_steps="ldm250", faster_diffusion=False)  # the published sampling script's
+    parser.set_defaults(scale=1.5, key_steps="ldm250", cache="none")  # the published sampling script's
     return parser.parse_args(argv)
 
 

@@ -213,9 +213,12 @@ def test_both_spellings_of_each_flag():
     short = image_sample.parse_args(["--config", "c.yaml", "--ckpt", "m.ckpt", "--steps", "50", "--eta", "0.5",
                                      "--scale", "3", "--faster_diffusion", "--tqdm_disable"])
     assert vars(published) == vars(short)
-    assert (published.config, published.steps, published.scale, published.faster_diffusion) == ("c.yaml", 50, 3.0, True)
+    assert (published.config, published.steps, published.scale, published.cache) == ("c.yaml", 50, 3.0, "fd")
+    assert image_sample.parse_args(["--use_faster_diffusion", "False"]).cache == "none"
+    assert image_sample.parse_args(["--use_faster_diffusion", "True", "--cache", "deepcache"]).cache == "deepcache"
     defaults = image_sample.parse_args([])
-    assert (defaults.scale, defaults.seed, defaults.faster_diffusion, defaults.key_steps) == (1.5, 0, False, "ldm250")
+    assert (defaults.scale, defaults.seed, defaults.sampler, defaults.cache, defaults.key_steps) == (
+        1.5, 0, "ddim", "none", "ldm250")
 
 
 def test_npz_without_record_is_not_overwritten(tmp_path):

@@ -102,7 +102,7 @@ def test_defaults_are_the_published_settings():
     assert (args.config, args.ckpt) == ("configs/latent-diffusion/cin256-v2.yaml", "models/ldm/cin256-v2/model.ckpt")
     assert args.classes == [25, 187, 448, 992, 123, 11] and args.n_per_class == 1
     assert (args.steps, args.eta, args.scale, args.seed) == (None, 0.0, 6.0, 0)  # steps: 250 on a GPU, see below
-    assert (args.faster_diffusion, args.key_steps, args.context_layout) == (True, "ldm250-fast", "paired")
+    assert (args.sampler, args.cache, args.key_steps, args.context_layout) == ("ddim", "fd", "ldm250-fast", "paired")
     assert args.precision == "fp32" and not args.compare and args.out == "outputs/samples.png"
     cpu = infer_ldm.parse_args(["--device", "cpu", "--ckpt", str(TINY_CKPT), "--out", "x.png"])
     infer_ldm.check_args(cpu)
@@ -133,15 +133,15 @@ def test_cpu_run_says_how_long_and_labels_its_progress_bars(tmp_path, capsys):
     notice = [line for line in err.splitlines() if line.startswith("on the CPU:")]
     assert len(notice) == 1 and "expected time up to about" in notice[0]
     assert "with 20 steps instead of the published 250 (pass --steps 250 for those: about" in notice[0]
-    assert "DDIM: classes" in err and "FasterDiffusion paired context: classes" in err
+    assert "DDIM: classes" in err and "FasterDiffusion paired context uniform:3: classes" in err
 
 
 def test_cpu_notice_estimates_from_the_measured_step():
     args = infer_ldm.parse_args(["--classes", "1", "2", "--steps", "20"])
-    line = infer_ldm.cpu_notice(args, True, (0.5, 6.0), rows=2)  # (0.5 * 20 + 6) s x 2 classes x 2 rows
-    assert line.startswith("on the CPU: expected time up to about 1.1 min with 20 steps")
-    assert line.endswith("(pass --steps 250 for those: about 8.7 min)")  # (0.5 * 250 + 6) x 4 / 60
-    assert infer_ldm.cpu_notice(args, False, (0.5, 6.0), rows=2) == "on the CPU: expected time up to about 1.1 min"
+    line = infer_ldm.cpu_notice(args, True, (0.5, 6.0), rows=2)  # (0.5 * 20 + 6) s x (2 classes + 1) x 2 rows
+    assert line.startswith("on the CPU: expected time up to about 1.6 min with 20 steps")
+    assert line.endswith("(pass --steps 250 for those: about 13.1 min)")  # (0.5 * 250 + 6) x 6 / 60
+    assert infer_ldm.cpu_notice(args, False, (0.5, 6.0), rows=2) == "on the CPU: expected time up to about 1.6 min"
 
 
 def test_render_grid_size():

@@ -1,0 +1,179 @@
+"""Key steps chosen from the model: how much the cached features change per step, and K steps that spread it.
+
+A cache reuses features computed at a key (full) step for the steps after it, so the error of a group grows
+with how much those features change across it. `feature_changes` runs the whole UNet at every step of a few
+samples and measures, at each step i >= 1, the relative change of the cached feature from step i - 1:
+
+    change[i] = mean over samples of ||f_i - f_(i-1)|| / ||f_(i-1)||   (change[0] = 0)
+
+where f is the encoder output (every skip tensor and the middle block, flattened together) for FasterDiffusion
+and the deep decoder feature for DeepCache. `choose_steps` picks K key steps, step 0 among them, that minimise
+the largest change accumulated inside a group (the changes at the group's own key step are refreshed, not
+accumulated), with an exact dynamic program; among the partitions that reach that minimum it takes the
+smallest total, then the earliest steps. A calibration file (JSON) records the model, S, guidance, K, the
+steps and the change curve; `--key_steps @FILE.json` and `--full_steps @FILE.json` read it, and `auto:K`
+computes the steps on the fly with `auto_steps`.
+"""
+import json
+import re
+
+import numpy as np
+import torch
+
+# The feature each cache reuses, by cache name.
+FEATURES = {"fd": "encoder", "deepcache": "deep"}
+AUTO = re.compile(r"auto:(\d+)")
+CALIBRATION_SAMPLES = 4  # samples of auto:K (scripts/calibrate.py: --num_samples)
+CALIBRATION_SEED = 0
+
+
+class CalibrationError(ValueError):
+    """A calibration file or request that does not fit the run; the message is one line."""
+
+
+def is_calibrated(spec):
+    """Whether a key-step or full-step spec names calibrated steps: '@FILE.json' or 'auto:K'."""
+    return isinstance(spec, str) and (spec.startswith("@") or AUTO.fullmatch(spec) is not None)
+
+
+def check_count(k, steps):
+    """K key steps fit S steps: 1 <= K <= S."""
+    if not 1 <= k <= steps:
+        raise CalibrationError(f"cannot choose {k} key steps of {steps} steps: K must be in 1..{steps}")
+
+
+def auto_count(spec, steps):
+    """K of 'auto:K', checked against S."""
+    match = AUTO.fullmatch(spec)
+    if not match:
+        raise CalibrationError(f"not an auto:K spec: {spec!r}")
+    check_count(int(match.group(1)), steps)
+    return int(match.group(1))
+
+
+def choose_steps(change, k):
+    """K loop indices, 0 first, minimising the largest accumulated change of a group (ties: smaller total).
+
+    change[i] is the change from step i - 1 to step i (change[0] is ignored). Group [a, b) accumulates
+    change[a + 1] + ... + change[b - 1].
+    """
+    change = np.asarray(change, dtype=np.float64)
+    steps = len(change)
+    check_count(k, steps)
+    prefix = np.concatenate([[0.0], np.cumsum(change[1:])])  # prefix[i] = change[1] + ... + change[i]
+    starts, ends = np.arange(steps)[:, None], np.arange(1, steps + 1)[None, :]
+    cost = np.where(starts < ends, prefix[np.maximum(ends - 1, 0)] - prefix[starts], np.inf)  # cost[a, b - 1]
+    # worst[g][b]: the least largest group cost covering steps 0..b-1 with g groups; then, within that bound,
+    # total[g][b]: the least sum of group costs, and where its last group starts.
+    worst = np.full(steps + 1, np.inf)
+    worst[1:] = cost[0]
+    for _ in range(k - 1):
+        worst = np.concatenate([[np.inf], np.min(np.maximum(worst[:steps, None], cost), axis=0)])
+    bound = worst[steps] * (1 + 1e-9) + 1e-12
+    allowed = np.where(cost <= bound, cost, np.inf)
+    total = np.full(steps + 1, np.inf)
+    total[1:] = allowed[0]
+    origins = []
+    for _ in range(k - 1):
+        candidates = total[:steps, None] + allowed
+        origins.append(np.argmin(candidates, axis=0))  # the earliest start among equal sums
+        total = np.concatenate([[np.inf], np.min(candidates, axis=0)])
+    keys, end = [], steps
+    for origin in reversed(origins):
+        end = int(origin[end - 1])
+        keys.append(end)
+    return [0] + sorted(keys)
+
+
+def group_costs(change, keys):
+    """The accumulated change of each group of the key steps."""
+    change = np.asarray(change, dtype=np.float64)
+    bounds = list(keys) + [len(change)]
+    return [float(change[a + 1:b].sum()) for a, b in zip(bounds, bounds[1:])]
+
+
+def _relative_change(new, old):
+    """Mean over rows of ||new - old|| / ||old|| (rows flattened)."""
+    new, old = new.flatten(1).double(), old.flatten(1).double()
+    return ((new - old).norm(dim=1) / old.norm(dim=1).clamp_min(1e-30)).mean().item()
+
+
+def _feature(unet, feature, x, t, context, branch):
+    """The feature a cache reuses, flattened per row."""
+    if feature == "encoder":
+        skips, mid = unet.encode(x, t, context)
+        return torch.cat([s.flatten(1) for s in skips] + [mid.flatten(1)], dim=1)
+    return unet.forward_deep(x, t, context, branch=branch)[1].flatten(1)
+
+
+@torch.inference_mode()
+def feature_changes(model, mode, steps, scale, feature, num_samples=CALIBRATION_SAMPLES, seed=CALIBRATION_SEED,
+                    branch=0, precision="fp32"):
+    """The change curve (one value per step) along the plain trajectories of the mode's solver.
+
+    The samples have the labels and noise of sample indices 0..num_samples-1 of `seed` (ldm.sampling); with
+    guidance the feature covers both branches, as the cache holds them.
+    """
+    from ldm.models.diffusion.modes import Mode
+    from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents, unconditional_class
+    from ldm.util import autocast
+
+    if feature not in FEATURES.values():
+        raise ValueError(f"feature must be one of {', '.join(FEATURES.values())}, not {feature!r}")
+    plain = Mode(mode.sampler, None, mode.eta, mode.skip_type, mode.lower_order_final)
+    indices = range(num_samples)
+    labels = sample_labels(seed, indices, num_classes(model)).to(model.device)
+    after = []  # (x after the step, the step's timestep), step by step
+
+    def record(step, timestep, x, pred_x0):
+        after.append((x, timestep))
+
+    _, intermediates = sample_latents(model, labels, steps, scale, generators=sample_generators(seed, indices),
+                                      precision=precision, mode=plain, callback=record)
+    xs = [intermediates["x_inter"][0]] + [x for x, _ in after[:-1]]  # the input of every step, x_T first
+    ts = [t for _, t in after]
+    context = model.get_learned_conditioning({model.cond_stage_key: labels})
+    if scale != 1.0:
+        uncond = model.get_learned_conditioning(
+            {model.cond_stage_key: torch.full_like(labels, unconditional_class(model))})
+        context = torch.cat([uncond, context])
+    unet = model.model.diffusion_model
+    change, previous = [0.0], None
+    for x, t in zip(xs, ts):
+        rows = torch.cat([x, x]) if scale != 1.0 else x
+        t_rows = torch.full((len(rows),), t, device=model.device)  # long for DDIM/PLMS, float for DPM-Solver++
+        with autocast(precision, model.device):
+            current = _feature(unet, feature, rows, t_rows, context, branch).float()
+        if previous is not None:
+            change.append(_relative_change(current, previous))
+        previous = current
+    return change
+
+
+def auto_steps(model, spec, mode, steps, scale, feature, branch=0, precision="fp32"):
+    """The steps of 'auto:K', calibrated now on CALIBRATION_SAMPLES samples of the model."""
+    k = auto_count(spec, steps)
+    return choose_steps(feature_changes(model, mode, steps, scale, feature, branch=branch, precision=precision), k)
+
+
+def read_steps(path, steps, feature, checkpoint_sha256=None):
+    """The steps of a calibration file, checked against the run: its S, the feature its cache reuses and,
+    when checkpoint_sha256 is given, the model."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        made_for, chosen, kind = record["S"], record["steps"], record["feature"]
+        model = record["model"]
+    except OSError as e:
+        raise CalibrationError(f"cannot read calibration file {path}: {e.strerror or e}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py ({e})") from None
+    if made_for != steps:
+        raise CalibrationError(f"calibration file {path} was made for S = {made_for} steps, not {steps}")
+    if kind != feature:
+        raise CalibrationError(f"calibration file {path} holds steps for the {kind} feature, not the {feature} "
+                               f"feature this cache reuses")
+    if checkpoint_sha256 is not None and model.get("checkpoint_sha256") != checkpoint_sha256:
+        raise CalibrationError(f"calibration file {path} was made for another model ({model.get('checkpoint')}, "
+                               f"sha256 {str(model.get('checkpoint_sha256'))[:12]}...)")
+    return [int(i) for i in chosen]
