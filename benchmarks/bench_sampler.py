@@ -18,7 +18,7 @@ import torch
 from common import PeakMemory, build_model, device_name, print_table, timed
 from ldm.models.diffusion.modes import CACHES, SAMPLERS, parse_mode
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
-from ldm.sampling import sample_generators, sample_labels, sample_latents
+from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 from ldm.util import PRECISIONS, optimize_for_inference
 
 
@@ -43,8 +43,7 @@ def main(args):
     modes = parse_modes(args)  # bad modes fail before the model is built
     model = optimize_for_inference(build_model(args.config, args.ckpt, args.device),
                                    channels_last=args.channels_last, compile=args.compile)
-    classes = model.cond_stage_model.embedding.num_embeddings - 1  # the last class is "unconditional"
-    labels = sample_labels(args.seed, range(args.batch), classes)
+    labels = sample_labels(args.seed, range(args.batch), num_classes(model))
     times = {label: [] for label, _, _ in modes}
     peaks, stats, flops = {}, {}, {}
     memory = PeakMemory(args.device)
