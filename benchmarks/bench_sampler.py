@@ -38,9 +38,8 @@ def parse_modes(args):
     return modes
 
 
-def main(args):
+def main(args, modes):
     torch.set_grad_enabled(False)
-    modes = parse_modes(args)  # bad modes fail before the model is built
     model = optimize_for_inference(build_model(args.config, args.ckpt, args.device),
                                    channels_last=args.channels_last, compile=args.compile)
     labels = sample_labels(args.seed, range(args.batch), num_classes(model))
@@ -121,4 +120,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.full_steps is not None:
         args.cache_interval = None
-    main(args)
+    try:
+        modes = parse_modes(args)  # bad modes fail in one line, before the model is built
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    main(args, modes)
