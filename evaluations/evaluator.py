@@ -470,18 +470,26 @@ def evaluate(args):
         sample_stats, sample_stats_spatial = read_statistics(args.sample_batch, sample_acts)
 
         print("Computing evaluations...")
-        metrics = {"inception_score": compute_inception_score(network.compute_softmax(sample_acts[0]))}
-        print("Inception Score:", metrics["inception_score"])
-        metrics["fid"] = sample_stats.frechet_distance(ref_stats)
-        print("FID:", metrics["fid"])
-        metrics["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
-        print("sFID:", metrics["sfid"])
-        estimator = ManifoldEstimator(DistanceBlock(network.sess))  # in the Inception session, as ADM
-        metrics["precision"], metrics["recall"] = compute_prec_recall(ref_acts[0], sample_acts[0], estimator)
-        print("Precision:", metrics["precision"])
-        print("Recall:", metrics["recall"])
+        metrics = score(network, ref_acts, (ref_stats, ref_stats_spatial), sample_acts,
+                        (sample_stats, sample_stats_spatial))
     finally:
         network.close()
+    return metrics
+
+
+def score(network, ref_acts, ref_stats, sample_acts, sample_stats, log=print):
+    """The five metrics from the (pool, spatial) activations and statistics of both batches, each logged as ADM
+    prints it."""
+    metrics = {"inception_score": compute_inception_score(network.compute_softmax(sample_acts[0]))}
+    log("Inception Score:", metrics["inception_score"])
+    metrics["fid"] = sample_stats[0].frechet_distance(ref_stats[0])
+    log("FID:", metrics["fid"])
+    metrics["sfid"] = sample_stats[1].frechet_distance(ref_stats[1])
+    log("sFID:", metrics["sfid"])
+    estimator = ManifoldEstimator(DistanceBlock(network.sess))  # in the Inception session, as ADM
+    metrics["precision"], metrics["recall"] = compute_prec_recall(ref_acts[0], sample_acts[0], estimator)
+    log("Precision:", metrics["precision"])
+    log("Recall:", metrics["recall"])
     return metrics
 
 

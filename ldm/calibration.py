@@ -176,4 +176,10 @@ def read_steps(path, steps, feature, checkpoint_sha256=None):
     if checkpoint_sha256 is not None and model.get("checkpoint_sha256") != checkpoint_sha256:
         raise CalibrationError(f"calibration file {path} was made for another model ({model.get('checkpoint')}, "
                                f"sha256 {str(model.get('checkpoint_sha256'))[:12]}...)")
-    return [int(i) for i in chosen]
+    try:
+        chosen = [int(i) for i in chosen]
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{path}: steps must be a list of loop indices, not {chosen!r}") from None
+    if not chosen or chosen[0] != 0 or any(b <= a for a, b in zip(chosen, chosen[1:])) or chosen[-1] >= steps:
+        raise CalibrationError(f"{path}: steps must rise from 0 to at most {steps - 1}, not {chosen}")
+    return chosen

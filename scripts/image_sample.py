@@ -19,11 +19,13 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from ldm import cli
+from ldm.autobatch import AUTO_BATCH, auto_batch_size
 from ldm.calibration import AUTO
 from ldm.distributed import Comm, first_error, share_cpu_threads
 from ldm.models.diffusion.deepcache import DeepCache
@@ -31,7 +33,7 @@ from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.modes import SAMPLERS
 from ldm.sampling import decode_latents, image_shape, num_classes, sample_generators, sample_labels, sample_latents
 from ldm.sampling import to_uint8
-from ldm.shards import (RunFiles, batch_range, default_output_dir, finished_batches, previous_run,
+from ldm.shards import (RunFiles, batch_range, default_output_dir, finished_batches, previous_run, read_settings,
                         remove_stale_temporaries, write_samples, write_settings, write_shard)
 from ldm.util import file_sha256
 
@@ -46,8 +48,11 @@ def check_run(args):
     cli.check_files(args)
     cli.check_sampling(args)
     mode = cli.make_mode(args)
-    cli.check_device(args)
-    for flag, value in (("--num_samples", args.num_samples), ("--batch_size", args.batch_size),
+    device = cli.check_device(args)
+    auto_batch = args.batch_size == AUTO_BATCH
+    if auto_batch and device.type != "cuda":
+        raise cli.UsageError("--batch_size auto fits the batch to a GPU's free memory: give a number on the CPU")
+    for flag, value in (("--num_samples", args.num_samples), ("--batch_size", None if auto_batch else args.batch_size),
                         ("--stop_after_batches", args.stop_after_batches)):
         if value is not None and value < 1:
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")
@@ -57,6 +62,8 @@ def check_run(args):
     output_dir = args.output_dir or default_output_dir(settings, args.config)
     cli.check_writable_folder(output_dir, "--output_dir")
     files = RunFiles(output_dir, args.num_samples, settings["image_shape"])
+    if auto_batch and args.resume:  # the shards' batch size, which placed them
+        settings["batch_size"] = (read_settings(files.shard_settings) or {}).get("batch_size", AUTO_BATCH)
     return settings, files, previous_run(files, settings, resume=args.resume, overwrite=args.overwrite)
 
 
@@ -105,6 +112,18 @@ def prepare_output(files, settings, state):
         write_settings(files.shard_settings, settings)
     except OSError as e:
         raise cli.UsageError(f"cannot write to output directory {files.output_dir}: {e.strerror or e}") from None
+
+
+def resolve_batch_size(comm, args, model, mode):
+    """--batch_size auto: the largest batch that fits every rank's GPU (each probes its own), said in one line."""
+    limit = -(-args.num_samples // comm.size)
+    batch_size = min(comm.allgather(auto_batch_size(model, mode, args.steps, args.scale != 1, args.precision, limit)))
+    if comm.rank == 0:
+        print(f"--batch_size auto: {batch_size} samples per batch" if batch_size else
+              "error: --batch_size auto: not even one sample fits the GPU's free memory", file=sys.stderr, flush=True)
+    if not batch_size:
+        sys.exit(cli.BAD_INPUT)
+    return batch_size
 
 
 def collective(comm, step, everywhere=False):
@@ -185,33 +204,56 @@ def summary(made, n, processes, wall, sample_s, decode_s, path):
             f"wrote {path}")
 
 
-def main(args, comm):
-    """Check, load, sample the missing batches, merge; returns the exit status."""
+@dataclass
+class Outcome:
+    """What a run did: its files, whether they were already done, and (rank 0, when it sampled) the resolved mode,
+    the images made and their sampling seconds summed over processes (decoding excluded)."""
+    files: RunFiles
+    already_done: bool
+    mode: object = None
+    images: int = 0
+    sample_seconds: float = 0.0
+
+
+def sample(args, comm):
+    """Check, load, sample the missing batches, merge; returns (exit status, Outcome or None if stopped)."""
     settings, files, state = collective(comm, lambda: check_run(args))
     if state == "done":
         if comm.rank == 0:
             print(f"already done: {files.samples} holds these samples (settings in {files.record}); "
                   f"pass --overwrite to sample them again\nsamples: {files.samples}", flush=True)
-        return 0
+        return 0, Outcome(files, already_done=True)
     try:
         model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
-        collective(comm, lambda: prepare_output(files, settings, state))
         mode = collective(comm, lambda: cli.make_mode(args, calibrate_on=model))  # auto:K calibrated once
+        if settings["batch_size"] == AUTO_BATCH:
+            settings["batch_size"] = resolve_batch_size(comm, args, model, mode)
+        args.batch_size = settings["batch_size"]
+        collective(comm, lambda: prepare_output(files, settings, state))
+        compiled = cli.compile_for(model, args, [mode], args.batch_size)
+        if compiled and comm.rank == 0:
+            print(compiled, file=sys.stderr, flush=True)
         *own, wall = sample_shards(args, comm, model, mode, files)
         stats = comm.gather(own)
         collective(comm, lambda: write_samples(files, settings))
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:
             saved = len(finished_batches(files.shard_dir))
-            total = -(-args.num_samples // args.batch_size)
+            total = "?" if args.batch_size == AUTO_BATCH else -(-args.num_samples // args.batch_size)
             print(f"stopped: {saved} of {total} batches are saved in {files.shard_dir}; "
                   "rerun the same command with --resume to continue", file=sys.stderr, flush=True)
-        return cli.interrupt_exit_status(interrupt)
-    if comm.rank == 0:
-        sample_s, decode_s, made = map(sum, zip(*stats))
-        print(summary(made, args.num_samples, comm.size, wall, sample_s, decode_s, files.samples))
-        print(f"samples: {files.samples}", flush=True)
-    return 0
+        return cli.interrupt_exit_status(interrupt), None
+    if comm.rank != 0:
+        return 0, Outcome(files, already_done=False, mode=mode)
+    sample_s, decode_s, made = map(sum, zip(*stats))
+    print(summary(made, args.num_samples, comm.size, wall, sample_s, decode_s, files.samples))
+    print(f"samples: {files.samples}", flush=True)
+    return 0, Outcome(files, already_done=False, mode=mode, images=made, sample_seconds=sample_s)
+
+
+def main(args, comm):
+    """sample(); returns the exit status."""
+    return sample(args, comm)[0]
 
 
 def parse_args(argv=None):
@@ -222,7 +264,8 @@ def parse_args(argv=None):
     cli.add_device_args(parser)
     run = parser.add_argument_group("run")
     run.add_argument("--num_samples", type=int, default=50000)
-    run.add_argument("--batch_size", type=int, default=16, help="samples per batch and per shard")
+    run.add_argument("--batch_size", type=cli.batch_size_arg, default=16,
+                     help="samples per batch and per shard, or auto: the largest batch that fits the GPU")
     run.add_argument("--output_dir", default=None,
                      help="default: outputs/samples/<model>_<mode><steps>_scale<s>_seed<n>_<digest of the settings>")
     run.add_argument("--resume", action="store_true",

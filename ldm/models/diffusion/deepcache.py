@@ -9,6 +9,8 @@ import operator
 
 import numpy as np
 
+from ldm.calibration import read_steps
+
 
 def _loop_indices(steps, name):
     try:
@@ -28,7 +30,8 @@ class DeepCache:
     interval: N, full steps range(0, S, N); None (and no full_steps): every step is a full step.
     nonuniform: with interval N, ceil(S / N) full steps packed towards the start as in DeepCache's LDM code:
       np.unique(np.int32(np.linspace(0, S ** (1 / pow), ceil(S / N) + 1) ** pow))[:-1].
-    full_steps: an explicit list of full steps (loop indices, starting with 0) instead of an interval.
+    full_steps: an explicit list of full steps (loop indices, starting with 0) instead of an interval, or
+      "@FILE.json" (scripts/calibrate.py's choice).
     branch: the shallow branch reruns input blocks 0..branch and the last branch + 1 output blocks; 0 is
       DeepCache's LDM setting (the first convolution and the last output block), larger is slower and closer
       to the full UNet.
@@ -49,15 +52,19 @@ class DeepCache:
         self.interval = None if interval is None else int(interval)
         self.nonuniform = bool(nonuniform)
         self.pow = pow
-        self.full_steps = None if full_steps is None else _loop_indices(full_steps, "full_steps")
+        calibrated = isinstance(full_steps, str) and full_steps.startswith("@")
+        self.full_steps = full_steps if calibrated or full_steps is None else _loop_indices(full_steps, "full_steps")
         self.branch = int(branch)
 
     def __repr__(self):
+        full_steps = list(self.full_steps) if isinstance(self.full_steps, tuple) else self.full_steps
         return (f"DeepCache(interval={self.interval}, nonuniform={self.nonuniform}, pow={self.pow}, "
-                f"full_steps={None if self.full_steps is None else list(self.full_steps)}, branch={self.branch})")
+                f"full_steps={full_steps!r}, branch={self.branch})")
 
     def full_steps_for(self, num_steps):
         """The loop indices where the whole UNet runs, for num_steps sampling steps."""
+        if isinstance(self.full_steps, str):
+            return tuple(read_steps(self.full_steps[1:], num_steps, "deep"))
         if self.full_steps is not None:
             if self.full_steps[-1] >= num_steps:
                 raise ValueError(f"DeepCache full_steps {list(self.full_steps)} go past the last loop index "

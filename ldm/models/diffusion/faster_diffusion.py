@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from ldm.calibration import AUTO, read_steps
+
 # Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
 PRESETS = {
     # scripts/image_sample.py: 48 encoder passes.
@@ -29,6 +31,11 @@ def _preset_key_steps(name, num_steps):
     for other step counts each key index i becomes floor(i * S / 250), duplicates dropped, so the
     encoder runs at the same fractions of the trajectory.
     """
+    if name.startswith("@"):
+        return tuple(read_steps(name[1:], num_steps, "encoder"))
+    if AUTO.fullmatch(name):
+        raise ValueError(f"key_steps {name!r} are calibrated on the model: resolve them first with "
+                         "ldm.calibration.auto_steps (the scripts do)")
     uniform = re.fullmatch(r"uniform:(\d+)", name)
     if uniform:
         every = int(uniform.group(1))
@@ -63,7 +70,7 @@ class FasterDiffusion:
     """Encoder propagation with parallel decoding and prior noise injection.
 
     key_steps: loop indices where the encoder runs (0 required; the final sentinel S optional), or a
-      preset: "ldm250", "ldm250-fast", "uniform:N".
+      preset: "ldm250", "ldm250-fast", "uniform:N", or "@FILE.json" (scripts/calibrate.py's choice).
     parallel: decode all steps of a group as one batch (False: one step at a time; same result).
     noise_injection: after each update at a timestep t < injection_threshold, add injection_scale * x_T.
     context_layout: "paired" decodes each guidance branch with its own class context; "reference"
@@ -78,7 +85,7 @@ class FasterDiffusion:
         if max_decoder_batch is not None and max_decoder_batch < 1:
             raise ValueError(f"max_decoder_batch must be a positive number of rows, not {max_decoder_batch}")
         self.key_steps = parse_key_steps(key_steps)
-        if isinstance(self.key_steps, str) and not re.fullmatch(r"uniform:\d+", self.key_steps):
+        if isinstance(self.key_steps, str) and not re.fullmatch(r"uniform:\d+|@.+", self.key_steps):
             _preset_key_steps(self.key_steps, PRESET_STEPS)  # unknown names fail now, not at sampling time
         self.parallel = parallel
         self.noise_injection = noise_injection

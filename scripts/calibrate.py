@@ -1,0 +1,131 @@
+"""Choose K key steps (FasterDiffusion) or full steps (DeepCache) from how the model's cached features change.
+
+    python scripts/calibrate.py --config models/digits32/config.yaml --ckpt models/digits32/model.safetensors \
+        --steps 50 --scale 1.5 -K 10 [--cache deepcache] [--out outputs/calibration/digits32_fd_S50_K10.json]
+
+Runs the whole UNet at every step for a few samples (labels and noise of sample indices 0..n-1 of --seed, as
+scripts/image_sample.py draws them), measures the change of the cached feature from step to step (encoder
+skips and middle for FasterDiffusion, the deep decoder feature for DeepCache) and picks K steps, step 0 first,
+that spread it evenly (ldm/calibration.py says how). Writes a JSON file that `--key_steps @FILE.json` (or
+`--full_steps @FILE.json`) reads, and a PNG of the change curve with the chosen steps marked; prints the steps.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ldm import cli  # noqa: E402
+from ldm.calibration import (FEATURES, CalibrationError, check_count, choose_steps, feature_changes,  # noqa: E402
+                             group_costs)
+from ldm.models.diffusion.modes import SAMPLERS, make_mode  # noqa: E402
+from ldm.util import file_sha256, write_atomic  # noqa: E402
+
+
+def check_args(args):
+    """Everything that needs no weights; returns (mode, JSON path, PNG path)."""
+    cli.check_files(args)
+    cli.check_sampling(args)
+    try:
+        mode = make_mode(args.sampler, eta=args.eta)
+        check_count(args.K, args.steps)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if args.num_samples < 1:
+        raise cli.UsageError(f"--num_samples must be at least 1, not {args.num_samples}")
+    out = args.out or (f"outputs/calibration/{Path(args.config).stem}_{args.cache}_S{args.steps}_K{args.K}"
+                       f"_scale{args.scale:g}.json")
+    plot = args.plot or str(Path(out).with_suffix(".png"))
+    for path, ext, flag in ((out, ".json", "--out"), (plot, ".png", "--plot")):
+        if Path(path).suffix.lower() != ext:
+            raise cli.UsageError(f"{flag} {path}: the file name must end in {ext}")
+        cli.check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
+    model = cli.inspect_model(args)
+    if args.cache == "deepcache":
+        try:
+            model.model.diffusion_model.check_branch(args.branch)
+        except ValueError as e:
+            raise cli.UsageError(f"--branch: {e}") from None
+    cli.check_device(args)
+    return mode, out, plot
+
+
+def plot_changes(record, path):
+    """The change curve with the chosen steps marked, as a PNG."""
+    change, keys = record["change"], record["steps"]
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=120)
+    ax.plot(range(1, len(change)), change[1:], color="tab:blue", lw=1.2, marker=".", ms=3,
+            label=f"change of the {record['feature']} feature from the previous step")
+    for k in keys:
+        ax.axvline(k, color="tab:red", lw=0.7, alpha=0.6)
+    ax.plot(keys, [change[k] for k in keys], "v", color="tab:red", ms=6, label=f"the {len(keys)} chosen steps")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("loop index (0 = noisiest step)")
+    ax.set_ylabel("relative change")
+    ax.set_xlim(-0.5, len(change) - 0.5)
+    ax.set_title(f"{record['model']['config']}: {record['sampler']}, S={record['S']}, guidance {record['guidance']:g}; "
+                 f"largest group change {max(record['group_change']):.3g} (uniform: {max(record['uniform_group_change']):.3g})",
+                 fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        mode, out, plot = check_args(args)
+        model = cli.load(args, cli.check_device(args))
+        feature = FEATURES[args.cache]
+        change = feature_changes(model, mode, args.steps, args.scale, feature, num_samples=args.num_samples,
+                                 seed=args.seed, branch=args.branch, precision=args.precision)
+        keys = choose_steps(change, args.K)
+    except (cli.UsageError, CalibrationError) as e:
+        return cli.report(e)
+    uniform = sorted({i * args.steps // args.K for i in range(args.K)})
+    record = {
+        "model": {"config": args.config, "checkpoint": args.ckpt, "checkpoint_sha256": file_sha256(args.ckpt)},
+        "S": args.steps, "sampler": args.sampler, "eta": args.eta, "guidance": args.scale, "K": args.K,
+        "steps": keys, "feature": feature, "cache": args.cache, "branch": args.branch if args.cache == "deepcache" else None,
+        "num_samples": args.num_samples, "seed": args.seed, "precision": args.precision,
+        "group_change": group_costs(change, keys), "uniform_steps": uniform,
+        "uniform_group_change": group_costs(change, uniform), "change": change,
+    }
+    for path in (out, plot):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    plot_changes(record, plot)
+    write_atomic(out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    print(f"largest group change {max(record['group_change']):.4g} (K={args.K} uniform steps: "
+          f"{max(record['uniform_group_change']):.4g}); plot {plot}")
+    print(f"wrote {out}: use --{'key_steps' if args.cache == 'fd' else 'full_steps'} @{out}")
+    print(f"steps: {','.join(map(str, keys))}")
+    return 0
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    cli.add_model_args(parser)
+    cli.add_sampling_args(parser)
+    cli.add_device_args(parser)
+    group = parser.add_argument_group("calibration")
+    group.add_argument("-K", "--num_key_steps", dest="K", type=int, required=True, help="steps to choose (1..S)")
+    group.add_argument("--cache", choices=list(FEATURES), default="fd",
+                       help="fd: encoder features (key steps); deepcache: the deep feature (full steps)")
+    group.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="the solver whose trajectory is measured")
+    group.add_argument("--branch", type=int, default=0, help="DeepCache's shallow branch (its deep feature is measured)")
+    group.add_argument("--num_samples", type=int, default=4, help="samples measured (indices 0..n-1 of --seed)")
+    group.add_argument("--out", default=None,
+                       help="JSON file (default outputs/calibration/<model>_<cache>_S<S>_K<K>_scale<s>.json)")
+    group.add_argument("--plot", default=None, help="PNG of the change curve (default: --out with .png)")
+    parser.set_defaults(steps=50)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

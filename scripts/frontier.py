@@ -1,0 +1,486 @@
+"""The speed-quality frontier of sampling modes on one model: quality against seconds and FLOPs per image.
+
+    python scripts/frontier.py --quick --config models/digits32/config.yaml --ckpt models/digits32/model.safetensors \
+        --ref data/digits_ref.npz --inception_path models/digits32/classifier.pb --real data/digits_real.npz
+    mpiexec -n 8 python scripts/frontier.py --set default ...      # sampling on 8 processes (GPUs)
+
+Every mode is sampled with scripts/image_sample.py (the same --seed, so every mode gets the same labels and
+initial noise) and scored with evaluations/evaluator.py against --ref. A mode is
+SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S: VALUE is FasterDiffusion's key steps or DeepCache's interval (or
+calibrated steps, @FILE.json or auto:K), FLAG one of image_sample.py's mode flags (MODE_FLAGS), e.g. ddim@50,
+ddim+fd:ldm250,context_layout=reference@250, dpmpp2m+deepcache:3,nonuniform=true@20, ddim,precision=bf16@50.
+--set names a list of modes (SETS); each mode runs once per --guidance value.
+
+For each it records s/img (sampling seconds per image and process, decoding excluded, measured in the run
+that made the samples), UNet FLOPs per image (torch.utils.flop_counter, one extra image), encoder passes, the
+five metrics and, when the feature graph classifies the model's classes, the fraction of samples it takes
+for their requested class (arr_1). --real adds held-out real images as a row: the floor. Finished modes are
+not redone: the samples are image_sample.py's resumable run in <out>/samples/n<N>_seed<seed>/<mode>_g<guidance>/,
+the mode's numbers result.json beside them. Outputs: <out>/frontier.md, frontier.json and frontier.png (FID
+against s/img and against FLOPs/img, Pareto fronts drawn, points labelled).
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import image_sample  # noqa: E402  (scripts/ is on the path of a script run from the repository)
+from evaluations import evaluator  # noqa: E402
+from ldm import cli  # noqa: E402
+from ldm.distributed import Comm, share_cpu_threads  # noqa: E402
+from ldm.sampling import image_shape, num_classes, sample_generators, sample_labels, sample_latents  # noqa: E402
+from ldm.util import PRECISIONS, file_sha256, write_atomic  # noqa: E402
+
+MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_batch", "cache_interval", "nonuniform",
+              "pow", "full_steps", "branch", "skip_type", "lower_order_final", "eta", "precision")
+_FD_PRESETS = [f"ddim+fd:{preset}{layout}@{s}" for s in (250,) for preset in ("ldm250", "ldm250-fast")
+               for layout in ("", ",context_layout=reference")]
+SETS = {
+    # about 5 minutes on the small model on 2 cores (with --quick's 250 samples)
+    "quick": ["ddim@10", "ddim@25", "dpmpp2m@10", "ddim+fd:uniform:3@25", "ddim+fd:auto:9@25", "ddim+deepcache:3@25"],
+    # the rows of the quality table (issue 10)
+    "quality": [*(f"ddim@{s}" for s in (250, 100, 50, 25, 10)), *_FD_PRESETS,
+                *(f"ddim+fd:uniform:{n}@50" for n in range(2, 6))],
+    # the frontier: solvers at several S, both caches, calibrated against uniform key steps at equal K
+    "default": [*(f"ddim@{s}" for s in (10, 20, 25, 50, 100)), *(f"dpmpp2m@{s}" for s in (5, 10, 15, 20)),
+                *(p.replace("@250", "@50") for p in _FD_PRESETS),
+                *(f"ddim+fd:{keys}@50" for n, k in ((2, 25), (3, 17), (4, 13), (5, 10))
+                  for keys in (f"uniform:{n}", f"auto:{k}")),
+                *(f"ddim+deepcache:{n}{nonuniform}@50" for n in (2, 3, 5) for nonuniform in ("", ",nonuniform=true")),
+                "dpmpp2m+deepcache:2@20", "dpmpp2m+fd:uniform:2@20"],
+}
+QUICK_SAMPLES, DEFAULT_SAMPLES = 250, 1000
+METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+
+
+class Job:
+    """One mode at one guidance: its image_sample.py arguments and where its samples and result go."""
+
+    def __init__(self, spec, guidance, args, cache):
+        self.spec, self.guidance, self.args, self.cache = spec, guidance, args, cache
+        self.folder = Path(args.output_dir)
+        self.result = self.folder / "result.json"
+
+    @property
+    def label(self):
+        return f"{self.spec} g{self.guidance:g}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modes and checks (no model work)
+
+
+def mode_flags(spec):
+    """'SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S' -> image_sample.py flags."""
+    body, at, steps = spec.strip().rpartition("@")
+    if not at or not steps.isdigit():
+        raise cli.UsageError(f"mode {spec!r}: expected SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S, e.g. ddim+fd:uniform:4@50")
+    tokens = body.split(",")
+    name = ",".join(t for t in tokens if "=" not in t)
+    try:
+        sampler, cache, value = cli.split_mode_name(name)
+    except cli.UsageError as e:
+        raise cli.UsageError(str(e).replace(f"mode {name!r}", f"mode {spec!r}", 1)) from None
+    flags = ["--sampler", sampler, "--cache", cache, "--steps", steps]
+    if value is not None:
+        flags += ["--key_steps" if cache == "fd" else "--cache_interval" if value.isdigit() else "--full_steps", value]
+    for key, _, val in (t.partition("=") for t in tokens if "=" in t):
+        if key not in MODE_FLAGS:
+            raise cli.UsageError(f"mode {spec!r}: unknown option {key!r}; options: {', '.join(MODE_FLAGS)}")
+        flags += [f"--{key}", val]
+    return flags, cache
+
+
+def sample_args(argv, spec):
+    """image_sample.py's arguments; a bad value is a UsageError naming the mode (not argparse's exit)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return image_sample.parse_args(argv)
+    except SystemExit:
+        raise cli.UsageError(f"mode {spec!r}: {err.getvalue().strip().removeprefix('error: ')}") from None
+
+
+def slug(spec):
+    """A folder name for a mode: its spec with path-unsafe characters replaced, and a digest of the spec."""
+    return f"{re.sub(r'[^A-Za-z0-9.+=-]', '_', spec)[:60]}_{hashlib.sha256(spec.encode()).hexdigest()[:6]}"
+
+
+def check_batch(path, flag, shape):
+    """An ADM batch of images of the model's size."""
+    try:
+        evaluator.check_batch_file(path)
+        with evaluator.NpzArrayReader(path, "arr_0") as reader:
+            found = tuple(reader.shape[1:])
+    except evaluator.InputError as e:
+        raise cli.UsageError(f"{flag} {e}") from None
+    if found != tuple(shape):
+        raise cli.UsageError(f"{flag} {path} holds {found[0]}x{found[1]} images; the model makes "
+                             f"{shape[0]}x{shape[1]}")
+
+
+def check_graph(args, classes):
+    """The feature graph has the evaluator's tensors; returns whether to report classifier accuracy."""
+    try:
+        network = evaluator.InceptionNetwork(args.inception_path, threads=args.tf_threads)
+    except evaluator.InputError as e:
+        raise cli.UsageError(f"--inception_path {e}") from None
+    outputs = int(network.softmax.shape[-1])
+    network.close()
+    if args.classifier_accuracy and outputs != classes:
+        raise cli.UsageError(f"--classifier_accuracy: the graph has {outputs} logits, the model {classes} classes")
+    return outputs == classes
+
+
+def check(args):
+    """Every check before any model work; returns (jobs, whether to report accuracy)."""
+    specs = args.modes or SETS[args.set]
+    try:
+        args.inception_path = args.inception_path or evaluator.fetch_inception_graph()
+    except evaluator.InputError as e:
+        raise cli.UsageError(str(e)) from None
+    if not os.path.isfile(args.inception_path):
+        raise cli.UsageError(f"--inception_path {args.inception_path}: no such file (the feature graph)")
+    cli.check_writable_folder(args.out, "--out")
+    jobs = []
+    for spec in dict.fromkeys(specs):
+        flags, cache = mode_flags(spec)
+        for guidance in args.guidance:
+            folder = Path(args.out) / "samples" / f"n{args.num_samples}_seed{args.seed}" / f"{slug(spec)}_g{guidance:g}"
+            argv = ["--config", args.config, "--ckpt", args.ckpt, "--num_samples", str(args.num_samples),
+                    "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--scale", str(guidance),
+                    "--output_dir", str(folder), "--resume", "--tqdm_disable", "--precision", args.precision,
+                    *(["--device", args.device] if args.device else []), *flags]
+            job = Job(spec, guidance, sample_args(argv, spec), cache)
+            image_sample.check_run(job.args)  # the mode, its steps, calibration files, the folder
+            jobs.append(job)
+    model = cli.inspect_model(jobs[0].args)
+    for path, flag in ((args.ref, "--ref"), (args.real, "--real")):
+        if path:
+            check_batch(path, flag, image_shape(model))
+    return jobs, check_graph(args, num_classes(model))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling, counting, scoring
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, data):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
+
+
+def warm_up(model, args):
+    """One untimed sampling call of a batch, so that one-time start-up costs do not count in the first mode's time."""
+    labels = sample_labels(args.seed, range(args.batch_size), num_classes(model))
+    sample_latents(model, labels, 2, args.scale, precision=args.precision,
+                   generators=sample_generators(args.seed, range(args.batch_size)))
+
+
+def count(model, mode, args):
+    """UNet FLOPs and passes of one image of the mode (the passes do not depend on the batch)."""
+    labels = sample_labels(args.seed, [0], num_classes(model))
+    _, intermediates = sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=args.precision,
+                                      generators=sample_generators(args.seed, [0]), count_flops=True)
+    s = intermediates["stats"]
+    return {"gflops_per_img": s.flops / 1e9, "encoder_passes": s.encoder_passes, "full_passes": s.full_passes,
+            "shallow_passes": s.shallow_passes, "decoder_rows_per_img": s.decoder_rows}
+
+
+def sample_job(job, comm, counter):
+    """Sample the job's missing images (all ranks) and, on rank 0, record its time, FLOPs and passes.
+    Returns the exit status."""
+    status, outcome = image_sample.sample(job.args, comm)
+    if comm.bcast(status == 0 and comm.rank == 0 and outcome.images == 0):  # made, but not timed: sample again
+        job.args.overwrite = True
+        status, outcome = image_sample.sample(job.args, comm)
+        job.args.overwrite = False
+    if status == 0 and comm.rank == 0:
+        write_json(job.result, {"spec": job.spec, "guidance": job.guidance, "cache": job.cache, "S": job.args.steps,
+                                "samples": str(outcome.files.samples), "timed_images": outcome.images,
+                                "s_per_img": outcome.sample_seconds / outcome.images,
+                                **counter(outcome.mode, job.args)})
+    return status
+
+
+class Scorer:
+    """The evaluator's network and reference activations, made once (rank 0)."""
+
+    def __init__(self, args, accuracy):
+        self.args, self.accuracy = args, accuracy
+        self.network = self.ref = None
+        self.against = {"ref_sha256": file_sha256(args.ref), "graph_sha256": file_sha256(args.inception_path)}
+
+    def __call__(self, path):
+        """Metrics of an .npz (and the accuracy of its labels, when the graph classifies the model's classes)."""
+        if self.network is None:
+            self.network = evaluator.InceptionNetwork(self.args.inception_path, threads=self.args.tf_threads)
+            acts = self.network.read_activations(self.args.ref)
+            self.ref = acts, evaluator.read_statistics(self.args.ref, acts)
+        acts = self.network.read_activations(path)
+        metrics = evaluator.score(self.network, *self.ref, acts, evaluator.read_statistics(path, acts),
+                                  log=lambda *a: None)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if self.accuracy:
+            with np.load(path) as npz:
+                labels = npz["arr_1"] if "arr_1" in npz.files else None
+            predicted = self.network.compute_softmax(acts[0]).argmax(axis=1)
+            metrics["accuracy"] = None if labels is None else float((predicted == labels).mean())
+        return {**metrics, **self.against}
+
+    def close(self):
+        if self.network is not None:
+            self.network.close()
+
+
+def scored(result, scorer):
+    return result is not None and all(result.get(k) == v for k, v in scorer.against.items()) and "fid" in result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table, JSON, plot
+
+
+def pareto(rows, key):
+    """Whether each row is on the front of (key, FID): no other row is at least as good in both and better in one."""
+    return [not any(o[key] <= r[key] and o["fid"] <= r["fid"] and (o[key], o["fid"]) != (r[key], r["fid"])
+                    for o in rows) for r in rows]
+
+
+def speedups(rows):
+    """s/img of the DDIM row with the most steps at the same guidance, divided by the row's."""
+    out = []
+    for r in rows:
+        ddim = [o for o in rows if o["guidance"] == r["guidance"] and re.fullmatch(r"ddim@\d+", o["spec"])]
+        base = max(ddim, key=lambda o: o["S"])["s_per_img"] if ddim else None
+        out.append(None if base is None else base / r["s_per_img"])
+    return out
+
+
+def fmt(value, digits=4):
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def answer(rows):
+    """Per guidance: the fastest mode at least as good (FID) as 100-step DDIM, and by how much."""
+    lines = []
+    for g in dict.fromkeys(r["guidance"] for r in rows):
+        base = next((r for r in rows if r["guidance"] == g and r["spec"] == "ddim@100"), None)
+        if base is None:
+            continue
+        best = min((r for r in rows if r["guidance"] == g and r["fid"] <= base["fid"]), key=lambda r: r["s_per_img"])
+        lines.append(f"At guidance {g:g}, 100-step DDIM has FID {base['fid']:.4g} at {base['s_per_img']:.4g} s/img; "
+                     f"the fastest mode at least as good is `{best['spec']}` (FID {best['fid']:.4g}, "
+                     f"{best['s_per_img']:.4g} s/img), {base['s_per_img'] / best['s_per_img']:.2f}x faster.")
+    return lines
+
+
+def equal_k(rows):
+    """Markdown rows comparing FasterDiffusion uniform:N and auto:K key steps at the same encoder passes."""
+    fd = [r for r in rows if r["cache"] == "fd" and re.search(r":(uniform|auto):\d+", r["spec"])]
+    lines = []
+    for r in fd:
+        if ":uniform:" not in r["spec"]:
+            continue
+        twin = next((o for o in fd if ":auto:" in o["spec"] and o["guidance"] == r["guidance"] and o["S"] == r["S"]
+                     and o["encoder_passes"] == r["encoder_passes"]
+                     and o["spec"].split("+")[0] == r["spec"].split("+")[0]), None)
+        if twin:
+            lines.append(f"| {r['guidance']:g} | {r['S']} | {r['encoder_passes']} | `{r['spec']}` | {r['fid']:.4g} | "
+                         f"`{twin['spec']}` | {twin['fid']:.4g} |")
+    if not lines:
+        return []
+    return ["", "FasterDiffusion key steps at equal encoder passes (K): uniform against calibrated (`auto:K`).", "",
+            "| guidance | S | K | uniform | FID | calibrated | FID |", "|---|---|---|---|---|---|---|", *lines]
+
+
+def markdown(rows, real, settings):
+    speed = speedups(rows)
+    head = ["guidance", "mode", "S", "s/img", "speed-up", "GFLOP/img", "encoder passes", "FID", "sFID", "IS",
+            "precision", "recall", "accuracy", "Pareto front"]
+    lines = [f"# Speed-quality frontier of {settings['config']}", "",
+             f"{settings['num_samples']} samples a mode (seed {settings['seed']}) against {settings['ref']}, features "
+             f"of {settings['inception_path']}. s/img: sampling seconds per image of one process, decoding excluded; "
+             "speed-up against the DDIM row with the most steps at the same guidance; the front: no mode is both "
+             "faster (or cheaper in FLOPs) and better in FID.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if real:
+        lines.append("| - | real (held-out) | - | - | - | - | - | " + " | ".join(
+            fmt(real.get(k)) for k in ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")) + " | - |")
+    for r, s in zip(rows, speed):
+        front = " and ".join(name for name, on in (("time", r["front_time"]), ("FLOPs", r["front_flops"])) if on)
+        lines.append(f"| {r['guidance']:g} | `{r['spec']}` | {r['S']} | {r['s_per_img']:.4g} | "
+                     f"{'-' if s is None else f'{s:.2f}x'} | {r['gflops_per_img']:.4g} | {r['encoder_passes']} | " +
+                     " | ".join(fmt(r.get(k)) for k in ("fid", "sfid", "inception_score", "precision", "recall",
+                                                         "accuracy")) + f" | {front or '-'} |")
+    extra = answer(rows)
+    return "\n".join(lines + ([""] + extra if extra else []) + equal_k(rows)) + "\n"
+
+
+def plot(rows, real, path):
+    """FID against s/img and against GFLOP/img, one colour per guidance, Pareto fronts dashed, points labelled."""
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110)
+    colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
+    markers = {"none": "o", "fd": "s", "deepcache": "^"}
+    for ax, key, front, xlabel in ((axes[0], "s_per_img", "front_time", "seconds per image (sampling)"),
+                                   (axes[1], "gflops_per_img", "front_flops", "UNet GFLOPs per image")):
+        for r in rows:
+            ax.scatter(r[key], r["fid"], color=colours[r["guidance"]], marker=markers[r["cache"]], s=28, zorder=3)
+            ax.annotate(r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else ""), (r[key], r["fid"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        on = sorted((r[key], r["fid"]) for r in rows if r[front])
+        ax.step([x for x, _ in on], [y for _, y in on], where="post", color="black", ls="--", lw=1,
+                label="Pareto front", zorder=2)
+        if real and real.get("fid") is not None:
+            ax.axhline(real["fid"], color="grey", ls=":", lw=1, label=f"real held-out images (FID {real['fid']:.3g})")
+        for g, c in colours.items():
+            ax.scatter([], [], color=c, label=f"guidance {g:g}")
+        for cache, m in markers.items():
+            ax.scatter([], [], color="grey", marker=m, label=f"cache {cache}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=6)
+        ax.margins(x=0.12, y=0.08)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("FID (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Speed-quality frontier: FID against time and against FLOPs")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def write_outputs(args, jobs, accuracy):
+    """frontier.json, frontier.md and frontier.png from the jobs' results (rank 0)."""
+    rows = [read_json(job.result) for job in jobs]
+    for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
+        for r, on in zip(rows, pareto(rows, key)):
+            r[front] = on
+    real = read_json(Path(args.out) / "real" / "result.json") if args.real else None
+    settings = {k: getattr(args, k) for k in ("config", "ckpt", "ref", "inception_path", "real", "num_samples", "seed",
+                                              "guidance")}
+    settings["checkpoint_sha256"] = file_sha256(args.ckpt)
+    out = Path(args.out)
+    write_json(out / "frontier.json", {"settings": settings, "classifier_accuracy": accuracy, "real": real, "rows": rows})
+    write_atomic(out / "frontier.md", lambda f: f.write(markdown(rows, real, settings).encode()))
+    plot(rows, real, out / "frontier.png")
+    print(f"wrote {out / 'frontier.md'}, {out / 'frontier.json'}, {out / 'frontier.png'}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(args, comm):
+    """Check everything, then sample, count and score each unfinished mode; returns the exit status."""
+    jobs, accuracy = image_sample.collective(comm, lambda: check(args))
+    model = scorer = None
+    try:
+        if comm.rank == 0:
+            scorer = Scorer(args, accuracy)
+        for job in jobs:
+            if not comm.bcast(comm.rank == 0 and "s_per_img" in (read_json(job.result) or {})):
+                if model is None:  # on every process: warm-up; on rank 0 also FLOP counting
+                    model = cli.load(job.args, cli.check_device(job.args, comm.rank))
+                    warm_up(model, job.args)
+                status = sample_job(job, comm, lambda mode, a: count(model, mode, a))
+                if status:
+                    return status
+            if comm.rank == 0:
+                result = read_json(job.result)
+                if not scored(result, scorer):
+                    write_json(job.result, {**result, **scorer(result["samples"])})
+                    result = read_json(job.result)
+                print(f"{job.label}: {result['s_per_img']:.4g} s/img, {result['gflops_per_img']:.4g} GFLOP/img, "
+                      f"FID {result['fid']:.4g}", flush=True)
+            comm.wait_all()
+        if comm.rank == 0:
+            real = Path(args.out) / "real" / "result.json"
+            if args.real and not scored(read_json(real), scorer):
+                write_json(real, {"samples": args.real, **scorer(args.real)})
+            write_outputs(args, jobs, accuracy)
+    except KeyboardInterrupt as interrupt:
+        if comm.rank == 0:
+            print("stopped: finished modes are kept; rerun the same command to continue", file=sys.stderr, flush=True)
+        return cli.interrupt_exit_status(interrupt)
+    finally:
+        if scorer is not None:
+            scorer.close()
+    return 0
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    group = parser.add_argument_group("frontier")
+    group.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                       help="modes SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S (instead of --set)")
+    group.add_argument("--set", choices=list(SETS), default="default", help="a named list of modes")
+    group.add_argument("--quick", action="store_true",
+                       help=f"--set quick with {QUICK_SAMPLES} samples a mode (unless --num_samples)")
+    group.add_argument("--guidance", type=float, nargs="+", default=[1.5], help="guidance scales; each mode runs at each")
+    group.add_argument("--num_samples", type=int, default=None, help=f"samples a mode (default {DEFAULT_SAMPLES})")
+    group.add_argument("--seed", type=int, default=0, help="seed of every mode's labels and noise")
+    group.add_argument("--batch_size", type=int, default=250, help="samples per batch (per process)")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: each process's GPU, else cpu)")
+    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="of every mode (a mode's precision=... overrides it)")
+    group.add_argument("--out", default=None, help="output folder (default outputs/frontier/<config name>)")
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument("--ref", required=True, help="reference batch .npz (ADM format)")
+    scoring.add_argument("--inception_path", default=None,
+                         help="feature graph (.pb) for evaluations/evaluator.py (default: the Inception graph, "
+                              "fetched once as the evaluator does)")
+    scoring.add_argument("--real", default=None, help="held-out real images .npz: a row for the floor")
+    scoring.add_argument("--classifier_accuracy", action="store_true",
+                         help="report the share of samples the graph classifies as their label (automatic when the "
+                              "graph's logits are exactly the model's classes)")
+    scoring.add_argument("--tf_threads", type=int, default=None, help="TensorFlow threads of the evaluator")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.set = "quick"
+    args.num_samples = args.num_samples or (QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES)
+    args.out = args.out or f"outputs/frontier/{Path(args.config).stem}"
+    return args
+
+
+def run(argv=None):
+    """main() with SIGTERM handled like Ctrl-C and, under MPI, one rank's crash ending all ranks."""
+    args = parse_args(argv)
+    comm = Comm()
+    share_cpu_threads(comm)
+    torch.set_grad_enabled(False)
+    with cli.sigterm_as_interrupt():
+        try:
+            return main(args, comm)
+        except Exception:
+            if comm.size > 1:
+                traceback.print_exc()
+                comm.abort(1)
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(run())

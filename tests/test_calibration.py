@@ -1,0 +1,212 @@
+"""Key steps from the model: the change curve, the dynamic program, scripts/calibrate.py and the files and
+`auto:K` specs that the samplers and front ends read."""
+import hashlib
+import importlib.util
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from ldm import calibration
+from ldm.models.diffusion.deepcache import DeepCache
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import make_mode
+from ldm.sampling import generate, sample_generators, sample_labels, sample_latents, to_uint8, unconditional_class
+
+
+def _load_script(relative_path):
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+calibrate = _load_script("scripts/calibrate.py")
+image_sample = _load_script("scripts/image_sample.py")
+MODEL = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- the dynamic program --------------------------------------------------------------------------------------
+
+
+def brute_force(change, k):
+    """The best key steps by enumeration: least largest group change, then least total, then earliest."""
+    best = None
+    for rest in itertools.combinations(range(1, len(change)), k - 1):
+        keys = [0, *rest]
+        costs = calibration.group_costs(change, keys)
+        score = (round(max(costs), 9), round(sum(costs), 9))
+        if best is None or score < best[0]:
+            best = (score, keys)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_choose_steps_is_optimal(seed):
+    rng = np.random.default_rng(seed)
+    steps = int(rng.integers(2, 11))
+    change = np.concatenate([[0.0], rng.choice([0.5, 1.0, 2.0, 3.0], size=steps - 1) * rng.random() + 0.1])
+    for k in range(1, steps + 1):
+        keys = calibration.choose_steps(change, k)
+        assert keys[0] == 0 and len(keys) == k and keys == sorted(set(keys))
+        costs = calibration.group_costs(change, keys)
+        (best_max, best_total), _ = brute_force(change, k)
+        assert max(costs) == pytest.approx(best_max, abs=1e-9)
+        assert sum(costs) == pytest.approx(best_total, abs=1e-9)
+
+
+def test_choose_steps_follows_the_change():
+    """A curve with one jump: a key step sits right after it; all steps chosen: every step a key."""
+    change = [0, 1, 1, 1, 9, 1, 1, 1]
+    assert calibration.choose_steps(change, 2) == [0, 4]
+    assert calibration.choose_steps(change, 8) == list(range(8))
+    assert calibration.choose_steps(change, 1) == [0]
+    with pytest.raises(calibration.CalibrationError, match="K must be in 1..8"):
+        calibration.choose_steps(change, 9)
+
+
+# --- the change curve ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("feature", ["encoder", "deep"])
+def test_feature_changes_match_a_direct_computation(tiny_model, feature):
+    """change[i] is the relative change of the feature between the inputs of steps i - 1 and i of the plain run."""
+    steps, scale = 5, 2.0
+    change = calibration.feature_changes(tiny_model, make_mode(), steps, scale, feature, num_samples=2, seed=3)
+    assert len(change) == steps and change[0] == 0 and all(c > 0 for c in change[1:])
+    inputs = []
+    labels = sample_labels(3, range(2), 1000)
+    _, inter = sample_latents(tiny_model, labels, steps, scale, generators=sample_generators(3, range(2)),
+                              callback=lambda i, t, x, x0: inputs.append((x, t)))
+    x1, t1 = inputs[0][0], inputs[1][1]
+    x0, t0 = inter["x_inter"][0], inputs[0][1]
+    context = tiny_model.get_learned_conditioning({"class_label": labels})
+    uncond = tiny_model.get_learned_conditioning({"class_label": torch.full_like(labels, unconditional_class(tiny_model))})
+    unet = tiny_model.model.diffusion_model
+
+    def feature_of(x, t):
+        rows, ctx, ts = torch.cat([x, x]), torch.cat([uncond, context]), torch.full((4,), t)
+        if feature == "encoder":
+            skips, mid = unet.encode(rows, ts, ctx)
+            return torch.cat([s.flatten(1) for s in skips] + [mid.flatten(1)], 1).double()
+        return unet.forward_deep(rows, ts, ctx, branch=0)[1].flatten(1).double()
+
+    with torch.inference_mode():
+        a, b = feature_of(x0, t0), feature_of(x1, t1)
+    expected = ((b - a).norm(dim=1) / a.norm(dim=1)).mean().item()
+    assert change[1] == pytest.approx(expected, rel=1e-5)
+
+
+# --- scripts/calibrate.py and what reads its files ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """calibrate.py's files for FasterDiffusion and DeepCache at S = 10, K = 4."""
+    folder = tmp_path_factory.mktemp("calibration")
+    files = {}
+    for cache in ("fd", "deepcache"):
+        out = folder / f"{cache}.json"
+        assert calibrate.main([*MODEL, "--steps", "10", "-K", "4", "--cache", cache, "--num_samples", "2",
+                               "--out", str(out)]) == 0
+        files[cache] = out
+    return files
+
+
+def test_calibrate_writes_the_steps_the_curve_and_a_plot(calibrated, capsys):
+    record = json.loads(calibrated["fd"].read_text())
+    assert (record["S"], record["K"], record["guidance"], record["feature"]) == (10, 4, 1.5, "encoder")
+    assert record["steps"] == calibration.choose_steps(record["change"], 4)
+    assert record["model"]["checkpoint_sha256"] == hashlib.sha256(TINY_CKPT.read_bytes()).hexdigest()
+    assert len(record["change"]) == 10 and max(record["group_change"]) <= max(record["uniform_group_change"]) + 1e-12
+    assert json.loads(calibrated["deepcache"].read_text())["feature"] == "deep"
+    png = calibrated["fd"].with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_files_are_read_by_the_caches(calibrated):
+    fd_steps = json.loads(calibrated["fd"].read_text())["steps"]
+    deep_steps = json.loads(calibrated["deepcache"].read_text())["steps"]
+    assert FasterDiffusion(f"@{calibrated['fd']}").key_steps_for(10) == tuple(fd_steps)
+    assert DeepCache(full_steps=f"@{calibrated['deepcache']}").full_steps_for(10) == tuple(deep_steps)
+    with pytest.raises(ValueError, match="was made for S = 10 steps, not 20"):
+        FasterDiffusion(f"@{calibrated['fd']}").key_steps_for(20)
+    with pytest.raises(ValueError, match="holds steps for the deep feature"):
+        FasterDiffusion(f"@{calibrated['deepcache']}").key_steps_for(10)
+    with pytest.raises(ValueError, match="calibrated on the model"):
+        FasterDiffusion("auto:4")
+
+
+def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, tmp_path, capsys):
+    """--key_steps @FILE and auto:K sample as the library does with those steps; --full_steps @FILE likewise."""
+    labels = sample_labels(0, range(2), 1000)
+    common = [*MODEL, "--steps", "10", "--num_samples", "2", "--tqdm_disable"]
+    auto = calibration.auto_steps(tiny_model, "auto:3", make_mode(), 10, 1.5, "encoder")
+    cases = [(["--cache", "fd", "--key_steps", f"@{calibrated['fd']}"],
+              make_mode("ddim", "fd", key_steps=json.loads(calibrated["fd"].read_text())["steps"])),
+             (["--cache", "deepcache", "--full_steps", f"@{calibrated['deepcache']}"],
+              make_mode("ddim", "deepcache", full_steps=json.loads(calibrated["deepcache"].read_text())["steps"])),
+             (["--cache", "fd", "--key_steps", "auto:3"], make_mode("ddim", "fd", key_steps=auto))]
+    for k, (flags, mode) in enumerate(cases):
+        out = tmp_path / str(k)
+        assert image_sample.run([*common, "--output_dir", str(out), *flags]) == 0
+        with np.load(out / "samples_2x64x64x3.npz") as npz:
+            images = npz["arr_0"]
+        expected, _ = generate(tiny_model, labels, 10, 1.5, mode=mode, generators=sample_generators(0, range(2)))
+        diff = np.abs(images.astype(int) - to_uint8(expected).numpy().astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    record = json.loads((tmp_path / "2" / "samples_2x64x64x3.json").read_text())
+    assert record["faster_diffusion"]["key_steps"] == "auto:3"
+
+
+BAD = {
+    "K larger than S": (["--steps", "10", "-K", "11"], "K must be in 1..10"),
+    "K of 0": (["--steps", "10", "-K", "0"], "K must be in 1..10"),
+    "bad step count": (["--steps", "300", "-K", "3"], "--steps: 300"),
+    "not a json name": (["-K", "3", "--out", "{tmp}/x.txt"], "--out {tmp}/x.txt: the file name must end in .json"),
+    "branch too deep": (["-K", "3", "--cache", "deepcache", "--branch", "99"], "--branch: DeepCache branch must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_calibrate_bad_input(case, tmp_path, capsys):
+    flags, words = BAD[case]
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "out" / "c.json")]
+    try:
+        status = calibrate.main([*MODEL, *out, *flags])
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and words.format(tmp=tmp_path) in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["other S", "other model", "other feature"])
+def test_calibration_file_mismatch_is_refused(case, calibrated, ten_class_files, tmp_path, capsys):
+    """A file made for another S, model or feature: one line, exit status 2, nothing written."""
+    flags = {"other S": ["--steps", "20", "--cache", "fd", "--key_steps", f"@{calibrated['fd']}"],
+             "other model": ["--steps", "10", "--config", str(ten_class_files[0]), "--ckpt", str(ten_class_files[1]),
+                             "--cache", "fd", "--key_steps", f"@{calibrated['fd']}"],
+             "other feature": ["--steps", "10", "--cache", "deepcache", "--full_steps", f"@{calibrated['fd']}"]}[case]
+    words = {"other S": "was made for S = 10 steps, not 20", "other model": "was made for another model",
+             "other feature": "holds steps for the encoder feature"}[case]
+    try:
+        status = image_sample.run([*MODEL, "--output_dir", str(tmp_path / "out"), *flags])
+    except SystemExit as e:
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and words in err, err
+    assert not list(tmp_path.iterdir())

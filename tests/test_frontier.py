@@ -1,0 +1,190 @@
+"""scripts/frontier.py in small: the 10-class tiny model, a few samples, a fake feature graph whose logits are
+the model's 10 classes; the table, JSON and plot agree; finished modes are not redone; bad input."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))  # frontier.py imports image_sample.py as a script run from there does
+
+
+def _load_script(relative_path):
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+frontier = _load_script("scripts/frontier.py")
+MODES = ["ddim@2", "ddim+fd:uniform:2@4", "ddim+fd:auto:2@4", "dpmpp2m+deepcache:2@4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_graph(path, classes):
+    """A small feature graph with the evaluator's tensor names: from 12 pixel values (2x2 places, 3 channels)
+    7 'spatial' features (mixed_6/conv, 1x1 spatially), 4 pooled ones (pool_3) and `classes` logits, so that
+    a dozen images give covariances of full rank."""
+    tf = pytest.importorskip("tensorflow").compat.v1
+    rng = np.random.default_rng(0)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.placeholder(tf.float32, [None, None, None, 3], name="input")
+        expanded = tf.identity(images, name="ExpandDims")
+        pixels = tf.reshape(tf.image.resize(expanded, [2, 2], method="nearest"), [-1, 12]) / 255.0
+        hidden = tf.tanh(tf.matmul(pixels, rng.normal(size=(12, 11)).astype(np.float32)))
+        tf.reshape(hidden[:, :7], [-1, 1, 1, 7], name="mixed_6/conv")
+        pool = tf.reshape(hidden[:, 7:], [-1, 1, 1, 4], name="pool_3")
+        tf.matmul(tf.reshape(pool, [-1, 4]), rng.normal(size=(4, classes)).astype(np.float32),
+                  name="softmax/logits/MatMul")
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, ten_class_files):
+    """Model, reference and held-out batches of random 64x64 images, and a feature graph with 10 logits."""
+    folder = tmp_path_factory.mktemp("inputs")
+    graph = build_graph(folder / "graph.pb", 10)
+    rng = np.random.default_rng(0)
+    for name, size in (("ref", 64), ("real", 64), ("small", 32)):
+        np.savez(folder / f"{name}.npz", rng.integers(0, 256, (12, size, size, 3), dtype=np.uint8),
+                 rng.integers(0, 10, 12))
+    config, ckpt = ten_class_files
+    return {"config": config, "ckpt": ckpt, "graph": graph, "folder": folder}
+
+
+def argv(inputs, out, *extra, modes=MODES):
+    return ["--config", str(inputs["config"]), "--ckpt", str(inputs["ckpt"]), "--ref", str(inputs["folder"] / "ref.npz"),
+            "--inception_path", str(inputs["graph"]), "--num_samples", "12", "--batch_size", "6", "--device", "cpu",
+            "--out", str(out), "--modes", *modes, *extra]
+
+
+def run(args):
+    try:
+        return frontier.run(args)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("frontier")
+    assert run(argv(inputs, out, "--real", str(inputs["folder"] / "real.npz"), "--guidance", "1.5", "3")) == 0
+    return out
+
+
+def table_rows(markdown):
+    """The cells of the main table's rows (after its header)."""
+    lines = markdown.split("\n\n")[2].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_table_json_and_plot_agree(finished):
+    data = json.loads((finished / "frontier.json").read_text())
+    rows = data["rows"]
+    assert [(r["spec"], r["guidance"]) for r in rows] == [(m, g) for m in MODES for g in (1.5, 3.0)]
+    assert data["classifier_accuracy"] is True  # the graph's 10 logits are the model's 10 classes
+    table = table_rows((finished / "frontier.md").read_text())
+    assert table[0][1] == "real (held-out)" and table[0][7] == f"{data['real']['fid']:.4g}"
+    for cells, r in zip(table[1:], rows, strict=True):
+        assert cells[1] == f"`{r['spec']}`" and cells[0] == f"{r['guidance']:g}" and cells[2] == str(r["S"])
+        assert cells[3] == f"{r['s_per_img']:.4g}" and cells[5] == f"{r['gflops_per_img']:.4g}"
+        assert cells[6] == str(r["encoder_passes"])
+        assert cells[7:12] == [f"{r[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall")]
+        assert cells[12] == f"{r['accuracy']:.4g}" and 0 <= r["accuracy"] <= 1
+        assert ("time" in cells[13]) == r["front_time"] and ("FLOPs" in cells[13]) == r["front_flops"]
+    for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
+        on = [r for r in rows if r[front]]
+        assert on and all(not any(o[key] < r[key] and o["fid"] < r["fid"] for o in rows) for r in on)
+        assert all(any(o[key] <= r[key] and o["fid"] <= r["fid"] and o is not r for o in rows)
+                   for r in rows if not r[front])
+    ddim = {r["guidance"]: r for r in rows if r["spec"] == "ddim@2"}
+    for cells, r in zip(table[1:], rows):
+        assert cells[4] == f"{ddim[r['guidance']]['s_per_img'] / r['s_per_img']:.2f}x"
+    assert "| 1.5 | 4 | 2 | `ddim+fd:uniform:2@4` |" in (finished / "frontier.md").read_text()  # equal K
+    with Image.open(finished / "frontier.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 300
+
+
+def test_samples_are_image_sample_runs_with_the_same_seeds(finished):
+    rows = json.loads((finished / "frontier.json").read_text())["rows"]
+    labels = []
+    for r in rows:
+        with np.load(r["samples"]) as npz:
+            assert npz["arr_0"].shape == (12, 64, 64, 3)
+            labels.append(npz["arr_1"])
+        record = json.loads(Path(r["samples"]).with_suffix(".json").read_text())
+        assert record["scale"] == r["guidance"] and record["steps"] == r["S"]
+    assert all(np.array_equal(labels[0], other) for other in labels)
+
+
+def test_finished_modes_are_not_redone(finished, inputs, capsys):
+    results = sorted(finished.glob("samples/*/*/result.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    table = (finished / "frontier.md").read_text()
+    capsys.readouterr()
+    assert run(argv(inputs, finished, "--real", str(inputs["folder"] / "real.npz"), "--guidance", "1.5", "3")) == 0
+    assert "made " not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in results} == before
+    assert (finished / "frontier.md").read_text() == table
+
+
+def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
+    """A mode stopped after its first batch is finished from its shards; its time is that of the images made."""
+    flags = argv(inputs, tmp_path / "out", modes=["ddim@2"])
+    (job,), _ = frontier.check(frontier.parse_args(flags))
+    job.args.stop_after_batches = 1
+    with pytest.raises(SystemExit):
+        frontier.image_sample.sample(job.args, frontier.Comm())
+    capsys.readouterr()
+    assert run(flags) == 0
+    assert "made 6 of 12 images" in capsys.readouterr().out
+    assert json.loads(job.result.read_text())["timed_images"] == 6
+
+
+BAD = {
+    "unknown sampler": (["--modes", "euler@10"], "mode 'euler@10': unknown sampler 'euler'"),
+    "no steps": (["--modes", "ddim"], "mode 'ddim': expected SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S"),
+    "unknown option": (["--modes", "ddim,colour=red@2"], "unknown option 'colour'"),
+    "bad option value": (["--modes", "ddim+fd:uniform:2,context_layout=diagonal@4"], "invalid choice: 'diagonal'"),
+    "K larger than S": (["--modes", "ddim+fd:auto:9@4"], "K must be in 1..4"),
+    "reference of another size": (["--ref", "{folder}/small.npz"], "holds 32x32 images; the model makes 64x64"),
+    "graph without the tensors": (["--inception_path", "{folder}/plain.pb"], "not an Inception graph"),
+    "missing graph": (["--inception_path", "{folder}/none.pb"], "no such file"),
+    "accuracy of a graph of other classes": (["--inception_path", "{folder}/wide.pb", "--classifier_accuracy"],
+                                             "the graph has 1008 logits, the model 10 classes"),
+    "calibration file of another S": (["--modes", "ddim+fd:@{folder}/cal.json@4"], "was made for S = 10 steps, not 4"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case, inputs, tmp_path, capsys):
+    folder = inputs["folder"]
+    if not (folder / "plain.pb").exists():
+        tf = pytest.importorskip("tensorflow").compat.v1
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.identity(tf.placeholder(tf.float32, [None, None, None, 3]), name="ExpandDims")
+        (folder / "plain.pb").write_bytes(graph.as_graph_def().SerializeToString())
+        build_graph(folder / "wide.pb", 1008)
+        (folder / "cal.json").write_text(json.dumps({"S": 10, "steps": [0, 5], "feature": "encoder", "model": {}}))
+    flags, words = BAD[case]
+    status = run([*argv(inputs, tmp_path / "out"), *[f.format(folder=folder) for f in flags]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "out").exists()
