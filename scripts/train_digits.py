@@ -4,6 +4,8 @@
     python scripts/train_digits.py unet --data data/digits_train.npz --minutes 60
     python scripts/train_digits.py export --out models/digits32
 
+`first_stage --decoder_only` goes on training the first stage's decoder alone (encoder and codebook frozen, so
+the latents do not change); it can run beside the UNet stage, and `export` takes the latest decoder.
 Each stage saves a checkpoint to --workdir every --save_every steps (and when stopped with Ctrl-C) and resumes
 from it when run again; a stage ends at --steps or after --minutes of training, whichever comes first.
 `export` writes the EMA weights in the upstream state_dict layout as model.safetensors, beside a config.yaml
@@ -91,6 +93,11 @@ def vq_losses(first_stage, images, beta=0.25):
     return rec, codebook + beta * commitment, h.detach(), indices
 
 
+def decoder_parameters(first_stage):
+    """What --decoder_only trains: everything after the quantizer."""
+    return list(first_stage.post_quant_conv.parameters()) + list(first_stage.decoder.parameters())
+
+
 @torch.no_grad()
 def restart_dead_codes(codebook, latents, usage):
     """Move codes unused since the last restart onto random recent encoder outputs."""
@@ -106,41 +113,55 @@ def train_first_stage(args):
     images, _ = load_images(args.data)
     model = build_model(args.config, args.seed)
     first_stage = model.first_stage_model.train()
-    opt = torch.optim.Adam(first_stage.parameters(), lr=args.lr or 2e-4, betas=(0.5, 0.9))
+    trained = decoder_parameters(first_stage) if args.decoder_only else list(first_stage.parameters())
+    opt = torch.optim.Adam(trained, lr=args.lr or 2e-4, betas=(0.5, 0.9))
     ckpt = Path(args.workdir) / "first_stage.pt"
     step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         first_stage.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        if state.get("decoder_only", False) == args.decoder_only:
+            opt.load_state_dict(state["opt"])
         step = state["step"]
-        print(f"resumed first stage at step {step}")
+        print(f"resumed first stage at step {step}" + (" (decoder only)" if args.decoder_only else ""))
+    elif args.decoder_only:
+        raise SystemExit("error: --decoder_only continues a trained first stage, and there is none in --workdir")
+    if args.decoder_only:
+        first_stage.encoder.requires_grad_(False)
+        first_stage.quant_conv.requires_grad_(False)
+        first_stage.quantize.requires_grad_(False)
     gen = torch.Generator().manual_seed(args.seed + step)
+    rec = vq = torch.tensor(float("nan"))
     usage = torch.zeros(first_stage.quantize.embedding.num_embeddings, dtype=torch.long)
     recent = []
     start, bar = time.time(), tqdm(initial=step, total=args.steps, desc="first stage")
+
+    def save():
+        save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step,
+                        decoder_only=args.decoder_only, rec=rec.item())
+
     try:
         while step < args.steps and time.time() - start < args.minutes * 60:
             batch = to_float(images[torch.randint(len(images), (args.batch_size,), generator=gen)])
             rec, vq, latents, indices = vq_losses(first_stage, batch)
-            loss = rec + vq
+            loss = rec if args.decoder_only else rec + vq
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             usage += torch.bincount(indices, minlength=len(usage))
             recent = (recent + [latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])])[-8:]
             step += 1
-            if step % 200 == 0:
+            if step % 200 == 0 and not args.decoder_only:
                 dead = restart_dead_codes(first_stage.quantize.embedding.weight.data, torch.cat(recent), usage)
                 bar.set_postfix(rec=f"{rec.item():.4f}", vq=f"{vq.item():.4f}", restarted=dead)
             else:
                 bar.set_postfix(rec=f"{rec.item():.4f}", vq=f"{vq.item():.4f}")
             bar.update()
             if step % args.save_every == 0:
-                save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step)
+                save()
     finally:
         bar.close()
-        save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step)
+        save()
     print(f"first stage: {step} steps, last reconstruction loss {rec.item():.4f}, vq loss {vq.item():.4f}")
 
 
@@ -149,6 +170,21 @@ def encode_dataset(first_stage, images, batch_size=1000):
     """Unquantized latents of all images, as LDM trains its UNet on them."""
     return torch.cat([first_stage.encode(to_float(images[i:i + batch_size]))
                       for i in tqdm(range(0, len(images), batch_size), desc="encoding")])
+
+
+def cached_latents(first_stage, args, path):
+    """Latents and labels of the first --num_images training images, encoded once and kept in --workdir."""
+    key = {"data": args.data, "num_images": args.num_images, "quant_conv": first_stage.quant_conv.weight}
+    if path.exists():
+        cache = torch.load(path, weights_only=True)
+        if (cache["data"], cache["num_images"]) == (args.data, args.num_images) and \
+                torch.equal(cache["quant_conv"], key["quant_conv"]):
+            return cache["latents"], cache["labels"]
+    images, labels = load_images(args.data)
+    images, labels = images[:args.num_images], labels[:args.num_images]
+    latents = encode_dataset(first_stage, images)
+    save_checkpoint(path, latents=latents, labels=labels, **key)
+    return latents, labels
 
 
 def diffusion_loss(model, latents, labels, generator, uncond_class, p_uncond):
@@ -170,8 +206,7 @@ def train_unet(args):
     model = build_model(args.config, args.seed)
     model.first_stage_model.load_state_dict(first["model"])
     model.first_stage_model.eval().requires_grad_(False)
-    images, labels = load_images(args.data)
-    latents = encode_dataset(model.first_stage_model, images)
+    latents, labels = cached_latents(model.first_stage_model, args, workdir / "latents.pt")
     scale_factor = 1.0 / latents.flatten().std().item()
     latents = latents * scale_factor
     uncond_class = model.cond_stage_model.embedding.num_embeddings - 1
@@ -226,8 +261,13 @@ def export(args):
     """Write config.yaml (with the measured scale factor) and model.safetensors (EMA weights) to --out."""
     workdir, out = Path(args.workdir), Path(args.out)
     state = torch.load(workdir / "unet.pt", weights_only=True)
+    first_stage = torch.load(workdir / "first_stage.pt", weights_only=True)["model"]
+    changed = [k for k, v in state["first_stage"].items()
+               if not k.startswith(("decoder.", "post_quant_conv.")) and not torch.equal(v, first_stage[k])]
+    if changed:
+        raise SystemExit(f"error: the first stage's encoder changed after the UNet was trained on it ({changed[0]}, ...)")
     model = build_model(args.config, args.seed)
-    model.first_stage_model.load_state_dict(state["first_stage"])
+    model.first_stage_model.load_state_dict(first_stage)
     params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
     for p, v in zip(params, state["ema"]):
         p.data.copy_(v)
@@ -253,12 +293,14 @@ def main(argv=None):
     parser.add_argument("--data", default="data/digits_train.npz", help="training set from scripts/make_digits.py")
     parser.add_argument("--workdir", default="logs/train_digits", help="checkpoints of the stages")
     parser.add_argument("--out", default="models/digits32", help="export: output folder")
+    parser.add_argument("--num_images", type=int, default=None, help="unet: train on the first N images (default all)")
     parser.add_argument("--steps", type=int, default=10**9, help="stop at this many steps")
     parser.add_argument("--minutes", type=float, default=math.inf, help="stop after this many minutes")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="default: 2e-4")
     parser.add_argument("--ema_decay", type=float, default=0.9995)
     parser.add_argument("--p_uncond", type=float, default=0.1, help="class dropout to the unconditional class")
+    parser.add_argument("--decoder_only", action="store_true", help="first_stage: train only the decoder")
     parser.add_argument("--save_every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)

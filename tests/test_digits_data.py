@@ -76,17 +76,31 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     assert unet.returncode == 0, unet.stderr
     resumed = run_script("train_digits.py", "unet", "--steps", 3, *common)
     assert "resumed UNet at step 2" in resumed.stdout and "unet: 3 steps" in resumed.stdout
+    before = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)["model"]
+    decoder = run_script("train_digits.py", "first_stage", "--decoder_only", "--steps", 4, *common)
+    assert decoder.returncode == 0, decoder.stderr
+    after = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)["model"]
+    frozen = [k for k in before if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
     out = tmp_path / "model"
     exported = run_script("train_digits.py", "export", "--out", out, *common)
     assert exported.returncode == 0, exported.stderr
     model = load_model(str(out / "config.yaml"), str(out / "model.safetensors"))
     state = torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
     assert model.scale_factor == pytest.approx(state["scale_factor"])
+    for key, value in after.items():  # the first stage with its latest decoder
+        torch.testing.assert_close(model.first_stage_model.state_dict()[key], value, rtol=0, atol=0)
     unet_params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
     for p, ema in zip(unet_params, state["ema"]):  # the export holds the EMA weights
         torch.testing.assert_close(p, ema, rtol=0, atol=0)
     z = torch.randn(2, 3, 8, 8)
     assert model.decode_first_stage(z).shape == (2, 3, 32, 32)
+
+    first = run_script("train_digits.py", "first_stage", "--steps", 6, *common)  # retrains the encoder too
+    refused = run_script("train_digits.py", "export", "--out", tmp_path / "other", *common)
+    assert refused.returncode != 0 and "encoder changed" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
 
 
 def test_exported_classifier_graph_computes_the_same_logits():
