@@ -50,7 +50,7 @@ MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_bat
 _FD_PRESETS = [f"ddim+fd:{preset}{layout}@{s}" for s in (250,) for preset in ("ldm250", "ldm250-fast")
                for layout in ("", ",context_layout=reference")]
 SETS = {
-    # about 5 minutes on the small model on 2 cores (with --quick's 250 samples)
+    # with --quick's 250 samples: 6.6 minutes on the small model's architecture on 2 busy CPU cores
     "quick": ["ddim@10", "ddim@25", "dpmpp2m@10", "ddim+fd:uniform:3@25", "ddim+fd:auto:9@25", "ddim+deepcache:3@25"],
     # the rows of the quality table (issue 10)
     "quality": [*(f"ddim@{s}" for s in (250, 100, 50, 25, 10)), *_FD_PRESETS,

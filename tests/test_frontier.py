@@ -2,6 +2,8 @@
 the model's 10 classes; the table, JSON and plot agree; finished modes are not redone; bad input."""
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -155,6 +157,22 @@ def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
     assert run(flags) == 0
     assert "made 6 of 12 images" in capsys.readouterr().out
     assert json.loads(job.result.read_text())["timed_images"] == 6
+
+
+def test_under_mpiexec_the_same_samples(finished, inputs, tmp_path):
+    """Launched under mpiexec, the modes are sampled by both processes into the same images as one process."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    result = subprocess.run([str(mpiexec), "-n", "2", sys.executable, str(REPO / "scripts" / "frontier.py"),
+                             *argv(inputs, tmp_path, modes=["ddim+fd:uniform:2@4"])], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "with 2 process(es)" in result.stdout
+    (row,) = json.loads((tmp_path / "frontier.json").read_text())["rows"]
+    (one,) = [r for r in json.loads((finished / "frontier.json").read_text())["rows"]
+              if (r["spec"], r["guidance"]) == ("ddim+fd:uniform:2@4", 1.5)]
+    with np.load(row["samples"]) as a, np.load(one["samples"]) as b:
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
 
 
 BAD = {
