@@ -222,6 +222,9 @@ def main(argv=None):
         device, modes = check_args(args)
         model = cli.load(args, device)
         modes = sampling_modes(args, calibrate_on=model)  # auto:K key steps calibrated on the model
+        compiled = cli.compile_for(model, args, modes, args.n_per_class)
+        if compiled:
+            print(compiled, file=sys.stderr, flush=True)
         x_T = initial_noise(model, args.n_per_class, args.seed)
         timing = warm_up(model, x_T, args.precision)
         if device.type == "cpu":

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with one NVIDIA GPU and PyTorch installed, time plain DDIM and FasterDiffusion
-# (published `ldm250` key steps, 250 steps) at batch 4 in fp32 and fp16, on the full cin256-v2 architecture
-# (random weights unless CKPT is set), the UNet's throughput per precision, peak memory with and without
-# decoder chunking, and torch.compile / channels-last against eager fp32. About 5-7 minutes on an H100.
+# GPU check: on one NVIDIA GPU, images/s and MFU of DDIM, FasterDiffusion (ldm250 key steps) and DeepCache (N=5)
+# at S=250, guidance 1.5, random cin256-v2 weights, batch 1, 4, 16 and auto, in fp32 (TF32) and fp16, eager and
+# compiled (benchmarks/gpu_table.py). One table, on stdout and in outputs/gpu_check/; at most LIMIT seconds (480):
+# rows that would not fit the BUDGET (420 s) are listed as not run, and rows print as they finish.
+#
+#     bash benchmarks/gpu_check.sh                    # from the repository root, with .venv (or PYTHON=...)
+#     bash benchmarks/gpu_check.sh --variants eager   # extra flags go to gpu_table.py
+#
+# Compiled code is cached in outputs/cache/torch_compile: a second run on the same machine compiles far faster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PYTHON:-python3}
-CKPT_ARG=${CKPT:+--ckpt $CKPT}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-echo
-$PY benchmarks/bench_sampler.py --device cuda --steps "${STEPS:-250}" --batch 4 --scale 1.5 --key_steps ldm250 \
-    --modes ddim,ddim+fd,ddim@fp16,ddim+fd@fp16 --repeats "${REPEATS:-2}" --warmup 1 $CKPT_ARG
-echo
-$PY benchmarks/bench_precision.py --device cuda --repeats 10 --quality_steps 50 $CKPT_ARG \
-    --tiny_config "${TINY_CONFIG:-tests/fixtures/tiny/config.yaml}" --tiny_ckpt "${TINY_CKPT:-tests/fixtures/tiny/model.ckpt}"
-echo
-$PY benchmarks/bench_memory.py --device cuda --batch 4 --chunks 0,32,16 $CKPT_ARG
-echo
-timeout "${COMPILE_TIMEOUT:-180}" $PY benchmarks/check_compile.py --device cuda --steps 50 --batch 4 $CKPT_ARG \
-    || echo "check_compile did not finish within ${COMPILE_TIMEOUT:-180} s"
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "gpu_check: no CUDA device visible to PyTorch ($PY); this check needs an NVIDIA GPU and a CUDA build of torch" >&2
+    exit 1
+fi
+mkdir -p outputs/gpu_check
+OUT=outputs/gpu_check/$(date -u +%Y%m%dT%H%M%SZ).md
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+status=0
+timeout "${LIMIT:-480}" "$PY" benchmarks/gpu_table.py --budget "${BUDGET:-420}" --out "$OUT" "$@" || status=$?
+[ "$status" = 124 ] && echo "gpu_check: stopped after ${LIMIT:-480} s; the rows above are complete" >&2
+echo "table: $OUT"
+exit "$status"

@@ -15,7 +15,9 @@ import sys
 
 import torch
 
+from ldm.autobatch import AUTO_BATCH
 from ldm.calibration import FEATURES, auto_count, auto_steps, is_calibrated, read_steps
+from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
@@ -23,8 +25,8 @@ from ldm.models.diffusion.modes import CACHES, MAIN_OPTION, SAMPLERS
 from ldm.models.diffusion.modes import make_mode as make_library_mode
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 from ldm.sampling import num_classes
-from ldm.util import (PRECISIONS, autocast, build_model, check_file, file_sha256, load_model,
-                      optimize_for_inference)
+from ldm.util import (PRECISIONS, build_model, check_file, check_precision, file_sha256, load_model,
+                      optimize_for_inference, set_tf32)
 
 BAD_INPUT = 2
 DEFAULT_CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
@@ -181,12 +183,33 @@ def add_mode_args(parser):
     deep.add_argument("--branch", type=int, default=None, help="shallow branch depth (0 = DeepCache's LDM setting)")
 
 
+def on_off(value):
+    """'on' -> True, 'off' -> False."""
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
+def batch_size_arg(value):
+    """A batch size: a whole number, or 'auto' (the largest that fits the GPU, see ldm.autobatch)."""
+    if value == AUTO_BATCH:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of samples or {AUTO_BATCH}, not {value!r}") from None
+
+
 def add_device_args(parser):
     group = parser.add_argument_group("device and speed")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU if there is one, else cpu)")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, bf16, or fp16 (GPU only)")
-    group.add_argument("--channels_last", action="store_true", help="NHWC convolutions (often faster)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU; slow first call)")
+    group.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="fp32, bf16, or fp16 (GPU only); bf16 and fp16 store the UNet's weights in that dtype")
+    group.add_argument("--tf32", type=on_off, default=True, metavar="on|off",
+                       help="on a GPU, fp32 matmuls and convolutions in TF32 (default on)")
+    group.add_argument("--channels_last", action="store_true", help="NHWC convolutions")
+    group.add_argument("--compile", action="store_true",
+                       help=f"torch.compile the UNet halves before sampling (cached in {COMPILE_CACHE})")
     add_bool_flag(group, "--tqdm_disable", default=False, help="no progress bars")
 
 
@@ -347,7 +370,7 @@ def check_device(args, rank=0):
     """The device to run on, checked together with --precision."""
     device = resolve_device(args.device, rank)
     try:
-        autocast(args.precision, device)
+        check_precision(args.precision, device)
     except ValueError as e:
         raise UsageError(f"--precision {args.precision}: {e}") from None
     return device
@@ -384,9 +407,24 @@ def check_classes(classes, model):
 
 
 def load(args, device):
-    """The model on the device with the opt-in speed-ups; a config or checkpoint that does not load is a UsageError."""
+    """The model on the device, its UNet weights stored in --precision, channels-last if asked, with the TF32
+    policy set; a config or checkpoint that does not load is a UsageError. `compile_for` compiles it."""
     try:
         model = load_model(args.config, args.ckpt, device=device, allow_pickle=args.allow_pickle)
     except LOAD_ERRORS as e:
         raise UsageError(f"cannot load the model: {first_line(e)}") from None
-    return optimize_for_inference(model, channels_last=args.channels_last, compile=args.compile)
+    set_tf32(args.tf32)
+    return optimize_for_inference(model, channels_last=args.channels_last, precision=args.precision)
+
+
+def compile_for(model, args, modes, batch_size):
+    """With --compile: compile the UNet for the shapes that sampling the modes at batch_size meets, now, and
+    return one line saying how long it took (None without --compile)."""
+    if not args.compile:
+        return None
+    cache = use_compile_cache()
+    rows = batch_size * (2 if args.scale != 1 else 1)
+    buckets = mode_buckets(modes, args.steps, rows)
+    compile_unet(model, buckets)
+    shapes, seconds = warm_up(model, modes, args.steps, batch_size, args.scale != 1, args.precision, buckets)
+    return f"compiled the UNet for {shapes} shapes in {seconds:.1f} s (compile cache: {cache})"

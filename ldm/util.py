@@ -1,4 +1,5 @@
 """Building models from configs and loading checkpoints safely and strictly."""
+import contextlib
 import hashlib
 import importlib
 import json
@@ -194,29 +195,72 @@ def write_atomic(path, write):
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NORMALIZATIONS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def check_precision(precision, device):
+    """The dtype of a sampling precision: fp32, bf16, or fp16 (GPU only); anything else is a ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; use bf16 on CPU")
+    return DTYPES[precision]
 
 
 def autocast(precision, device):
     """Autocast context for a sampling precision: fp32 (exact, no autocast), bf16, or fp16 (GPU only)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    device_type = torch.device(device).type
-    if precision == "fp16" and device_type != "cuda":
-        raise ValueError("fp16 needs a CUDA device; use bf16 on CPU")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+    dtype = check_precision(precision, device)
+    enabled = dtype != torch.float32
+    return torch.autocast(torch.device(device).type, dtype=dtype if enabled else None, enabled=enabled)
 
 
-def optimize_for_inference(model, channels_last=False, compile=False):
-    """Opt-in speed-ups that keep fp32 results up to float rounding.
+def stored_precision(module):
+    """The precision in which a module stores its convolution weights (that of its first convolution)."""
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+    return next(name for name, dtype in DTYPES.items() if conv.weight.dtype == dtype)
 
-    channels_last: NHWC convolutions (faster with oneDNN on CPU and with cuDNN on recent GPUs).
-    compile: torch.compile of the UNet's encoder and decoder halves (GPU; the first calls compile).
+
+def precision_context(precision, module, device):
+    """How a module computes in a precision: as it is when it stores its weights in that precision, under
+    autocast when it stores them in float32; weights stored in another half precision are a ValueError."""
+    check_precision(precision, device)
+    stored = stored_precision(module)
+    if stored == precision:
+        return contextlib.nullcontext()
+    if stored != "fp32":
+        raise ValueError(f"the model stores its weights in {stored}: sample it with precision {stored!r}, "
+                         f"not {precision!r}")
+    return autocast(precision, device)
+
+
+def store_weights(model, precision):
+    """Store the UNet's weights in a precision once, so that sampling in it needs no per-call weight casts.
+
+    Its normalization layers (GroupNorm, LayerNorm) keep float32 parameters and compute in float32; the class
+    embedder, the VQ first stage (run once per image, under autocast) and the samplers' updates stay float32.
     """
-    unet = model.model.diffusion_model
+    dtype = check_precision(precision, model.device)
+    unet = model.unet
+    for module in unet.modules():
+        if not isinstance(module, NORMALIZATIONS):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+    unet.dtype = dtype
+    return model
+
+
+def set_tf32(enabled):
+    """Whether CUDA float32 matmuls and cuDNN convolutions may use TF32 (PyTorch's default: convolutions only)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def optimize_for_inference(model, channels_last=False, precision="fp32"):
+    """Opt-in speed-ups: NHWC convolutions (fp32 results change only by float rounding) and weights stored in
+    a half precision (`store_weights`). torch.compile is `ldm.compile.compile_unet`."""
+    if precision != "fp32":
+        store_weights(model, precision)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if compile:
-        unet.encode = torch.compile(unet.encode)
-        unet.decode = torch.compile(unet.decode, dynamic=True)
     return model

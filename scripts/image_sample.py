@@ -52,7 +52,8 @@ def check_run(args):
     auto_batch = args.batch_size == AUTO_BATCH
     if auto_batch and device.type != "cuda":
         raise cli.UsageError("--batch_size auto fits the batch to a GPU's free memory: give a number on the CPU")
-    for flag, value in (("--num_samples", args.num_samples), ("--batch_size", None if auto_batch else args.batch_size),
+    batch_size = None if auto_batch else args.batch_size
+    for flag, value in (("--num_samples", args.num_samples), ("--batch_size", batch_size),
                         ("--stop_after_batches", args.stop_after_batches)):
         if value is not None and value < 1:
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")

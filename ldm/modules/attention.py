@@ -3,6 +3,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import GroupNorm32, LayerNorm32
+
 
 class GEGLU(nn.Module):
     def __init__(self, dim_in, dim_out):
@@ -55,9 +57,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
         self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
         self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim)
 
     def forward(self, x, context=None):
         x = self.attn1(self.norm1(x)) + x
@@ -71,7 +73,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        self.norm = GroupNorm32(32, in_channels, eps=1e-6)
         self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim)

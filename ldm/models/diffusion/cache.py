@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ldm.util import autocast
+from ldm.util import precision_context
 
 
 @dataclass
@@ -55,17 +55,18 @@ def flop_counter(enabled):
 
 
 class UNetCalls:
-    """The UNet entry points a cache uses, run under the sampling precision and counted in `stats`."""
+    """The UNet entry points a cache uses, run in the sampling precision and counted in `stats`: as they are when
+    the UNet stores its weights in that precision (`ldm.util.store_weights`), else under autocast."""
 
     def __init__(self, model, precision, stats):
         self.model = model
         self.unet = model.unet
         self.precision = precision
         self.stats = stats
-        autocast(precision, model.device)  # an unusable precision fails here, before any model work
+        self._autocast()  # an unusable precision fails here, before any model work
 
     def _autocast(self):
-        return autocast(self.precision, self.model.device)
+        return precision_context(self.precision, self.unet, self.model.device)
 
     def full(self, x, t, context):
         """The whole model, as upstream calls it (`apply_model`)."""

@@ -157,7 +157,7 @@ class UNetModel(nn.Module):
             raise ValueError("set num_heads or num_head_channels")
         self.model_channels = model_channels
         self.num_classes = num_classes
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.dtype = torch.float32  # of the weights; use_fp16 is accepted, ldm.util.store_weights stores half weights
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
@@ -209,16 +209,21 @@ class UNetModel(nn.Module):
 
     def embed_time(self, timesteps, y=None):
         """Time embedding (plus class embedding for class-conditional UNets)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).type(self.dtype))
         if self.num_classes is not None:
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass y")
             emb = emb + self.label_emb(y)
         return emb
 
+    def _context(self, context):
+        """The cross-attention context in the dtype of the weights."""
+        return None if context is None else context.type(self.dtype)
+
     def encode(self, x, timesteps, context=None, y=None):
         """Run the input blocks and the middle block: returns (the 12 skip features, the middle feature)."""
         emb = self.embed_time(timesteps, y)
+        context = self._context(context)
         h = x.type(self.dtype)
         skips = []
         for module in self.input_blocks:
@@ -238,11 +243,18 @@ class UNetModel(nn.Module):
             raise ValueError(f"{timesteps.shape[0]} timesteps cannot share {rows} feature rows")
         n = timesteps.shape[0] // rows
         emb = self.embed_time(timesteps, y)
+        context = self._context(context)
         if n == 1:
             h = self._output_blocks(mid, skips, emb, context, 0, len(self.output_blocks))
         else:
             h = self._decode_shared(skips, mid, emb, context, n)
-        return self.out(h.type(out_dtype or self.dtype))
+        return self._head(h, out_dtype)
+
+    def _head(self, h, out_dtype=None):
+        """The final normalization and activation in float32 (as under autocast), the last convolution in the dtype
+        of the weights; the result in out_dtype."""
+        h = self.out[:-1](h.float())
+        return self.out[-1](h.type(self.dtype)).type(out_dtype or self.dtype)
 
     def _output_blocks(self, h, skips, emb, context, start, stop):
         """Output blocks start..stop-1 on h; block k concatenates the skip of input block N-1-k (N blocks)."""
@@ -284,11 +296,16 @@ class UNetModel(nn.Module):
         """
         self.check_branch(branch)
         skips, mid = self.encode(x, timesteps, context, y)
+        return self.decode_deep(skips, mid, timesteps, context, y, branch, out_dtype=x.dtype)
+
+    def decode_deep(self, skips, mid, timesteps, context=None, y=None, branch=0, out_dtype=None):
+        """The decoder half of forward_deep: (predicted noise, deep features)."""
         emb = self.embed_time(timesteps, y)
+        context = self._context(context)
         first_shallow = len(self.output_blocks) - 1 - branch
         deep = self._output_blocks(mid, skips, emb, context, 0, first_shallow)
         h = self._output_blocks(deep, skips, emb, context, first_shallow, len(self.output_blocks))
-        return self.out(h.type(x.dtype)), deep
+        return self._head(h, out_dtype), deep
 
     def forward_shallow(self, x, deep, timesteps, context=None, y=None, branch=0):
         """DeepCache's shallow branch: input blocks 0..branch on x, then the last branch+1 output blocks on
@@ -296,10 +313,11 @@ class UNetModel(nn.Module):
         convolution, the last output block and the head)."""
         self.check_branch(branch)
         emb = self.embed_time(timesteps, y)
+        context = self._context(context)
         h = x.type(self.dtype)
         skips = []
         for module in self.input_blocks[:branch + 1]:
             h = module(h, emb, context)
             skips.append(h)
         n = len(self.output_blocks)
-        return self.out(self._output_blocks(deep, skips, emb, context, n - 1 - branch, n).type(x.dtype))
+        return self._head(self._output_blocks(deep, skips, emb, context, n - 1 - branch, n), x.dtype)

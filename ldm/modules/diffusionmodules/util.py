@@ -35,7 +35,14 @@ def timestep_embedding(timesteps, dim, max_period=10000):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype."""
+    """GroupNorm computed in float32 whatever the input dtype; the result in the input's dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype; the result in the input's dtype."""
 
     def forward(self, x):
         return super().forward(x.float()).type(x.dtype)

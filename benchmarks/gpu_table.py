@@ -1,0 +1,256 @@
+"""Images/s and MFU of sampling modes at several batch sizes, in fp32 (TF32) and fp16, eager and compiled: the
+table that gpu_check.sh prints.
+
+MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager) times images/s, over
+the GPU's dense tensor peak for the dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ
+decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over a window of
+whole periods and scaled to S steps; FasterDiffusion's plan is not periodic and runs all S steps. Rows run in
+order of importance until --budget seconds are spent; the rest are listed as not run. Rows are printed as they
+finish, so a run that is killed still leaves its rows.
+
+    python benchmarks/gpu_table.py                                  # the GPU table (gpu_check.sh)
+    python benchmarks/gpu_table.py --device cpu --steps 2 --config tests/fixtures/tiny/config.yaml \
+        --precisions fp32,bf16 --batches 1,2                        # a quick dry run on the CPU
+"""
+import argparse
+import copy
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.autobatch import AUTO_BATCH, auto_batch_size
+from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
+from ldm.models.diffusion.cache import flop_counter
+from ldm.models.diffusion.modes import make_mode
+from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
+from ldm.util import instantiate_from_config, set_tf32, store_weights
+
+# Dense tensor-core peaks in TFLOP/s (NVIDIA data sheets), by a part of the GPU's name; the first match counts.
+# "fp32" is TF32 (what fp32 matmuls and convolutions run in with TF32 on).
+PEAKS = [
+    ("H100 PCIe", {"fp16": 756, "bf16": 756, "fp32": 378}),
+    ("H100 NVL", {"fp16": 835, "bf16": 835, "fp32": 418}),
+    ("H100", {"fp16": 989, "bf16": 989, "fp32": 495}),
+    ("H200", {"fp16": 989, "bf16": 989, "fp32": 495}),
+    ("GH200", {"fp16": 989, "bf16": 989, "fp32": 495}),
+    ("A100", {"fp16": 312, "bf16": 312, "fp32": 156}),
+]
+COLUMNS = [("mode", 16), ("batch", 9), ("precision", 9), ("variant", 8), ("images/s", 9), ("s/img", 8),
+           ("TFLOP/s", 8), ("MFU", 6), ("timed steps", 11), ("compile s", 9)]
+FIRST_RATE = {"fp32": 20e12, "fp16": 40e12, "bf16": 40e12}  # FLOP/s assumed before a precision's first row
+
+
+class StopSampling(Exception):
+    """Raised by the step callback once the timed window is done."""
+
+
+def peak_tflops(name, precision):
+    """The dense peak of the named GPU for the precision, or None if the GPU is not in PEAKS."""
+    return next((peaks[precision] for part, peaks in PEAKS if part in name), None)
+
+
+def modes(args):
+    """name -> mode: DDIM, FasterDiffusion and DeepCache (all with the DDIM solver)."""
+    table = {"ddim": make_mode("ddim"), "fd": make_mode("ddim", "fd", key_steps=args.key_steps),
+             "deepcache": make_mode("ddim", "deepcache", interval=args.cache_interval)}
+    return {name: table[name] for name in args.modes.split(",")}
+
+
+def period(name, args):
+    """Steps after which the mode's work repeats; None when it does not (FasterDiffusion)."""
+    return {"ddim": 1, "deepcache": args.cache_interval, "fd": None}[name]
+
+
+def timed_steps(name, batch_size, args):
+    """How many of the S steps to time: whole periods covering about --window image-steps, or all S."""
+    every = period(name, args)
+    if every is None:
+        return args.steps
+    wanted = max(every, round(args.window / batch_size))
+    return min(args.steps, -(-wanted // every) * every)
+
+
+def build(config, device, seed=0):
+    """The model of a config with random weights, made on the device."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = instantiate_from_config(OmegaConf.load(config).model)
+    return model.eval().requires_grad_(False)
+
+
+def sample(model, mode, batch_size, stop, precision, args, count=False):
+    """Sample the first `stop` of S steps for a batch; returns (seconds, FLOPs counted or 0)."""
+    labels = sample_labels(0, range(batch_size), num_classes(model))
+
+    def stop_after(step, timestep, x, pred_x0):
+        if step + 1 == stop < args.steps:
+            raise StopSampling
+
+    synchronize(model.device)
+    start = time.perf_counter()
+    with flop_counter(count) as counter:
+        try:
+            sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
+                           generators=sample_generators(0, range(batch_size)), callback=stop_after)
+        except StopSampling:
+            pass
+    synchronize(model.device)
+    return time.perf_counter() - start, counter.get_total_flops() if counter else 0
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_row(cells, out):
+    line = "| " + " | ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + " |"
+    for stream in (sys.stdout, out):
+        if stream:
+            print(line, file=stream, flush=True)
+
+
+def print_header(title, out):
+    for stream in (sys.stdout, out):
+        if stream:
+            print(title, file=stream, flush=True)
+    print_row([name for name, _ in COLUMNS], out)
+    print_row(["-" * w for _, w in COLUMNS], out)
+
+
+class Bench:
+    """The models, the per-image FLOPs of each mode, the auto batch sizes, and the time left."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.deadline = time.perf_counter() + args.budget
+        self.modes = modes(args)
+        base = build(args.config, self.device)
+        self.eager = {p: base if p == "fp32" else store_weights(copy.deepcopy(base), p) for p in args.precisions}
+        self.compiled = {}
+        self.compile_seconds = {}
+        self.rate = dict(FIRST_RATE)
+        self.flops = {name: self.count_flops(name) for name in self.modes}
+        self.autos = {}
+
+    def left(self):
+        return self.deadline - time.perf_counter()
+
+    def count_flops(self, name):
+        """UNet FLOPs per image of a mode over S steps (counted at batch 1 over its timed window, scaled)."""
+        stop = timed_steps(name, 1, self.args)
+        _, flops = sample(self.eager["fp32"], self.modes[name], 1, stop, "fp32", self.args, count=True)
+        return flops * self.args.steps / stop
+
+    def batch_size(self, name, batch, precision):
+        """A number, or for 'auto' the probed largest batch of the mode in the precision (eager)."""
+        if batch != AUTO_BATCH:
+            return int(batch)
+        if (name, precision) not in self.autos:
+            self.autos[name, precision] = auto_batch_size(self.eager[precision], self.modes[name], self.args.steps,
+                                                          self.args.scale != 1, precision, self.args.auto_limit)
+        return self.autos[name, precision]
+
+    def model(self, precision, variant, batch_size):
+        """The eager model, or the compiled one, warmed up (compiled) for this batch size."""
+        if variant == "eager":
+            return self.eager[precision]
+        if precision not in self.compiled:
+            buckets = mode_buckets(self.modes.values(), self.args.steps, 1)  # rows matter only with chunking
+            self.compiled[precision] = compile_unet(copy.deepcopy(self.eager[precision]), buckets), buckets
+        model, buckets = self.compiled[precision]
+        if (precision, batch_size) not in self.compile_seconds:
+            _, seconds = warm_up(model, list(self.modes.values()), self.args.steps, batch_size, self.args.scale != 1,
+                                 precision, buckets)
+            self.compile_seconds[precision, batch_size] = seconds
+        return model
+
+    def estimate(self, name, batch_size, precision, variant):
+        """Seconds a row will take (its warm-up and timed runs, and a first compile), from the rates so far."""
+        stop = timed_steps(name, batch_size, self.args)
+        work = self.flops[name] * batch_size * (stop + min(stop, self.args.warmup_steps)) / self.args.steps
+        seconds = work / self.rate[precision]
+        if variant == "compiled" and (precision, batch_size) not in self.compile_seconds:
+            seconds += max(self.compile_seconds.values(), default=self.args.first_compile)
+        return seconds
+
+    def row(self, name, batch, precision, variant, gpu):
+        """Measure one row; returns its cells."""
+        mode, args = self.modes[name], self.args
+        batch_size = self.batch_size(name, batch, precision)
+        label = f"auto={batch_size}" if batch == AUTO_BATCH else str(batch_size)
+        if batch_size < 1:
+            return [name, label, precision, variant, "does not fit", "", "", "", "", ""]
+        if self.estimate(name, batch_size, precision, variant) > self.left():
+            return [name, label, precision, variant, "not run: budget", "", "", "", "", ""]
+        model = self.model(precision, variant, batch_size)
+        stop = timed_steps(name, batch_size, args)
+        sample(model, mode, batch_size, min(stop, args.warmup_steps), precision, args)
+        seconds, _ = sample(model, mode, batch_size, stop, precision, args)
+        per_image = seconds * args.steps / stop / batch_size
+        rate = self.flops[name] / per_image
+        self.rate[precision] = rate
+        peak = peak_tflops(gpu, precision)
+        compiled = self.compile_seconds.get((precision, batch_size)) if variant == "compiled" else None
+        return [name, label, precision, variant, f"{1 / per_image:.3f}", f"{per_image:.4f}", f"{rate / 1e12:.3g}",
+                f"{rate / 1e12 / peak:.1%}" if peak else "n/a", f"{stop}/{args.steps}",
+                f"{compiled:.0f}" if compiled is not None else ""]
+
+
+def plan(args):
+    """The rows in the order they run: eager before compiled, fp16 before fp32, FasterDiffusion first."""
+    order = sorted(args.precisions, key=lambda p: p == "fp32")
+    return [(name, batch, precision, variant) for variant in args.variants for precision in order
+            for batch in args.batches for name in sorted(args.modes.split(","), key=lambda n: n != "fd")]
+
+
+def main(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device: this table needs an NVIDIA GPU (or --device cpu for a dry run)", file=sys.stderr)
+        return 2
+    set_tf32(True)
+    if "compiled" in args.variants:
+        use_compile_cache()
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    out = open(args.out, "w") if args.out else None
+    bench = Bench(args)
+    title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps}, "
+             f"DeepCache N={args.cache_interval}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); UNet GFLOP/img: "
+             + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
+    print_header(title, out)
+    for name, batch, precision, variant in plan(args):
+        print_row(bench.row(name, batch, precision, variant, gpu), out)
+    if out:
+        out.close()
+    return 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--scale", type=float, default=1.5)
+    parser.add_argument("--modes", default="ddim,fd,deepcache", help="comma list of ddim, fd, deepcache")
+    parser.add_argument("--key_steps", default="ldm250", help="FasterDiffusion key steps")
+    parser.add_argument("--cache_interval", type=int, default=5, help="DeepCache: a full UNet pass every N steps")
+    parser.add_argument("--batches", type=lambda s: s.split(","), default="1,4,16,auto")
+    parser.add_argument("--precisions", type=lambda s: s.split(","), default="fp32,fp16")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default="eager,compiled")
+    parser.add_argument("--window", type=int, default=100,
+                        help="image-steps to time for DDIM and DeepCache (whole periods, at least one)")
+    parser.add_argument("--warmup_steps", type=int, default=5, help="untimed steps before each timed run")
+    parser.add_argument("--auto_limit", type=int, default=256, help="largest batch size that auto tries")
+    parser.add_argument("--budget", type=float, default=420, help="seconds; rows that would not fit are not run")
+    parser.add_argument("--first_compile", type=float, default=120,
+                        help="seconds a first compile is assumed to take when planning the budget")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

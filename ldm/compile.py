@@ -1,0 +1,186 @@
+"""torch.compile of the UNet halves for sampling: a few shapes, compiled once before sampling, cached on disk.
+
+Sampling meets few shapes: the encoder and the whole UNet at the batch's rows (twice the batch with guidance),
+DeepCache's two halves at the same rows, and FasterDiffusion's decoder at n steps of those rows for every size n
+of its decoder calls. `compile_unet` pads n > 1 up to the nearest of a few bucket sizes (`choose_buckets`): the
+padding repeats the last step and its rows are dropped. Every UNet row is computed on its own (no operation mixes
+rows), so the other rows do not change. `warm_up` then compiles every shape of a mode before sampling.
+
+The compiled code is cached on disk (`use_compile_cache`): later runs and the other MPI ranks load it instead of
+compiling again.
+"""
+import os
+import time
+from collections import Counter
+
+import torch
+
+from ldm.models.diffusion.cache import SamplerStats, UNetCalls
+from ldm.models.diffusion.deepcache import DeepCache
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.sampling import unconditional_class
+
+COMPILE_CACHE = "outputs/cache/torch_compile"
+MAX_DECODER_SHAPES = 4  # bucket sizes for FasterDiffusion's decoder calls of more than one step
+RECOMPILE_LIMIT = 64  # compiled shapes kept per UNet method (torch's default, 8, is too few for several batch sizes)
+
+
+def use_compile_cache(folder=COMPILE_CACHE):
+    """Keep inductor's caches (compiled graphs and kernels) in folder, unless TORCHINDUCTOR_CACHE_DIR names one;
+    returns the folder in use."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.abspath(folder))
+
+
+def decoder_call_steps(plan, num_steps, rows):
+    """How many decoder calls of each step count (Counter) a FasterDiffusion plan makes over num_steps steps."""
+    counts = Counter()
+    for start, stop in plan.groups(num_steps):
+        size = stop - start
+        per_call = plan.steps_per_call(size, rows)
+        counts[per_call] += size // per_call
+        if size % per_call:
+            counts[size % per_call] += 1
+    return counts
+
+
+def choose_buckets(counts, max_shapes=MAX_DECODER_SHAPES):
+    """At most max_shapes step counts covering the calls of `counts` (steps -> calls) with the fewest padded
+    steps, each call padded to the smallest bucket that holds it. One-step calls (the plain decoder, another code
+    path) are never padded and need no bucket."""
+    sizes = sorted(n for n in counts if n > 1)
+    if not sizes:
+        return ()
+
+    def waste(lo, hi):  # padding of sizes[lo..hi] up to sizes[hi]
+        return sum(counts[n] * (sizes[hi] - n) for n in sizes[lo:hi + 1])
+
+    # best[k][i]: (padding, buckets) covering sizes[0..i] with k buckets, the last one sizes[i]
+    best = [{i: (waste(0, i), (sizes[i],)) for i in range(len(sizes))}]
+    for _ in range(1, max_shapes):
+        layer = {}
+        for i in range(len(sizes)):
+            options = [best[-1][i]] + [(best[-1][j][0] + waste(j + 1, i), best[-1][j][1] + (sizes[i],))
+                                       for j in range(i)]
+            layer[i] = min(options)
+        best.append(layer)
+    return best[-1][len(sizes) - 1][1]
+
+
+def bucket_for(steps, buckets):
+    """The step count a decoder call of `steps` steps runs at: the smallest bucket that holds it, else itself."""
+    if steps == 1:
+        return 1
+    return min((b for b in buckets if b >= steps), default=steps)
+
+
+def _repeat_last(rows, steps, padded):
+    """rows of `steps` equal-sized blocks, with the last block repeated up to `padded` blocks."""
+    if rows is None or padded == steps:
+        return rows
+    block = len(rows) // steps
+    return torch.cat([rows, rows[-block:].repeat(padded - steps, *[1] * (rows.dim() - 1))])
+
+
+def padded_decode(decode, buckets):
+    """decode(skips, mid, timesteps, context, y, out_dtype) with the steps padded to a bucket (see bucket_for)."""
+
+    def call(skips, mid, timesteps, context=None, y=None, out_dtype=None):
+        steps = len(timesteps) // len(mid)
+        padded = bucket_for(steps, buckets)
+        timesteps, context, y = (_repeat_last(v, steps, padded) for v in (timesteps, context, y))
+        return decode(skips, mid, timesteps, context, y, out_dtype)[:steps * len(mid)]
+
+    return call
+
+
+def _graph_call(fn, cuda_graphs, timesteps_at):
+    """fn compiled, its positional argument timesteps_at (the timesteps) made float32 as the UNet's first use of
+    them does, so that integer and float timesteps share one graph. With CUDA graphs the outputs are cloned: the
+    graph's next replay overwrites its own."""
+    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+
+    def call(*args, **kwargs):
+        args = list(args)
+        args[timesteps_at] = args[timesteps_at].float()
+        if not cuda_graphs:
+            return compiled(*args, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()
+        return _clone(compiled(*args, **kwargs))
+
+    return call
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    return type(out)(_clone(o) for o in out)
+
+
+def compile_unet(model, buckets=()):
+    """Compile the UNet's encoder, decoder, DeepCache halves (decode_deep, forward_shallow) in place, with CUDA
+    graphs on a GPU; decoder calls of several steps are padded to `buckets` (see choose_buckets). Raises torch's
+    limit of compiled shapes per method to RECOMPILE_LIMIT, so that no shape falls back to eager."""
+    unet = model.unet
+    cuda_graphs = model.device.type == "cuda"
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    unet.encode = _graph_call(unet.encode, cuda_graphs, 1)  # (x, timesteps, ...)
+    unet.decode = padded_decode(_graph_call(unet.decode, cuda_graphs, 2), buckets)  # (skips, mid, timesteps, ...)
+    unet.decode_deep = _graph_call(unet.decode_deep, cuda_graphs, 2)  # (skips, mid, timesteps, ...)
+    unet.forward_shallow = _graph_call(unet.forward_shallow, cuda_graphs, 2)  # (x, deep, timesteps, ...)
+    return model
+
+
+def mode_buckets(modes, num_steps, rows, max_shapes=MAX_DECODER_SHAPES):
+    """Bucket sizes for the FasterDiffusion decoder calls of the modes (see choose_buckets)."""
+    counts = Counter()
+    for mode in modes:
+        if isinstance(mode.cache, FasterDiffusion):
+            counts += decoder_call_steps(mode.cache, num_steps, rows)
+    return choose_buckets(counts, max_shapes)
+
+
+def decoder_steps(modes, num_steps, rows, buckets=()):
+    """The step counts of the modes' FasterDiffusion decoder calls, padded to buckets."""
+    return {bucket_for(n, buckets) for mode in modes if isinstance(mode.cache, FasterDiffusion)
+            for n in decoder_call_steps(mode.cache, num_steps, rows)}
+
+
+@torch.inference_mode()
+def run_each_call(model, modes, rows, precision, decoder_steps=()):
+    """Run once, on `rows` rows, each kind of UNet call that sampling with the modes makes, in the precision: the
+    whole UNet (plain solvers, PLMS); with FasterDiffusion its encoder and its decoder at each of decoder_steps;
+    with DeepCache its deep and shallow halves. Returns the set of (UNet method, rows) that ran."""
+    x = torch.zeros(rows, model.channels, model.image_size, model.image_size, device=model.device)
+    t = torch.full((rows,), model.num_timesteps - 1, device=model.device)
+    labels = torch.full((rows,), unconditional_class(model), device=model.device)
+    context = model.get_learned_conditioning({model.cond_stage_key: labels})
+    calls = UNetCalls(model, precision, SamplerStats())
+    shapes = set()
+    for mode in modes:
+        if mode.cache is None or mode.sampler == "plms":  # plain steps; PLMS's first step evaluates twice
+            calls.full(x, t, context)
+            shapes |= {("encode", rows), ("decode", rows)}
+        if isinstance(mode.cache, FasterDiffusion):
+            skips, mid = calls.encode(x, t, context)
+            shapes.add(("encode", rows))
+            for n in sorted(decoder_steps):
+                calls.decode(skips, mid, t.repeat(n), context.repeat(n, 1, 1))
+                shapes.add(("decode", n * rows))
+        elif isinstance(mode.cache, DeepCache):
+            _, deep = calls.forward_deep(x, t, context, mode.cache.branch)
+            calls.forward_shallow(x, deep, t, context, mode.cache.branch)
+            shapes |= {("decode_deep", rows), ("forward_shallow", rows)}
+    return shapes
+
+
+def warm_up(model, modes, num_steps, batch_size, guided, precision, buckets=()):
+    """Compile every shape that sampling with the modes meets (three calls each: CUDA graphs record on the
+    second); returns (number of compiled shapes, seconds)."""
+    start = time.perf_counter()
+    rows = batch_size * (2 if guided else 1)
+    steps = decoder_steps(modes, num_steps, rows, buckets)
+    for _ in range(3):
+        shapes = run_each_call(model, modes, rows, precision, steps)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return len(shapes), time.perf_counter() - start

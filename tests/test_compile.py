@@ -1,0 +1,108 @@
+"""torch.compile of the UNet halves: FasterDiffusion's decoder calls padded to a few bucket sizes (same results),
+the shapes compiled before sampling (none during it), and compiled results equal to eager ones on the CPU."""
+import argparse
+import copy
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from ldm import cli
+from ldm.compile import (bucket_for, choose_buckets, decoder_call_steps, mode_buckets, padded_decode,
+                         use_compile_cache)
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import Mode, parse_mode
+from ldm.sampling import sample_generators, sample_latents
+
+LABELS = torch.tensor([5])
+
+
+def latents(model, mode, steps=10):
+    return sample_latents(model, LABELS, steps, 3.0, mode=mode, generators=sample_generators(0, range(len(LABELS))))[0]
+
+
+def recording(decode, seen):
+    """decode, counting in `seen` the step counts of its calls."""
+    def call(skips, mid, timesteps, *args, **kwargs):
+        seen[len(timesteps) // len(mid)] += 1
+        return decode(skips, mid, timesteps, *args, **kwargs)
+    return call
+
+
+def recorded_decoder_steps(model, mode, steps):
+    """Counter of the step counts of the decoder calls that sampling really makes."""
+    model, seen = copy.deepcopy(model), Counter()
+    model.unet.decode = recording(model.unet.decode, seen)
+    latents(model, mode, steps)
+    return seen
+
+
+@pytest.mark.parametrize("key_steps, max_decoder_batch", [("uniform:3", None), ("0,1,2,5", None), ("0,7", 6)])
+def test_decoder_call_steps_are_those_sampling_makes(tiny_model, key_steps, max_decoder_batch):
+    plan = FasterDiffusion(key_steps, max_decoder_batch=max_decoder_batch)
+    rows = 2 * len(LABELS)  # guidance
+    assert decoder_call_steps(plan, 10, rows) == recorded_decoder_steps(tiny_model, Mode("ddim", plan), 10)
+
+
+def padding(counts, buckets):
+    return sum(calls * (bucket_for(n, buckets) - n) for n, calls in counts.items())
+
+
+@pytest.mark.parametrize("counts", [
+    {1: 26, 5: 5, 6: 1, 10: 7, 11: 4, 12: 2, 15: 1, 20: 2},  # ldm250
+    {1: 7, 5: 2, 10: 1, 13: 1, 15: 1, 20: 1, 25: 3, 30: 2, 40: 1},  # ldm250-fast
+    {2: 1, 3: 100, 4: 1, 9: 1},
+    {1: 4},
+])
+@pytest.mark.parametrize("max_shapes", [1, 2, 4])
+def test_buckets_pad_the_fewest_steps(counts, max_shapes):
+    buckets = choose_buckets(Counter(counts), max_shapes)
+    sizes = sorted(n for n in counts if n > 1)
+    assert len(buckets) <= max_shapes and 1 not in buckets
+    assert all(bucket_for(n, buckets) >= n for n in counts)
+    if sizes:
+        assert buckets[-1] == sizes[-1]  # nothing is padded past the largest call
+    best = min(padding(counts, subset) for k in range(1, max_shapes + 1)
+               for subset in itertools.combinations(sizes, k) if not sizes or sizes[-1] in subset) if sizes else 0
+    assert padding(counts, buckets) == best
+
+
+def test_published_key_steps_need_five_decoder_shapes():
+    buckets = mode_buckets([parse_mode("ddim+fd:ldm250")], 250, 8)
+    assert buckets == (5, 10, 12, 20)  # with the one-step calls: 5 decoder shapes instead of 8
+    counts = decoder_call_steps(FasterDiffusion("ldm250"), 250, 8)
+    assert padding(counts, buckets) == 13  # of 250 decoded steps
+
+
+def test_padded_decoder_calls_give_the_same_results(tiny_model):
+    mode = parse_mode("ddim+fd:0,3,5,7")  # groups of 3, 2, 2 and 3 steps
+    model, seen = copy.deepcopy(tiny_model), Counter()
+    model.unet.decode = padded_decode(recording(model.unet.decode, seen), buckets=(3,))
+    padded = latents(model, mode)
+    assert seen == Counter({3: 4})  # every call decodes 3 steps
+    torch.testing.assert_close(padded, latents(tiny_model, mode), rtol=1e-6, atol=1e-6)
+
+
+def test_compile_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert use_compile_cache() == str(tmp_path / "outputs" / "cache" / "torch_compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == str(tmp_path / "mine")
+
+
+def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(tiny_model, monkeypatch, tmp_path):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    mode = parse_mode("ddim+fd:0,3,5,7")
+    args = argparse.Namespace(compile=True, steps=10, scale=3.0, precision="fp32")
+    model = copy.deepcopy(tiny_model)
+    line = cli.compile_for(model, args, [mode], batch_size=len(LABELS))
+    assert line.startswith("compiled the UNet for 2 shapes in ")  # the encoder, the decoder at 3 steps
+    assert line.endswith(f" s (compile cache: {tmp_path / 'cache'})")
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = latents(model, mode)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while sampling
+    torch.testing.assert_close(compiled, latents(tiny_model, mode), rtol=1e-4, atol=1e-4)
