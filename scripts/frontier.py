@@ -403,7 +403,8 @@ def main(args, comm):
         for job in jobs:
             if not comm.bcast(comm.rank == 0 and "s_per_img" in (read_json(job.result) or {})):
                 if model is None:  # on every process: warm-up; on rank 0 also FLOP counting
-                    model = cli.load(job.args, cli.check_device(job.args, comm.rank))
+                    fp32 = argparse.Namespace(**{**vars(job.args), "precision": "fp32"})  # weights for every precision
+                    model = cli.load(fp32, cli.check_device(job.args, comm.rank))
                     warm_up(model, job.args)
                 status = sample_job(job, comm, lambda mode, a: count(model, mode, a))
                 if status:
