@@ -16,6 +16,7 @@ import argparse
 import copy
 import sys
 import time
+import traceback
 
 import torch
 from omegaconf import OmegaConf
@@ -25,7 +26,7 @@ from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
-from ldm.util import instantiate_from_config, set_tf32, store_weights
+from ldm.util import instantiate_from_config, optimize_for_inference, set_tf32, store_weights
 
 # Dense tensor-core peaks in TFLOP/s (NVIDIA data sheets), by a part of the GPU's name; the first match counts.
 # "fp32" is TF32 (what fp32 matmuls and convolutions run in with TF32 on).
@@ -128,8 +129,9 @@ class Bench:
         self.device = torch.device(args.device)
         self.deadline = time.perf_counter() + args.budget
         self.modes = modes(args)
-        base = build(args.config, self.device)
-        self.eager = {p: base if p == "fp32" else store_weights(copy.deepcopy(base), p) for p in args.precisions}
+        self.base = optimize_for_inference(build(args.config, self.device), channels_last=args.channels_last)
+        self.eager = {p: self.base if p == "fp32" else store_weights(copy.deepcopy(self.base), p)
+                      for p in args.precisions}
         self.compiled = {}
         self.compile_seconds = {}
         self.rate = dict(FIRST_RATE)
@@ -142,7 +144,7 @@ class Bench:
     def count_flops(self, name):
         """UNet FLOPs per image of a mode over S steps (counted at batch 1 over its timed window, scaled)."""
         stop = timed_steps(name, 1, self.args)
-        _, flops = sample(self.eager["fp32"], self.modes[name], 1, stop, "fp32", self.args, count=True)
+        _, flops = sample(self.base, self.modes[name], 1, stop, "fp32", self.args, count=True)
         return flops * self.args.steps / stop
 
     def batch_size(self, name, batch, precision):
@@ -219,11 +221,18 @@ def main(args):
     out = open(args.out, "w") if args.out else None
     bench = Bench(args)
     title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps}, "
-             f"DeepCache N={args.cache_interval}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); UNet GFLOP/img: "
+             f"DeepCache N={args.cache_interval}; channels_last {args.channels_last}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); UNet GFLOP/img: "
              + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
     print_header(title, out)
     for name, batch, precision, variant in plan(args):
-        print_row(bench.row(name, batch, precision, variant, gpu), out)
+        try:
+            cells = bench.row(name, batch, precision, variant, gpu)
+        except Exception as e:  # one failed row (out of memory, a compile error) must not lose the others
+            traceback.print_exc()
+            cells = [name, batch, precision, variant, f"failed: {type(e).__name__}"] + [""] * 5
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print_row(cells, out)
     if out:
         out.close()
     return 0
@@ -248,6 +257,7 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=float, default=420, help="seconds; rows that would not fit are not run")
     parser.add_argument("--first_compile", type=float, default=120,
                         help="seconds a first compile is assumed to take when planning the budget")
+    parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in every row")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     return parser.parse_args(argv)
 

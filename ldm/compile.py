@@ -174,12 +174,12 @@ def run_each_call(model, modes, rows, precision, decoder_steps=()):
 
 
 def warm_up(model, modes, num_steps, batch_size, guided, precision, buckets=()):
-    """Compile every shape that sampling with the modes meets (three calls each: CUDA graphs record on the
-    second); returns (number of compiled shapes, seconds)."""
+    """Compile every shape that sampling with the modes meets (on a GPU three calls each: CUDA graphs record on
+    the second); returns (number of compiled shapes, seconds)."""
     start = time.perf_counter()
     rows = batch_size * (2 if guided else 1)
     steps = decoder_steps(modes, num_steps, rows, buckets)
-    for _ in range(3):
+    for _ in range(3 if model.device.type == "cuda" else 1):
         shapes = run_each_call(model, modes, rows, precision, steps)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

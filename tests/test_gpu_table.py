@@ -1,0 +1,51 @@
+"""benchmarks/gpu_table.py (the table of gpu_check.sh): its bookkeeping, and a dry run on the CPU."""
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_CONFIG
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_table  # noqa: E402
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "fp16", 989), ("NVIDIA H100 80GB HBM3", "fp32", 495), ("NVIDIA H100 PCIe", "fp16", 756),
+    ("NVIDIA H200", "fp16", 989), ("NVIDIA A100-SXM4-80GB", "fp32", 156), ("NVIDIA L4", "fp16", None)])
+def test_peaks_by_gpu_name(name, precision, peak):
+    assert gpu_table.peak_tflops(name, precision) == peak
+
+
+@pytest.mark.parametrize("name, batch_size, steps", [
+    ("ddim", 1, 100), ("ddim", 4, 25), ("ddim", 16, 6), ("ddim", 200, 1),
+    ("deepcache", 4, 25), ("deepcache", 16, 10), ("deepcache", 200, 5), ("fd", 1, 250), ("fd", 64, 250)])
+def test_timed_steps_are_whole_periods_or_the_whole_run(name, batch_size, steps):
+    args = gpu_table.parse_args([])
+    assert gpu_table.timed_steps(name, batch_size, args) == steps
+
+
+def test_rows_run_eager_before_compiled_fp16_before_fp32_fasterdiffusion_first():
+    rows = gpu_table.plan(gpu_table.parse_args([]))
+    assert len(rows) == 3 * 4 * 2 * 2
+    assert rows[0] == ("fd", "1", "fp16", "eager") and rows[-1] == ("deepcache", "auto", "fp32", "compiled")
+
+
+def test_dry_run_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    args = gpu_table.parse_args(["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions",
+                                 "fp32,bf16", "--batches", "1,2", "--variants", "eager", "--out", str(out)])
+    assert gpu_table.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("CPU (") and "S=2, guidance 1.5" in lines[0]
+    rows = [line.split("|")[1:-1] for line in lines[3:]]
+    assert len(rows) == 12 and out.read_text().splitlines() == lines
+    for cells in rows:
+        images_per_s, timed = float(cells[4]), cells[8].strip()
+        assert images_per_s > 0 and timed == "2/2" and cells[7].strip() == "n/a"
+
+
+def test_no_gpu_is_one_line_and_status_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_table.main(gpu_table.parse_args([])) == 2
+    assert capsys.readouterr().err.startswith("error: no CUDA device")
