@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ldm.modules.attention import SpatialTransformer
@@ -187,8 +186,12 @@ def cached_latents(first_stage, args, path):
     return latents, labels
 
 
-def diffusion_loss(model, latents, labels, generator, uncond_class, p_uncond):
-    """The LDM objective: MSE between the noise and the UNet's prediction at uniform random timesteps."""
+def diffusion_loss(model, latents, labels, generator, uncond_class, p_uncond, min_snr=None):
+    """The LDM objective: MSE between the noise and the UNet's prediction at uniform random timesteps.
+
+    min_snr: weight each timestep by min(SNR, min_snr) / SNR (Min-SNR weighting, Hang et al. 2023), which
+    spends less of the model on the nearly noise-free steps and converges faster; None: plain MSE.
+    """
     n = len(latents)
     t = torch.randint(model.num_timesteps, (n,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -197,11 +200,34 @@ def diffusion_loss(model, latents, labels, generator, uncond_class, p_uncond):
     a = model.alphas_cumprod[t].view(n, 1, 1, 1)
     x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
     cond = model.cond_stage_model({model.cond_stage_key: labels})
-    return F.mse_loss(model.apply_model(x_t, t, cond), noise)
+    per_sample = (model.apply_model(x_t, t, cond) - noise).pow(2).mean(dim=(1, 2, 3))
+    if min_snr is not None:
+        snr = a.flatten() / (1 - a.flatten())
+        per_sample = per_sample * snr.clamp(max=min_snr) / snr
+    return per_sample.mean()
+
+
+def start_from_export(args, workdir):
+    """Seed --workdir from an exported model: its first stage, and its EMA weights as the UNet's starting point.
+
+    Returns (UNet and class-embedder tensors, step); the optimizer starts afresh.
+    """
+    from safetensors import safe_open
+    path = Path(args.init_from) / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        step = int((f.metadata() or {}).get("step", 0))
+    first_stage = {k.removeprefix("first_stage_model."): v for k, v in tensors.items()
+                   if k.startswith("first_stage_model.")}
+    save_checkpoint(workdir / "first_stage.pt", model=first_stage, opt={}, step=0, decoder_only=None, rec=float("nan"))
+    return tensors, step
 
 
 def train_unet(args):
     workdir = Path(args.workdir)
+    start_tensors = None
+    if args.init_from and not (workdir / "unet.pt").exists():
+        start_tensors, start_step = start_from_export(args, workdir)
     first = torch.load(workdir / "first_stage.pt", weights_only=True)
     model = build_model(args.config, args.seed)
     model.first_stage_model.load_state_dict(first["model"])
@@ -224,6 +250,11 @@ def train_unet(args):
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed UNet at step {step}")
+    elif start_tensors is not None:
+        model.load_state_dict(start_tensors)
+        ema.shadow = [p.detach().clone() for p in params]
+        step = start_step
+        print(f"started UNet from {args.init_from} (step {step}, fresh optimizer)")
     gen = torch.Generator().manual_seed(args.seed + 1 + step)
     model.model.train()
     start, bar = time.time(), tqdm(initial=step, total=args.steps, desc="unet")
@@ -236,7 +267,7 @@ def train_unet(args):
     try:
         while step < args.steps and time.time() - start < args.minutes * 60:
             idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
-            loss = diffusion_loss(model, latents[idx], labels[idx], gen, uncond_class, args.p_uncond)
+            loss = diffusion_loss(model, latents[idx], labels[idx], gen, uncond_class, args.p_uncond, args.min_snr)
             warmup = min(1.0, (step + 1) / 500)
             for group in opt.param_groups:
                 group["lr"] = (args.lr or 2e-4) * warmup
@@ -275,15 +306,16 @@ def export(args):
     config.model.params.scale_factor = float(state["scale_factor"])
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    write_atomic(out / "model.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
+    metadata = {"step": str(state["step"])}
+    write_atomic(out / "model.safetensors", lambda f: f.write(_safetensors_bytes(tensors, metadata)))
     write_atomic(out / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(config).encode()))
     print(f"wrote {out}/model.safetensors ({len(tensors)} tensors, step {state['step']}) and {out}/config.yaml "
           f"(scale_factor {state['scale_factor']:.5f})")
 
 
-def _safetensors_bytes(tensors):
+def _safetensors_bytes(tensors, metadata):
     from safetensors.torch import save
-    return save(tensors)
+    return save(tensors, metadata)
 
 
 def main(argv=None):
@@ -294,22 +326,30 @@ def main(argv=None):
     parser.add_argument("--workdir", default="logs/train_digits", help="checkpoints of the stages")
     parser.add_argument("--out", default="models/digits32", help="export: output folder")
     parser.add_argument("--num_images", type=int, default=None, help="unet: train on the first N images (default all)")
+    parser.add_argument("--init_from", default=None,
+                        help="unet: with no checkpoint in --workdir, start from an exported model folder (EMA weights)")
     parser.add_argument("--steps", type=int, default=10**9, help="stop at this many steps")
     parser.add_argument("--minutes", type=float, default=math.inf, help="stop after this many minutes")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="default: 2e-4")
     parser.add_argument("--ema_decay", type=float, default=0.9995)
+    parser.add_argument("--min_snr", type=float, default=5.0, help="unet: Min-SNR loss weighting (0: plain MSE)")
     parser.add_argument("--p_uncond", type=float, default=0.1, help="class dropout to the unconditional class")
     parser.add_argument("--decoder_only", action="store_true", help="first_stage: train only the decoder")
     parser.add_argument("--save_every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    args.min_snr = args.min_snr or None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: save, then exit
     if args.threads:
         torch.set_num_threads(args.threads)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    {"first_stage": train_first_stage, "unet": train_unet, "export": export}[args.stage](args)
+    try:
+        {"first_stage": train_first_stage, "unet": train_unet, "export": export}[args.stage](args)
+    except KeyboardInterrupt:
+        print(f"stopped; the checkpoint in {args.workdir} is saved: run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

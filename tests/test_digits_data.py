@@ -97,6 +97,13 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     z = torch.randn(2, 3, 8, 8)
     assert model.decode_first_stage(z).shape == (2, 3, 32, 32)
 
+    # a new workdir starts from the exported model: its EMA weights and first stage, at its step
+    other = [*common[:2], "--workdir", tmp_path / "work2", *common[4:]]
+    warm = run_script("train_digits.py", "unet", "--init_from", out, "--steps", 4, *other)
+    assert warm.returncode == 0, warm.stderr
+    assert "started UNet from" in warm.stdout and "(step 3," in warm.stdout and "unet: 4 steps" in warm.stdout
+    assert torch.load(tmp_path / "work2" / "first_stage.pt", weights_only=True)["model"].keys() == after.keys()
+
     first = run_script("train_digits.py", "first_stage", "--steps", 6, *common)  # retrains the encoder too
     refused = run_script("train_digits.py", "export", "--out", tmp_path / "other", *common)
     assert refused.returncode != 0 and "encoder changed" in refused.stderr.strip().splitlines()[-1]
