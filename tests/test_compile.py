@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ldm import cli
-from ldm.compile import (bucket_for, choose_buckets, decoder_call_steps, mode_buckets, padded_decode,
-                         use_compile_cache)
+from ldm.compile import (bucket_for, choose_buckets, compile_unet, decoder_call_steps, mode_buckets, padded_decode,
+                         use_compile_cache, warm_up)
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.modes import Mode, parse_mode
 from ldm.sampling import sample_generators, sample_latents
@@ -92,16 +92,28 @@ def test_compile_cache_folder(monkeypatch, tmp_path):
     assert use_compile_cache() == str(tmp_path / "mine")
 
 
-def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(tiny_model, monkeypatch, tmp_path):
+def test_compile_for_compiles_the_modes_shapes_and_says_how_long(tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "compile_unet", lambda model, buckets: calls.append(("compile", buckets)))
+    monkeypatch.setattr(cli, "warm_up", lambda *a: calls.append(("warm_up", a[2:])) or (2, 12.34))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/cache")
+    mode = parse_mode("ddim+fd:0,3,5,7")
+    args = argparse.Namespace(compile=True, steps=10, scale=3.0, precision="bf16")
+    assert cli.compile_for(tiny_model, args, [mode], 1) == "compiled the UNet for 2 shapes in 12.3 s (compile cache: /cache)"
+    assert calls == [("compile", (2, 3)), ("warm_up", (10, 1, True, "bf16", (2, 3)))]
+    assert cli.compile_for(tiny_model, argparse.Namespace(compile=False), [mode], 1) is None
+
+
+def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(tiny_model, monkeypatch, request):
+    """Inductor on the CPU. The compile cache lives in pytest's cache folder: the first run compiles (minutes on
+    one core), later runs load the compiled code."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
-    mode = parse_mode("ddim+fd:0,3,5,7")
-    args = argparse.Namespace(compile=True, steps=10, scale=3.0, precision="fp32")
-    model = copy.deepcopy(tiny_model)
-    line = cli.compile_for(model, args, [mode], batch_size=len(LABELS))
-    assert line.startswith("compiled the UNet for 2 shapes in ")  # the encoder, the decoder at 3 steps
-    assert line.endswith(f" s (compile cache: {tmp_path / 'cache'})")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(request.config.cache.mkdir("torch_compile")))
+    mode = parse_mode("ddim+fd:0,3,5,7")  # decoder calls of 3, 2, 2 and 3 steps
+    model = compile_unet(copy.deepcopy(tiny_model), buckets=(3,))  # the 2-step calls padded to 3 steps
+    shapes, _ = warm_up(model, [mode], 10, len(LABELS), True, "fp32", (3,))
+    assert shapes == 2  # the encoder, the decoder at 3 steps
     graphs = counters["stats"]["unique_graphs"]
     compiled = latents(model, mode)
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while sampling
