@@ -34,6 +34,7 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 # Picture layout: a label column of LABEL_WIDTH pixels on the left of each row, PAD pixels of
 # background around every tile. Size: (LABEL_WIDTH + cols * (tile + PAD) + PAD) x (rows * (tile + PAD) + PAD).
 LABEL_WIDTH = 112
+MIN_TILE = 96  # smaller tiles are shown enlarged
 PAD = 2
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -168,8 +169,11 @@ def render_grid(rows, labels):
     """One row of tiles per entry of rows (uint8 [N, H, W, 3], equal shapes), its label lines on the left.
 
     Rows are as high as their tiles, or as the tallest label where that is taller; the label column is
-    LABEL_WIDTH wide, or as wide as the widest label line.
+    LABEL_WIDTH wide, or as wide as the widest label line. Tiles under MIN_TILE pixels are enlarged by a
+    whole factor (nearest neighbour), so that small models' samples can be seen.
     """
+    zoom = max(1, MIN_TILE // rows[0].shape[1])
+    rows = [tiles.repeat(zoom, axis=1).repeat(zoom, axis=2) for tiles in rows]
     n, height, width = rows[0].shape[:3]
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -145,10 +145,19 @@ def test_cpu_notice_estimates_from_the_measured_step():
 
 
 def test_render_grid_size():
-    rows = [np.zeros((5, 32, 32, 3), np.uint8)] * 3
+    rows = [np.zeros((5, 64, 64, 3), np.uint8)] * 3
     picture = infer_ldm.render_grid(rows, [["a"], ["b", "c"], ["d"]])
-    assert picture.size == (infer_ldm.LABEL_WIDTH + 5 * (32 + infer_ldm.PAD) + infer_ldm.PAD,
-                            3 * (32 + infer_ldm.PAD) + infer_ldm.PAD)
+    assert picture.size == (infer_ldm.LABEL_WIDTH + 5 * (64 + infer_ldm.PAD) + infer_ldm.PAD,
+                            3 * (64 + infer_ldm.PAD) + infer_ldm.PAD)
+
+
+def test_render_grid_enlarges_small_tiles_by_a_whole_factor():
+    tiles = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    picture = np.asarray(infer_ldm.render_grid([tiles], [["a"]]))
+    assert picture.shape == (96 + 2 * infer_ldm.PAD, infer_ldm.LABEL_WIDTH + 2 * (96 + infer_ldm.PAD) + infer_ldm.PAD, 3)
+    left = infer_ldm.LABEL_WIDTH + infer_ldm.PAD
+    first = picture[infer_ldm.PAD:infer_ldm.PAD + 96, left:left + 96]
+    np.testing.assert_array_equal(first, tiles[0].repeat(3, axis=0).repeat(3, axis=1))
 
 
 BAD_INPUTS = {
