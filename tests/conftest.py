@@ -1,4 +1,5 @@
-"""Shared paths and the tiny fixture model."""
+"""Shared paths, the tiny fixture model and small helpers of the tests."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -44,3 +45,21 @@ def ten_class_files(tmp_path_factory):
     state_dict[key] = torch.cat([state_dict[key][:10], state_dict[key][1000:]])
     torch.save({"state_dict": state_dict}, folder / "model.ckpt")
     return folder / "config.yaml", folder / "model.ckpt"
+
+
+def load_script(relative_path):
+    """Import a script of the repository as a module (the repo root need not be on sys.path)."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one thread (two MPI ranks or processes share the 2 cores of small machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,6 @@
 """Key steps from the model: the change curve, the dynamic program, scripts/calibrate.py and the files and
 `auto:K` specs that the samplers and front ends read."""
 import hashlib
-import importlib.util
 import itertools
 import json
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from conftest import TINY_CKPT, TINY_CONFIG, load_script
 from ldm import calibration
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
@@ -17,25 +16,10 @@ from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import generate, sample_generators, sample_labels, sample_latents, to_uint8, unconditional_class
 
 
-def _load_script(relative_path):
-    path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-calibrate = _load_script("scripts/calibrate.py")
-image_sample = _load_script("scripts/image_sample.py")
+pytestmark = pytest.mark.usefixtures("one_thread")
+calibrate = load_script("scripts/calibrate.py")
+image_sample = load_script("scripts/image_sample.py")
 MODEL = ["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the dynamic program --------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """--sampler/--cache and their options in scripts/image_sample.py and infer_ldm.py, on the tiny model: each
 flag end to end against the library call with the same mode, the run records, and bad combinations."""
-import importlib.util
 import json
 import os
 
@@ -9,22 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from conftest import TINY_CKPT, TINY_CONFIG, load_script
 from ldm import cli
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import generate, sample_generators, sample_labels, to_uint8
 
 
-def _load_script(relative_path):
-    path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-image_sample = _load_script("scripts/image_sample.py")
-infer_ldm = _load_script("infer_ldm.py")
+pytestmark = pytest.mark.usefixtures("one_thread")
+image_sample = load_script("scripts/image_sample.py")
+infer_ldm = load_script("infer_ldm.py")
 
 N, STEPS = 3, 10
 FINAL, RECORD = f"samples_{N}x64x64x3.npz", f"samples_{N}x64x64x3.json"
@@ -46,14 +38,6 @@ MODES = {
                                    "--eta", "0.5"],
                                   make_mode("ddim", "deepcache", eta=0.5, interval=4, nonuniform=True, pow=2.0)),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sample(out, *flags):

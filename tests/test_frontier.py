@@ -1,6 +1,5 @@
 """scripts/frontier.py in small: the 10-class tiny model, a few samples, a fake feature graph whose logits are
 the model's 10 classes; the table, JSON and plot agree; finished modes are not redone; bad input."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,32 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 sys.path.insert(0, str(REPO / "scripts"))  # frontier.py imports image_sample.py as a script run from there does
 
 
-def _load_script(relative_path):
-    path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-frontier = _load_script("scripts/frontier.py")
+pytestmark = pytest.mark.usefixtures("one_thread")
+frontier = load_script("scripts/frontier.py")
 MODES = ["ddim@2", "ddim+fd:uniform:2@4", "ddim+fd:auto:2@4", "dpmpp2m+deepcache:2@4"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build_graph(path, classes):

@@ -1,6 +1,5 @@
 """scripts/image_sample.py end to end on the tiny model: MPI vs one process, resume, finished runs, the .npz
 format, signals, bad input."""
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script
 from ldm import cli, shards
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import generate, sample_generators, sample_labels, to_uint8
@@ -31,14 +30,7 @@ MODES = {"ddim": [], "fd": ["--use_faster_diffusion", "true", "--key_steps", "un
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores: one thread each
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("image_sample", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-image_sample = _load_script()
+image_sample = load_script("scripts/image_sample.py")
 
 
 def command(out_dir, *flags, processes=1, config=TINY_CONFIG, ckpt=TINY_CKPT):

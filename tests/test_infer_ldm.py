@@ -1,7 +1,6 @@
 """infer_ldm.py on the tiny fixture model, and the checkpoint download helper (against a local server)."""
 import functools
 import http.server
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -11,20 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script
 
 
-def _load_script(relative_path):
-    """Import a script of the repository as a module (the repo root need not be on sys.path)."""
-    path = REPO / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-infer_ldm = _load_script("infer_ldm.py")
-download_model = _load_script("scripts/download_model.py")
+infer_ldm = load_script("infer_ldm.py")
+download_model = load_script("scripts/download_model.py")
 
 TILE = 64  # decoded image size of the tiny model
 CLASSES = ["25", "187", "448"]
