@@ -91,9 +91,15 @@ def test_fp32_stays_as_it_is(tiny_model):
                        latents(tiny_model, "ddim+fd:uniform:3", "fp32", steps=4))
 
 
-def test_front_end_precision_stores_the_weights_and_sets_tf32(monkeypatch):
-    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):  # restored after the test
-        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
+@pytest.fixture
+def tf32_flags():
+    """PyTorch's TF32 flags, restored after the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_front_end_precision_stores_the_weights_and_sets_tf32(tf32_flags):
     args = cli.Parser()
     cli.add_model_args(args)
     cli.add_sampling_args(args)
