@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.sampling import generate, image_shape, num_classes, unconditional_class
 from ldm.util import CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, read_state_dict
 
@@ -274,3 +275,10 @@ def test_allow_pickle_tolerates_classes_of_missing_packages(tmp_path, tiny_state
     with pytest.raises(CheckpointError, match="allow_pickle"):
         load_model(str(TINY_CONFIG), str(path))
     assert load_model(str(TINY_CONFIG), str(path), allow_pickle=True) is not None
+
+
+def test_only_two_dimensional_unets_are_built():
+    params = OmegaConf.to_container(OmegaConf.load(TINY_CONFIG).model.params.unet_config.params)
+    with pytest.raises(NotImplementedError, match="only 2-D UNets"):
+        UNetModel(**{**params, "dims": 3})
+    assert isinstance(UNetModel(**params).input_blocks[3][0].op, torch.nn.Conv2d)  # the downsampling convolution

@@ -34,27 +34,22 @@ class TimestepEmbedSequential(nn.Sequential):
 class Upsample(nn.Module):
     def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
         super().__init__()
-        self.dims = dims
         self.use_conv = use_conv
         if use_conv:
             self.conv = conv_nd(dims, channels, out_channels or channels, 3, padding=padding)
 
     def forward(self, x):
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
 class Downsample(nn.Module):
     def __init__(self, channels, use_conv, dims=2, out_channels=None, padding=1):
         super().__init__()
-        stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
-            self.op = conv_nd(dims, channels, out_channels or channels, 3, stride=stride, padding=padding)
+            self.op = conv_nd(dims, channels, out_channels or channels, 3, stride=2, padding=padding)
         else:
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+            self.op = avg_pool_nd(dims, kernel_size=2, stride=2)
 
     def forward(self, x):
         return self.op(x)
@@ -151,6 +146,8 @@ class UNetModel(nn.Module):
             raise NotImplementedError("only the spatial-transformer UNet (use_spatial_transformer: true) is supported")
         if context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim")
+        if dims != 2:
+            raise NotImplementedError(f"only 2-D UNets (dims: 2) are supported, not dims: {dims}")
         if n_embed is not None:
             raise NotImplementedError("codebook-id prediction (n_embed) is not supported")
         if num_heads == -1 and num_head_channels == -1:
