@@ -1,0 +1,76 @@
+"""The shipped digits model: the whole pipeline runs on it.
+
+image_sample.py (one process and under mpiexec) -> .npz -> evaluations/evaluator.py with the shipped classifier
+graph as feature network.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from ldm.data.digits import REFERENCE_SEED, make_digits
+from ldm.sampling import generate, num_classes, sample_generators, to_uint8, unconditional_class
+from ldm.util import load_model
+
+MODEL = REPO / "models" / "digits32"
+CONFIG, CKPT, CLASSIFIER = MODEL / "config.yaml", MODEL / "model.safetensors", MODEL / "classifier.pb"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    return load_model(str(CONFIG), str(CKPT))
+
+
+def test_shipped_model_classes_come_from_its_config(digits_model):
+    assert num_classes(digits_model) == 10 and unconditional_class(digits_model) == 10
+    assert digits_model.image_size == 8 and digits_model.channels == 3
+    images, _ = generate(digits_model, torch.tensor([3, 7]), 5, 1.5, generators=sample_generators(0, range(2)))
+    assert to_uint8(images).shape == (2, 32, 32, 3)
+
+
+def sample(out_dir, processes=1):
+    cmd = [sys.executable, str(REPO / "scripts" / "image_sample.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
+           "--num_samples", "12", "--batch_size", "4", "--steps", "10", "--scale", "1.5", "--tqdm_disable", "yes",
+           "--output_dir", str(out_dir)]
+    if processes > 1:
+        cmd = [str(MPIEXEC), "-n", str(processes), *cmd]
+    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.strip().splitlines()[-1].removeprefix("samples: "))
+
+
+def test_sampling_script_and_evaluator_run_end_to_end(tmp_path):
+    one = sample(tmp_path / "one")
+    two = sample(tmp_path / "two", processes=2)
+    with np.load(one) as a, np.load(two) as b:
+        assert a["arr_0"].shape == (12, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+        assert set(a["arr_1"].tolist()) <= set(range(10))
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # float rounding only
+    ref_images, ref_labels = make_digits(REFERENCE_SEED, range(40))
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images, arr_1=ref_labels)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "evaluations" / "evaluator.py"), str(tmp_path / "ref.npz"), str(one),
+         "--inception_path", str(CLASSIFIER)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    metrics = dict(line.split(": ") for line in result.stdout.strip().splitlines() if ": " in line)
+    for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
+        assert np.isfinite(float(metrics[name])), metrics
+    assert 1.0 <= float(metrics["Inception Score"]) <= 10.0  # ten classes bound the score
+
+
+def test_a_class_the_model_lacks_is_one_error_line(tmp_path):
+    out = tmp_path / "x.png"
+    result = subprocess.run([sys.executable, str(REPO / "infer_ldm.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
+                             "--classes", "3", "10", "--steps", "5", "--out", str(out)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "10 classes" in result.stderr.strip().splitlines()[-1] and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
