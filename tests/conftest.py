@@ -33,6 +33,27 @@ def golden_cases():
 
 
 @pytest.fixture(scope="session")
+def solver_golden():
+    """Outputs of the upstream PLMS, DeepCache and DPM-Solver++ code: (arrays, case settings)."""
+    return np.load(TINY / "golden_solvers.npz"), json.loads((TINY / "golden_solvers.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def conds(tiny_model, golden):
+    """Class context and unconditional context (class 1000) of the golden labels."""
+    labels = torch.from_numpy(golden["labels"])
+    cond = tiny_model.get_learned_conditioning({"class_label": labels})
+    uncond = tiny_model.get_learned_conditioning({"class_label": torch.full_like(labels, 1000)})
+    return cond, uncond
+
+
+def rel_err(a, b):
+    """Relative error ||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="session")
 def ten_class_files(tmp_path_factory):
     """(config, checkpoint) of the tiny model cut to 10 classes: its embeddings of classes 0..9, then its
     unconditional one (class 1000) as class 10, so that it samples exactly as the tiny model does."""

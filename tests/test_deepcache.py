@@ -1,34 +1,13 @@
 """DeepCache: the UNet's deep/shallow passes, full-step plans, the upstream golden run, equivalences."""
-import json
-
-import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import rel_err
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.solvers import ddim_step
 
 SHAPE = [3, 16, 16]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-@pytest.fixture(scope="module")
-def solver_golden():
-    return np.load(TINY / "golden_solvers.npz"), json.loads((TINY / "golden_solvers.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def conds(tiny_model, golden):
-    labels = torch.from_numpy(golden["labels"])
-    cond = tiny_model.get_learned_conditioning({"class_label": labels})
-    uncond = tiny_model.get_learned_conditioning({"class_label": torch.full_like(labels, 1000)})
-    return cond, uncond
 
 
 def ddim(model, golden, conds, steps=20, scale=2.5, cache=None, **kwargs):

@@ -7,17 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG
+from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG, rel_err
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.sampling import generate, image_shape, num_classes, unconditional_class
 from ldm.util import CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, read_state_dict
 
 CIN256_CONFIG = REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml"
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def test_cin256_state_dict_matches_upstream_manifest():

@@ -3,24 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rel_err
 from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
 from ldm.models.diffusion.faster_diffusion import PRESETS, FasterDiffusion
 from ldm.sampling import sample_generators
 
 SHAPE = [3, 16, 16]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-@pytest.fixture(scope="module")
-def conds(tiny_model, golden):
-    labels = torch.from_numpy(golden["labels"])
-    cond = tiny_model.get_learned_conditioning({"class_label": labels})
-    uncond = tiny_model.get_learned_conditioning({"class_label": torch.full_like(labels, 1000)})
-    return cond, uncond
 
 
 def run(model, golden, conds, steps=10, scale=3.0, fd=None, guided=True, **kwargs):

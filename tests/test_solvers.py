@@ -1,13 +1,12 @@
 """PLMS and DPM-Solver++: upstream golden runs, independent step-by-step checks, caches under every solver,
 counting, the callback, and options that must fail before any model work."""
-import json
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY
+from conftest import rel_err
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -18,24 +17,6 @@ from ldm.models.diffusion.solvers import ddim_step
 SHAPE = [3, 16, 16]
 SOLVERS = {"ddim": (DDIMSampler, {}), "plms": (PLMSSampler, {}), "dpmpp2m": (DPMSolverSampler, {"order": 2}),
            "dpmpp3m": (DPMSolverSampler, {"order": 3})}
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-@pytest.fixture(scope="module")
-def solver_golden():
-    return np.load(TINY / "golden_solvers.npz"), json.loads((TINY / "golden_solvers.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def conds(tiny_model, golden):
-    labels = torch.from_numpy(golden["labels"])
-    cond = tiny_model.get_learned_conditioning({"class_label": labels})
-    uncond = tiny_model.get_learned_conditioning({"class_label": torch.full_like(labels, 1000)})
-    return cond, uncond
 
 
 def run(model, golden, conds, solver="ddim", steps=10, scale=2.5, rows=slice(None), **kwargs):
