@@ -208,7 +208,8 @@ def diffusion_loss(model, latents, labels, generator, uncond_class, p_uncond, mi
 
 
 def start_from_export(args, workdir):
-    """Seed --workdir from an exported model: its first stage, and its EMA weights as the UNet's starting point.
+    """Seed --workdir from an exported model: its EMA weights as the UNet's starting point, and its first stage
+    unless --workdir already has one (a first stage trained further: the UNet then adapts to its latents).
 
     Returns (UNet and class-embedder tensors, step); the optimizer starts afresh.
     """
@@ -219,8 +220,12 @@ def start_from_export(args, workdir):
         step = int((f.metadata() or {}).get("step", 0))
     first_stage = {k.removeprefix("first_stage_model."): v for k, v in tensors.items()
                    if k.startswith("first_stage_model.")}
-    save_checkpoint(workdir / "first_stage.pt", model=first_stage, opt={}, step=0, decoder_only=None, rec=float("nan"))
-    return tensors, step
+    if (workdir / "first_stage.pt").exists():
+        print(f"keeping the first stage in {workdir}")
+    else:
+        save_checkpoint(workdir / "first_stage.pt", model=first_stage, opt={}, step=0, decoder_only=None,
+                        rec=float("nan"))
+    return {k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, step
 
 
 def train_unet(args):
@@ -251,7 +256,9 @@ def train_unet(args):
         step = state["step"]
         print(f"resumed UNet at step {step}")
     elif start_tensors is not None:
-        model.load_state_dict(start_tensors)
+        missing, unexpected = model.load_state_dict(start_tensors, strict=False)
+        if unexpected or any(not k.startswith("first_stage_model.") for k in missing):
+            raise SystemExit(f"error: {args.init_from} is not a model of {args.config}")
         ema.shadow = [p.detach().clone() for p in params]
         step = start_step
         print(f"started UNet from {args.init_from} (step {step}, fresh optimizer)")
@@ -327,7 +334,8 @@ def main(argv=None):
     parser.add_argument("--out", default="models/digits32", help="export: output folder")
     parser.add_argument("--num_images", type=int, default=None, help="unet: train on the first N images (default all)")
     parser.add_argument("--init_from", default=None,
-                        help="unet: with no checkpoint in --workdir, start from an exported model folder (EMA weights)")
+                        help="unet: with no UNet checkpoint in --workdir, start from an exported model folder (EMA weights; "
+                             "its first stage unless --workdir has one)")
     parser.add_argument("--steps", type=int, default=10**9, help="stop at this many steps")
     parser.add_argument("--minutes", type=float, default=math.inf, help="stop after this many minutes")
     parser.add_argument("--batch_size", type=int, default=128)

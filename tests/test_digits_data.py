@@ -1,4 +1,5 @@
 """The digits data set, the trainer of the small model and the classifier's export as an evaluator graph."""
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +109,21 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     refused = run_script("train_digits.py", "export", "--out", tmp_path / "other", *common)
     assert refused.returncode != 0 and "encoder changed" in refused.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "other").exists()
+
+    # a workdir with a first stage of its own keeps it: the exported UNet then trains on that stage's latents
+    (tmp_path / "work3").mkdir()
+    shutil.copy(tmp_path / "work" / "first_stage.pt", tmp_path / "work3")
+    retrained = torch.load(tmp_path / "work3" / "first_stage.pt", weights_only=True)["model"]
+    other = [*common[:2], "--workdir", tmp_path / "work3", *common[4:]]
+    adapted = run_script("train_digits.py", "unet", "--init_from", out, "--steps", 4, *other)
+    assert adapted.returncode == 0, adapted.stderr
+    assert "keeping the first stage" in adapted.stdout and "(step 3," in adapted.stdout
+    kept = torch.load(tmp_path / "work3" / "first_stage.pt", weights_only=True)["model"]
+    assert all(torch.equal(kept[k], v) for k, v in retrained.items())
+    exported = run_script("train_digits.py", "export", "--out", tmp_path / "adapted", *other)
+    assert exported.returncode == 0, exported.stderr
+    model = load_model(str(tmp_path / "adapted" / "config.yaml"), str(tmp_path / "adapted" / "model.safetensors"))
+    torch.testing.assert_close(model.first_stage_model.encoder.conv_in.weight, retrained["encoder.conv_in.weight"])
 
 
 def test_exported_classifier_graph_computes_the_same_logits():

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 from conftest import REPO
 from ldm.data.digits import REFERENCE_SEED, make_digits
+from evaluations.digit_classifier import graph_predict
 from ldm.sampling import generate, num_classes, sample_generators, to_uint8, unconditional_class
-from ldm.util import load_model
+from ldm.util import instantiate_from_config, load_model
 
 MODEL = REPO / "models" / "digits32"
 CONFIG, CKPT, CLASSIFIER = MODEL / "config.yaml", MODEL / "model.safetensors", MODEL / "classifier.pb"
@@ -33,6 +36,21 @@ def test_shipped_model_classes_come_from_its_config(digits_model):
     assert digits_model.image_size == 8 and digits_model.channels == 3
     images, _ = generate(digits_model, torch.tensor([3, 7]), 5, 1.5, generators=sample_generators(0, range(2)))
     assert to_uint8(images).shape == (2, 32, 32, 3)
+
+
+def recognised(model, per_class=4):
+    """Fraction of DDIM samples (S = 20, guidance 1.5) that the shipped classifier reads as the digit asked for."""
+    labels = torch.arange(10).repeat(per_class)
+    with torch.no_grad():
+        images, _ = generate(model, labels, 20, 1.5, generators=sample_generators(0, range(len(labels))))
+    return float((graph_predict(str(CLASSIFIER), to_uint8(images)) == labels.numpy()).mean())
+
+
+def test_shipped_model_draws_the_digits_asked_for_and_random_weights_do_not(digits_model):
+    assert recognised(digits_model) >= 0.9
+    torch.manual_seed(0)
+    untrained = instantiate_from_config(OmegaConf.load(CONFIG).model).eval()
+    assert recognised(untrained) < 0.5
 
 
 def sample(out_dir, processes=1):
