@@ -419,8 +419,10 @@ def main(args, comm):
             comm.wait_all()
         if comm.rank == 0:
             real = Path(args.out) / "real" / "result.json"
-            if args.real and not scored(read_json(real), scorer):
-                write_json(real, {"samples": args.real, **scorer(args.real)})
+            if args.real:
+                result, against = read_json(real), {"real_sha256": file_sha256(args.real)}
+                if not (scored(result, scorer) and result.get("real_sha256") == against["real_sha256"]):
+                    write_json(real, {"samples": args.real, **against, **scorer(args.real)})
             write_outputs(args, jobs, accuracy)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:

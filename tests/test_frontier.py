@@ -2,6 +2,7 @@
 the model's 10 classes; the table, JSON and plot agree; finished modes are not redone; bad input."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_finished_modes_are_not_redone(finished, inputs, capsys):
     assert "made " not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in results} == before
     assert (finished / "frontier.md").read_text() == table
+
+
+def test_the_real_row_follows_the_real_batch(finished, inputs, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    other = tmp_path / "other_real.npz"
+    np.savez(other, np.random.default_rng(1).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), np.arange(12) % 10)
+    assert run(argv(inputs, out, "--real", str(other), "--guidance", "1.5", "3")) == 0
+    before, after = (json.loads((f / "frontier.json").read_text())["real"] for f in (finished, out))
+    assert after["samples"] == str(other) and after["fid"] != before["fid"]
+    assert [r["fid"] for r in json.loads((out / "frontier.json").read_text())["rows"]] == \
+        [r["fid"] for r in json.loads((finished / "frontier.json").read_text())["rows"]]  # modes not redone
 
 
 def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
