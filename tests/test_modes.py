@@ -22,6 +22,7 @@ def test_make_mode_builds_the_cache_from_its_options():
     assert make_mode("ddim", eta=0.5).label == "DDIM eta 0.5"
     assert make_mode("dpmpp2m", skip_type="logSNR").label == "DPM-Solver++ 2M logSNR"
     assert make_mode("ddim", "deepcache", full_steps=[0, 4], branch=2).label == "DDIM + DeepCache 2 full steps branch 2"
+    assert make_mode("ddim", "deepcache", full_steps="@cal.json").label == "DDIM + DeepCache @cal.json"
 
 
 @pytest.mark.parametrize("spec, label", [

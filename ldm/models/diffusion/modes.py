@@ -70,7 +70,9 @@ class Mode:
             keys = cache.key_steps if isinstance(cache.key_steps, str) else ",".join(map(str, cache.key_steps))
             label += f" + FD{'-ref' if cache.context_layout == 'reference' else ''} {keys}"
         elif isinstance(cache, DeepCache):
-            if cache.full_steps is not None:
+            if isinstance(cache.full_steps, str):  # @calibration.json
+                label += f" + DeepCache {cache.full_steps}"
+            elif cache.full_steps is not None:
                 label += f" + DeepCache {len(cache.full_steps)} full steps"
             else:
                 label += f" + DeepCache N={cache.interval}{' nonuniform' if cache.nonuniform else ''}"
