@@ -36,6 +36,15 @@ def is_calibrated(spec):
     return isinstance(spec, str) and (spec.startswith("@") or AUTO.fullmatch(spec) is not None)
 
 
+def check_loop_indices(steps, name, why_zero):
+    """steps (a tuple of ints) start with 0 and strictly increase; else a ValueError naming them."""
+    if not steps or steps[0] != 0:
+        raise ValueError(f"{name} must start with 0 ({why_zero}), got {list(steps)}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{name} must be strictly increasing without repeats, got {list(steps)}")
+    return steps
+
+
 def check_count(k, steps):
     """K key steps fit S steps: 1 <= K <= S."""
     if not 1 <= k <= steps:

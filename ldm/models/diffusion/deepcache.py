@@ -9,7 +9,7 @@ import operator
 
 import numpy as np
 
-from ldm.calibration import read_steps
+from ldm.calibration import check_loop_indices, read_steps
 
 
 def _loop_indices(steps, name):
@@ -17,11 +17,7 @@ def _loop_indices(steps, name):
         steps = tuple(operator.index(s) for s in steps)
     except TypeError:
         raise ValueError(f"DeepCache {name} must be a list of integers, not {steps!r}") from None
-    if not steps or steps[0] != 0:
-        raise ValueError(f"DeepCache {name} must start with 0 (the first step runs the whole UNet), got {list(steps)}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"DeepCache {name} must be strictly increasing without repeats, got {list(steps)}")
-    return steps
+    return check_loop_indices(steps, f"DeepCache {name}", "the first step runs the whole UNet")
 
 
 class DeepCache:

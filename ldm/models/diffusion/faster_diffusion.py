@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from ldm.calibration import AUTO, read_steps
+from ldm.calibration import AUTO, check_loop_indices, read_steps
 
 # Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
 PRESETS = {
@@ -59,11 +59,7 @@ def parse_key_steps(spec):
         steps = tuple(operator.index(s) if not isinstance(s, str) else int(s) for s in spec)
     except (TypeError, ValueError):
         raise ValueError(f"key_steps must be a preset name or a list of integers, not {spec!r}") from None
-    if not steps or steps[0] != 0:
-        raise ValueError(f"key_steps must start with 0 (the first step always runs the encoder), got {list(steps)}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"key_steps must be strictly increasing without repeats, got {list(steps)}")
-    return steps
+    return check_loop_indices(steps, "key_steps", "the first step always runs the encoder")
 
 
 class FasterDiffusion:
