@@ -14,7 +14,8 @@ ddim+fd:ldm250,context_layout=reference@250, dpmpp2m+deepcache:3,nonuniform=true
 For each it records s/img (sampling seconds per image and process, decoding excluded, measured in the run
 that made the samples), UNet FLOPs per image (torch.utils.flop_counter, one extra image), encoder passes, the
 five metrics and, when the feature graph classifies the model's classes, the fraction of samples it takes
-for their requested class (arr_1). --real adds held-out real images as a row: the floor. Finished modes are
+for their requested class (arr_1). --real adds held-out real images as a row, the floor: its first N images, so
+that it is scored on as many images as each mode (FID's bias depends on the count). Finished modes are
 not redone: the samples are image_sample.py's resumable run in <out>/samples/n<N>_seed<seed>/<mode>_g<guidance>/,
 the mode's numbers result.json beside them. Outputs: <out>/frontier.md, frontier.json and frontier.png (FID
 against s/img and against FLOPs/img, Pareto fronts drawn, points labelled).
@@ -254,6 +255,22 @@ class Scorer:
             self.network.close()
 
 
+def real_result(args):
+    return Path(args.out) / "real" / f"n{args.num_samples}" / "result.json"
+
+
+def first_images(args):
+    """--real cut to its first N images (written beside the real row's result when it holds more)."""
+    with np.load(args.real) as npz:
+        if len(npz["arr_0"]) <= args.num_samples:
+            return args.real
+        arrays = {k: npz[k][:args.num_samples] for k in ("arr_0", "arr_1") if k in npz.files}
+    path = real_result(args).with_name("real.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+    return str(path)
+
+
 def scored(result, scorer):
     return result is not None and all(result.get(k) == v for k, v in scorer.against.items()) and "fid" in result
 
@@ -379,7 +396,7 @@ def write_outputs(args, jobs, accuracy):
     for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
         for r, on in zip(rows, pareto(rows, key)):
             r[front] = on
-    real = read_json(Path(args.out) / "real" / "result.json") if args.real else None
+    real = read_json(real_result(args)) if args.real else None
     settings = {k: getattr(args, k) for k in ("config", "ckpt", "ref", "inception_path", "real", "num_samples", "seed",
                                               "guidance")}
     settings["checkpoint_sha256"] = file_sha256(args.ckpt)
@@ -418,11 +435,11 @@ def main(args, comm):
                       f"FID {result['fid']:.4g}", flush=True)
             comm.wait_all()
         if comm.rank == 0:
-            real = Path(args.out) / "real" / "result.json"
             if args.real:
-                result, against = read_json(real), {"real_sha256": file_sha256(args.real)}
+                result, against = read_json(real_result(args)), {"real_sha256": file_sha256(args.real)}
                 if not (scored(result, scorer) and result.get("real_sha256") == against["real_sha256"]):
-                    write_json(real, {"samples": args.real, **against, **scorer(args.real)})
+                    write_json(real_result(args), {"samples": args.real, "images": args.num_samples, **against,
+                                                   **scorer(first_images(args))})
             write_outputs(args, jobs, accuracy)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:

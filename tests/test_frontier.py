@@ -134,10 +134,14 @@ def test_the_real_row_follows_the_real_batch(finished, inputs, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
     other = tmp_path / "other_real.npz"
-    np.savez(other, np.random.default_rng(1).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), np.arange(12) % 10)
+    images = np.random.default_rng(1).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
+    np.savez(other, images, np.arange(20) % 10)
     assert run(argv(inputs, out, "--real", str(other), "--guidance", "1.5", "3")) == 0
     before, after = (json.loads((f / "frontier.json").read_text())["real"] for f in (finished, out))
-    assert after["samples"] == str(other) and after["fid"] != before["fid"]
+    assert after["samples"] == str(other) and after["images"] == 12 and after["fid"] != before["fid"]
+    with np.load(out / "real" / "n12" / "real.npz") as cut:  # scored on as many images as each mode
+        np.testing.assert_array_equal(cut["arr_0"], images[:12])
+        np.testing.assert_array_equal(cut["arr_1"], np.arange(12) % 10)
     assert [r["fid"] for r in json.loads((out / "frontier.json").read_text())["rows"]] == \
         [r["fid"] for r in json.loads((finished / "frontier.json").read_text())["rows"]]  # modes not redone
 
