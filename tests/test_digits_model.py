@@ -38,7 +38,7 @@ def test_shipped_model_classes_come_from_its_config(digits_model):
     assert to_uint8(images).shape == (2, 32, 32, 3)
 
 
-def recognised(model, per_class=4):
+def recognised(model, per_class):
     """Fraction of DDIM samples (S = 20, guidance 1.5) that the shipped classifier reads as the digit asked for."""
     labels = torch.arange(10).repeat(per_class)
     with torch.no_grad():
@@ -47,10 +47,11 @@ def recognised(model, per_class=4):
 
 
 def test_shipped_model_draws_the_digits_asked_for_and_random_weights_do_not(digits_model):
-    assert recognised(digits_model) >= 0.9
+    # 500 samples: the binomial error of a 90% rate is 1.3 points there, 4.7 at 40 samples
+    assert recognised(digits_model, per_class=50) >= 0.9
     torch.manual_seed(0)
     untrained = instantiate_from_config(OmegaConf.load(CONFIG).model).eval()
-    assert recognised(untrained) < 0.5
+    assert recognised(untrained, per_class=4) < 0.5
 
 
 def sample(out_dir, processes=1):
