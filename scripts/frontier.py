@@ -261,10 +261,13 @@ def real_result(args):
 
 def first_images(args):
     """--real cut to its first N images (written beside the real row's result when it holds more)."""
-    with np.load(args.real) as npz:
-        if len(npz["arr_0"]) <= args.num_samples:
+    with evaluator.NpzArrayReader(args.real, "arr_0") as reader:  # streamed: a large batch is not read whole
+        if len(reader) <= args.num_samples:
             return args.real
-        arrays = {k: npz[k][:args.num_samples] for k in ("arr_0", "arr_1") if k in npz.files}
+        arrays = {"arr_0": next(reader.read_batches(args.num_samples))}
+    with np.load(args.real) as npz:
+        if "arr_1" in npz.files:
+            arrays["arr_1"] = npz["arr_1"][:args.num_samples]
     path = real_result(args).with_name("real.npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: np.savez(f, **arrays))

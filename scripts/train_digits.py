@@ -218,11 +218,11 @@ def start_from_export(args, workdir):
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         step = int((f.metadata() or {}).get("step", 0))
-    first_stage = {k.removeprefix("first_stage_model."): v for k, v in tensors.items()
-                   if k.startswith("first_stage_model.")}
     if (workdir / "first_stage.pt").exists():
         print(f"keeping the first stage in {workdir}")
     else:
+        first_stage = {k.removeprefix("first_stage_model."): v for k, v in tensors.items()
+                       if k.startswith("first_stage_model.")}
         save_checkpoint(workdir / "first_stage.pt", model=first_stage, opt={}, step=0, decoder_only=None,
                         rec=float("nan"))
     return {k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, step

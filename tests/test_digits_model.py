@@ -1,4 +1,4 @@
-"""The shipped digits model: the whole pipeline runs on it.
+"""The shipped digits model: it draws the digits asked for, and the whole pipeline runs on it.
 
 image_sample.py (one process and under mpiexec) -> .npz -> evaluations/evaluator.py with the shipped classifier
 graph as feature network.
@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from ldm.data.digits import REFERENCE_SEED, make_digits
 from evaluations.digit_classifier import graph_predict
+from ldm.data.digits import REFERENCE_SEED, make_digits
 from ldm.sampling import generate, num_classes, sample_generators, to_uint8, unconditional_class
 from ldm.util import instantiate_from_config, load_model
 
