@@ -18,13 +18,14 @@ for their requested class (arr_1). --real adds held-out real images as a row, th
 that it is scored on as many images as each mode (FID's bias depends on the count). Finished modes are
 not redone: the samples are image_sample.py's resumable run in <out>/samples/n<N>_seed<seed>/<mode>_g<guidance>/,
 the mode's numbers result.json beside them. Outputs: <out>/frontier.md, frontier.json and frontier.png (FID
-against s/img and against FLOPs/img, Pareto fronts drawn, points labelled).
+against s/img and against FLOPs/img, Pareto fronts drawn, points numbered with a key).
 """
 import argparse
 import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -35,7 +36,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -358,17 +359,26 @@ def markdown(rows, real, settings):
     return "\n".join(lines + ([""] + extra if extra else []) + equal_k(rows)) + "\n"
 
 
-def plot(rows, real, path):
-    """FID against s/img and against GFLOP/img, one colour per guidance, Pareto fronts dashed, points labelled."""
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110)
+def _minor_tick(value, _):
+    """Log-axis minor ticks labelled at 2x and 5x a power of ten only, so that they do not crowd."""
+    return f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""
+
+
+def plot(rows, real, path, key_columns=3):
+    """FID against s/img and against GFLOP/img, one colour per guidance, Pareto fronts dashed; points are
+    numbered in table order and named in a key below, so that clustered modes stay readable."""
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
     markers = {"none": "o", "fd": "s", "deepcache": "^"}
-    for ax, key, front, xlabel in ((axes[0], "s_per_img", "front_time", "seconds per image (sampling)"),
-                                   (axes[1], "gflops_per_img", "front_flops", "UNet GFLOPs per image")):
-        for r in rows:
+    names = [r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else "") for r in rows]
+    key_lines = -(-len(rows) // key_columns)
+    fig = plt.figure(figsize=(15, 6.5 + 0.16 * key_lines), dpi=110)
+    grid = fig.add_gridspec(2, 2, height_ratios=(6.5, 0.16 * key_lines + 0.1))
+    for column, (key, front, xlabel) in enumerate((("s_per_img", "front_time", "seconds per image (sampling)"),
+                                                   ("gflops_per_img", "front_flops", "UNet GFLOPs per image"))):
+        ax = fig.add_subplot(grid[0, column])
+        for number, r in enumerate(rows, 1):
             ax.scatter(r[key], r["fid"], color=colours[r["guidance"]], marker=markers[r["cache"]], s=28, zorder=3)
-            ax.annotate(r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else ""), (r[key], r["fid"]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(str(number), (r[key], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         on = sorted((r[key], r["fid"]) for r in rows if r[front])
         ax.step([x for x, _ in on], [y for _, y in on], where="post", color="black", ls="--", lw=1,
                 label="Pareto front", zorder=2)
@@ -379,14 +389,23 @@ def plot(rows, real, path):
         for cache, m in markers.items():
             ax.scatter([], [], color="grey", marker=m, label=f"cache {cache}")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.tick_params(axis="x", which="minor", labelsize=6)
-        ax.margins(x=0.12, y=0.08)
+        if min(r["fid"] for r in rows) > 0:
+            ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FuncFormatter(_minor_tick))
+        ax.tick_params(which="both", labelsize=7)
+        ax.margins(x=0.08, y=0.08)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID (lower is better)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+    key = fig.add_subplot(grid[1, :])
+    key.axis("off")
+    for number, name in enumerate(names, 1):
+        column, line = divmod(number - 1, key_lines)
+        key.text(column / key_columns, 1 - line / key_lines, f"{number:>2}  {name}", fontsize=7, va="top",
+                 family="monospace", transform=key.transAxes)
     fig.suptitle("Speed-quality frontier: FID against time and against FLOPs")
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
