@@ -54,7 +54,7 @@ _FD_PRESETS = [f"ddim+fd:{preset}{layout}@{s}" for s in (250,) for preset in ("l
 SETS = {
     # with --quick's 250 samples: 6.6 minutes on the small model's architecture on 2 busy CPU cores
     "quick": ["ddim@10", "ddim@25", "dpmpp2m@10", "ddim+fd:uniform:3@25", "ddim+fd:auto:9@25", "ddim+deepcache:3@25"],
-    # the rows of the quality table (issue 10): up to 100 steps, and the 250-step ones (run with fewer samples)
+    # the rows of benchmarks/README.md's quality table: up to 100 steps, and the 250-step ones (run with fewer samples)
     "quality": [*(f"ddim@{s}" for s in (100, 50, 25, 10)), *(f"ddim+fd:uniform:{n}@50" for n in range(2, 6))],
     "quality250": ["ddim@250", *_FD_PRESETS],
     # the frontier: solvers at several S, both caches, calibrated against uniform key steps at equal K
