@@ -203,9 +203,9 @@ class Bench:
 
 
 def plan(args):
-    """The rows in the order they run: eager before compiled, fp16 before fp32, FasterDiffusion first."""
+    """The rows in the order they run: half precision before fp32, eager before compiled, FasterDiffusion first."""
     order = sorted(args.precisions, key=lambda p: p == "fp32")
-    return [(name, batch, precision, variant) for variant in args.variants for precision in order
+    return [(name, batch, precision, variant) for precision in order for variant in args.variants
             for batch in args.batches for name in sorted(args.modes.split(","), key=lambda n: n != "fd")]
 
 

@@ -25,10 +25,11 @@ def test_timed_steps_are_whole_periods_or_the_whole_run(name, batch_size, steps)
     assert gpu_table.timed_steps(name, batch_size, args) == steps
 
 
-def test_rows_run_eager_before_compiled_fp16_before_fp32_fasterdiffusion_first():
+def test_rows_run_fp16_before_fp32_eager_before_compiled_fasterdiffusion_first():
     rows = gpu_table.plan(gpu_table.parse_args([]))
     assert len(rows) == 3 * 4 * 2 * 2
     assert rows[0] == ("fd", "1", "fp16", "eager") and rows[-1] == ("deepcache", "auto", "fp32", "compiled")
+    assert rows[12] == ("fd", "1", "fp16", "compiled") and rows[24] == ("fd", "1", "fp32", "eager")
 
 
 def test_dry_run_on_the_cpu(tmp_path, capsys):
