@@ -77,6 +77,8 @@ def auto_batch_size(model, mode, num_steps, guided, precision, limit, peak_bytes
     GPU's free memory. peak_bytes and budget_bytes replace them (e.g. to test the search on the CPU)."""
     if peak_bytes is None:
         peak_bytes = cuda_peak_bytes(model, mode, num_steps, guided, precision)
-    if budget_bytes is None:
+    if budget_bytes is None:  # memory cached by earlier work counts as free: the probe's empty_cache frees it
+        torch.cuda.synchronize(model.device)
+        torch.cuda.empty_cache()
         budget_bytes = MEMORY_FRACTION * torch.cuda.mem_get_info(model.device)[0]
     return largest_batch(fits_within(peak_bytes, budget_bytes), limit)
