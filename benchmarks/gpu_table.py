@@ -3,8 +3,8 @@ table that gpu_check.sh prints.
 
 MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager) times images/s, over
 the GPU's dense tensor peak for the dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ
-decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over a window of
-whole periods and scaled to S steps; FasterDiffusion's plan is not periodic and runs all S steps. Rows run in
+decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over whole
+periods (at least --window image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not periodic and runs all S steps. Rows run in
 order of importance until --budget seconds are spent; the rest are listed as not run. Rows are printed as they
 finish, so a run that is killed still leaves its rows.
 
@@ -21,7 +21,7 @@ import traceback
 import torch
 from omegaconf import OmegaConf
 
-from ldm.autobatch import AUTO_BATCH, auto_batch_size
+from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.modes import make_mode
@@ -81,12 +81,18 @@ def build(config, device, seed=0):
     return model.eval().requires_grad_(False)
 
 
-def sample(model, mode, batch_size, stop, precision, args, count=False):
-    """Sample the first `stop` of S steps for a batch; returns (seconds, FLOPs counted or 0)."""
+def sample(model, mode, batch_size, stop, precision, args, count=False, every=None, min_seconds=0.0):
+    """Sample the first `stop` of S steps for a batch, or with `every` more whole periods of `every` steps until
+    min_seconds have passed (at most S); returns (seconds, steps run, FLOPs counted or 0)."""
     labels = sample_labels(0, range(batch_size), num_classes(model))
+    steps_run = 0
 
     def stop_after(step, timestep, x, pred_x0):
-        if step + 1 == stop < args.steps:
+        nonlocal steps_run
+        steps_run = step + 1
+        if steps_run == args.steps or steps_run < stop:
+            return
+        if every is None or (steps_run % every == 0 and time.perf_counter() - start >= min_seconds):
             raise StopSampling
 
     synchronize(model.device)
@@ -97,8 +103,8 @@ def sample(model, mode, batch_size, stop, precision, args, count=False):
                            generators=sample_generators(0, range(batch_size)), callback=stop_after)
         except StopSampling:
             pass
-    synchronize(model.device)
-    return time.perf_counter() - start, counter.get_total_flops() if counter else 0
+    synchronize(model.device)  # the clock ran on the CPU, which queues GPU work ahead: wait for the steps run
+    return time.perf_counter() - start, steps_run, counter.get_total_flops() if counter else 0
 
 
 def synchronize(device):
@@ -144,7 +150,7 @@ class Bench:
     def count_flops(self, name):
         """UNet FLOPs per image of a mode over S steps (counted at batch 1 over its timed window, scaled)."""
         stop = timed_steps(name, 1, self.args)
-        _, flops = sample(self.base, self.modes[name], 1, stop, "fp32", self.args, count=True)
+        _, _, flops = sample(self.base, self.modes[name], 1, stop, "fp32", self.args, count=True)
         return flops * self.args.steps / stop
 
     def batch_size(self, name, batch, precision):
@@ -174,7 +180,7 @@ class Bench:
         """Seconds a row will take (its warm-up and timed runs, and a first compile), from the rates so far."""
         stop = timed_steps(name, batch_size, self.args)
         work = self.flops[name] * batch_size * (stop + min(stop, self.args.warmup_steps)) / self.args.steps
-        seconds = work / self.rate[precision]
+        seconds = max(work / self.rate[precision], self.args.min_seconds)
         if variant == "compiled" and (precision, batch_size) not in self.compile_seconds:
             seconds += max(self.compile_seconds.values(), default=self.args.first_compile)
         return seconds
@@ -191,7 +197,8 @@ class Bench:
         model = self.model(precision, variant, batch_size)
         stop = timed_steps(name, batch_size, args)
         sample(model, mode, batch_size, min(stop, args.warmup_steps), precision, args)
-        seconds, _ = sample(model, mode, batch_size, stop, precision, args)
+        seconds, stop, _ = sample(model, mode, batch_size, stop, precision, args, every=period(name, args),
+                                  min_seconds=args.min_seconds)
         per_image = seconds * args.steps / stop / batch_size
         rate = self.flops[name] / per_image
         self.rate[precision] = rate
@@ -213,6 +220,7 @@ def main(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device: this table needs an NVIDIA GPU (or --device cpu for a dry run)", file=sys.stderr)
         return 2
+    use_expandable_segments()
     set_tf32(True)
     if "compiled" in args.variants:
         use_compile_cache()
@@ -252,6 +260,8 @@ def parse_args(argv=None):
     parser.add_argument("--variants", type=lambda s: s.split(","), default="eager,compiled")
     parser.add_argument("--window", type=int, default=100,
                         help="image-steps to time for DDIM and DeepCache (whole periods, at least one)")
+    parser.add_argument("--min_seconds", type=float, default=2.0,
+                        help="time DDIM and DeepCache for more whole periods until this long has passed (at most S)")
     parser.add_argument("--warmup_steps", type=int, default=5, help="untimed steps before each timed run")
     parser.add_argument("--auto_limit", type=int, default=256, help="largest batch size that auto tries")
     parser.add_argument("--budget", type=float, default=420, help="seconds; rows that would not fit are not run")

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ldm import cli
-from ldm.autobatch import AUTO_BATCH, auto_batch_size
+from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.calibration import AUTO
 from ldm.distributed import Comm, first_error, share_cpu_threads
 from ldm.models.diffusion.deepcache import DeepCache
@@ -283,6 +283,7 @@ def parse_args(argv=None):
 def run(argv=None):
     """main() with SIGTERM handled like Ctrl-C and, under MPI, one rank's crash ending all ranks."""
     args = parse_args(argv)
+    use_expandable_segments()
     comm = Comm()
     share_cpu_threads(comm)
     with cli.sigterm_as_interrupt():

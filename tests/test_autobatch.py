@@ -1,9 +1,11 @@
 """--batch_size auto: the search, and the probe of the calls that need the most memory, with a fake memory budget
 (the probes run for real on the tiny model on the CPU; their memory is a function of the rows they ran)."""
+import os
+
 import pytest
 import torch
 
-from ldm.autobatch import auto_batch_size, largest_batch, largest_calls
+from ldm.autobatch import auto_batch_size, largest_batch, largest_calls, use_expandable_segments
 from ldm.models.diffusion.modes import parse_mode
 
 
@@ -66,3 +68,12 @@ def test_max_decoder_batch_bounds_the_largest_call(tiny_model):
     mode = parse_mode("ddim+fd:0,1,2,10", max_decoder_batch=8)
     assert largest_calls(tiny_model, mode, 20, 1, True, "fp32") == 8  # 4 steps of 2 rows per call
     assert largest_calls(tiny_model, mode, 20, 3, True, "fp32") == 6  # one step of 6 rows: no fewer
+
+
+def test_expandable_segments_are_the_default_and_a_user_setting_wins(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    use_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    use_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

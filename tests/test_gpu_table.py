@@ -50,3 +50,16 @@ def test_no_gpu_is_one_line_and_status_2(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_table.main(gpu_table.parse_args([])) == 2
     assert capsys.readouterr().err.startswith("error: no CUDA device")
+
+
+@pytest.mark.parametrize("stop, every, min_seconds, steps_run", [
+    (2, None, 0.0, 2),  # a fixed window
+    (1, 2, 0.0, 2),  # whole periods: the window is rounded up to one
+    (2, 2, 1e9, 10),  # periods until min_seconds have passed, at most S
+])
+def test_timed_window_is_whole_periods_until_min_seconds(stop, every, min_seconds, steps_run):
+    args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG)])
+    model = gpu_table.build(args.config, "cpu")
+    seconds, run, flops = gpu_table.sample(model, gpu_table.modes(args)["ddim"], 1, stop, "fp32", args,
+                                           every=every, min_seconds=min_seconds)
+    assert run == steps_run and seconds > 0 and flops == 0
