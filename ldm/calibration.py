@@ -1,4 +1,5 @@
-"""Key steps chosen from the model: how much the cached features change per step, and K steps that spread it.
+"""Key steps chosen from the model: how much the cached features change per step, and K steps that keep a cached
+sampler closest to its solver.
 
 A cache reuses features computed at a key (full) step for the steps after it, so the error of a group grows
 with how much those features change across it. `feature_changes` runs the whole UNet at every step of a few
@@ -10,9 +11,17 @@ where f is the encoder output (every skip tensor and the middle block, flattened
 and the deep decoder feature for DeepCache. `choose_steps` picks K key steps, step 0 among them, that minimise
 the largest change accumulated inside a group (the changes at the group's own key step are refreshed, not
 accumulated), with an exact dynamic program; among the partitions that reach that minimum it takes the
-smallest total, then the earliest steps. A calibration file (JSON) records the model, S, guidance, K, the
-steps and the change curve; `--key_steps @FILE.json` and `--full_steps @FILE.json` read it, and `auto:K`
-computes the steps on the fly with `auto_steps`.
+smallest total, then the earliest steps.
+
+Spreading the change evenly is not the same as spreading the error: on the shipped model it puts long groups
+at the noisy start and scores a worse FID than evenly spaced steps. So `calibrate` measures what the cache
+costs directly: the distance of the final latents sampled with the cache at given key steps from those of the
+solver alone (same labels and noise; `deviation_objective`). Starting from the better of the change rule's
+steps and evenly spaced ones, `search_steps` moves one key step at a time while that distance falls.
+
+A calibration file (JSON) records the model, S, guidance, K, the steps, the change curve and the distances;
+`--key_steps @FILE.json` and `--full_steps @FILE.json` read it, and `auto:K` computes the steps on the fly
+with `auto_steps`.
 """
 import json
 import re
@@ -23,8 +32,11 @@ import torch
 # The feature each cache reuses, by cache name.
 FEATURES = {"fd": "encoder", "deepcache": "deep"}
 AUTO = re.compile(r"auto:(\d+)")
-CALIBRATION_SAMPLES = 4  # samples of auto:K (scripts/calibrate.py: --num_samples)
+CALIBRATION_SAMPLES = 4  # samples of the change curve (scripts/calibrate.py: --num_samples)
+SEARCH_SAMPLES = 8  # samples of the distance that the search minimises (--search_samples)
 CALIBRATION_SEED = 0
+SEARCH_MOVES = (-1, 1, -2, 2)  # how far one key step may move in one try
+SEARCH_SWEEPS = 3  # passes over the key steps
 
 
 class CalibrationError(ValueError):
@@ -159,10 +171,80 @@ def feature_changes(model, mode, steps, scale, feature, num_samples=CALIBRATION_
     return change
 
 
-def auto_steps(model, spec, mode, steps, scale, feature, branch=0, precision="fp32"):
-    """The steps of 'auto:K', calibrated now on CALIBRATION_SAMPLES samples of the model."""
+def evenly_spaced(steps, k):
+    """K loop indices as evenly spaced as S allows: floor(i * S / K)."""
+    check_count(k, steps)
+    return [i * steps // k for i in range(k)]
+
+
+@torch.inference_mode()
+def deviation_objective(model, mode, cached, steps, scale, num_samples=SEARCH_SAMPLES, seed=CALIBRATION_SEED,
+                        precision="fp32"):
+    """distance(keys): the mean over samples of ||x - x_solver|| / ||x_solver||, where x are the final latents
+    sampled with cached(keys) (a Mode: the solver with its cache at those steps) and x_solver those of the
+    solver `mode` alone, for the labels and noise of sample indices 0..num_samples-1 of `seed`. Memoised."""
+    from ldm.models.diffusion.modes import Mode
+    from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
+
+    indices = range(num_samples)
+    labels = sample_labels(seed, indices, num_classes(model))
+
+    def final_latents(sampling_mode):
+        x, _ = sample_latents(model, labels, steps, scale, generators=sample_generators(seed, indices),
+                              precision=precision, mode=sampling_mode)
+        return x.flatten(1).double()
+
+    reference = final_latents(Mode(mode.sampler, None, mode.eta, mode.skip_type, mode.lower_order_final))
+    known = {}
+
+    def distance(keys):
+        keys = tuple(int(i) for i in keys)
+        if keys not in known:
+            x = final_latents(cached(keys))
+            known[keys] = ((x - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-30)).mean().item()
+        return known[keys]
+
+    return distance
+
+
+def search_steps(distance, starts, steps, moves=SEARCH_MOVES, sweeps=SEARCH_SWEEPS):
+    """From the start with the least distance, move one key step (never step 0) at a time by one of `moves`,
+    keeping a move that lowers the distance, for up to `sweeps` passes; returns (steps, distance)."""
+    keys = list(min(starts, key=distance))
+    best = distance(keys)
+    for _ in range(sweeps):
+        improved = False
+        for i in range(1, len(keys)):
+            low, high = keys[i - 1], keys[i + 1] if i + 1 < len(keys) else steps
+            for move in moves:
+                candidate = keys[:i] + [keys[i] + move] + keys[i + 1:]
+                if low < candidate[i] < high and distance(candidate) < best:
+                    keys, best, improved = candidate, distance(candidate), True
+                    break
+        if not improved:
+            break
+    return keys, best
+
+
+def calibrate(model, mode, cached, steps, scale, feature, k, branch=0, precision="fp32",
+              num_samples=CALIBRATION_SAMPLES, search_samples=SEARCH_SAMPLES, seed=CALIBRATION_SEED):
+    """K steps for the cache: the change curve, the change rule's steps and evenly spaced ones, and the steps the
+    search finds from the better of them, with the distance of each (see the module docstring)."""
+    check_count(k, steps)
+    change = feature_changes(model, mode, steps, scale, feature, num_samples, seed, branch, precision)
+    distance = deviation_objective(model, mode, cached, steps, scale, search_samples, seed, precision)
+    change_steps, even = choose_steps(change, k), evenly_spaced(steps, k)
+    chosen, _ = search_steps(distance, [even, change_steps], steps)
+    return {"steps": chosen, "change": change, "change_steps": change_steps, "uniform_steps": even,
+            "distance": {"steps": distance(chosen), "change_steps": distance(change_steps),
+                         "uniform_steps": distance(even)}}
+
+
+def auto_steps(model, spec, mode, cached, steps, scale, feature, branch=0, precision="fp32"):
+    """The steps of 'auto:K', calibrated now on the model (`calibrate`); cached(keys) is the solver `mode` with
+    its cache at those steps."""
     k = auto_count(spec, steps)
-    return choose_steps(feature_changes(model, mode, steps, scale, feature, branch=branch, precision=precision), k)
+    return calibrate(model, mode, cached, steps, scale, feature, k, branch, precision)["steps"]
 
 
 def read_steps(path, steps, feature, checkpoint_sha256=None):

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from ldm.autobatch import AUTO_BATCH
-from ldm.calibration import FEATURES, auto_count, auto_steps, is_calibrated, read_steps
+from ldm.calibration import FEATURES, auto_count, auto_steps, evenly_spaced, is_calibrated, read_steps
 from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.deepcache import DeepCache
@@ -299,11 +299,16 @@ def resolve_steps(options, cache, args, mode, calibrate_on):
     if spec.startswith("@"):
         steps = read_steps(spec[1:], args.steps, feature, file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None)
     elif calibrate_on is None:
-        count = auto_count(spec, args.steps)
-        steps = sorted({i * args.steps // count for i in range(count)})
+        steps = evenly_spaced(args.steps, auto_count(spec, args.steps))
     else:
-        steps = auto_steps(calibrate_on, spec, mode, args.steps, args.scale, feature, options.get("branch", 0),
-                           args.precision)
+        rest = {k: v for k, v in options.items() if k not in ("interval", key)}
+
+        def cached(steps):  # the solver with this cache and its options, at the given steps
+            return make_library_mode(mode.sampler, cache, mode.eta, mode.skip_type, mode.lower_order_final,
+                                     **rest, **{key: list(steps)})
+
+        steps = auto_steps(calibrate_on, spec, mode, cached, args.steps, args.scale, feature,
+                           options.get("branch", 0), args.precision)
     return {**{k: v for k, v in options.items() if k != "interval"}, key: steps}
 
 

@@ -1,13 +1,16 @@
-"""Choose K key steps (FasterDiffusion) or full steps (DeepCache) from how the model's cached features change.
+"""Choose K key steps (FasterDiffusion) or full steps (DeepCache) for a model: those that keep the cached sampler
+closest to its solver.
 
     python scripts/calibrate.py --config models/digits32/config.yaml --ckpt models/digits32/model.safetensors \
         --steps 50 --scale 1.5 -K 10 [--cache deepcache] [--out outputs/calibration/digits32_fd_S50_K10.json]
 
 Runs the whole UNet at every step for a few samples (labels and noise of sample indices 0..n-1 of --seed, as
-scripts/image_sample.py draws them), measures the change of the cached feature from step to step (encoder
-skips and middle for FasterDiffusion, the deep decoder feature for DeepCache) and picks K steps, step 0 first,
-that spread it evenly (ldm/calibration.py says how). Writes a JSON file that `--key_steps @FILE.json` (or
-`--full_steps @FILE.json`) reads, and a PNG of the change curve with the chosen steps marked; prints the steps.
+scripts/image_sample.py draws them) and measures the change of the cached feature from step to step (encoder
+skips and middle for FasterDiffusion, the deep decoder feature for DeepCache); K steps that spread that change
+evenly, and K evenly spaced steps, are the starts of a search that moves one step at a time while the final
+latents sampled with the cache get closer to those of the solver alone (--search_samples samples;
+ldm/calibration.py says how). Writes a JSON file that `--key_steps @FILE.json` (or `--full_steps @FILE.json`)
+reads, and a PNG of the change curve with the chosen steps marked; prints the steps.
 """
 import json
 import os
@@ -21,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ldm import cli  # noqa: E402
-from ldm.calibration import (FEATURES, CalibrationError, check_count, choose_steps, feature_changes,  # noqa: E402
-                             group_costs)
+from ldm.calibration import (CALIBRATION_SAMPLES, FEATURES, SEARCH_SAMPLES, CalibrationError, calibrate,  # noqa: E402
+                             check_count, group_costs)
 from ldm.models.diffusion.modes import SAMPLERS, make_mode  # noqa: E402
 from ldm.util import file_sha256, write_atomic  # noqa: E402
 
@@ -36,8 +39,9 @@ def check_args(args):
         check_count(args.K, args.steps)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    if args.num_samples < 1:
-        raise cli.UsageError(f"--num_samples must be at least 1, not {args.num_samples}")
+    for flag, value in (("--num_samples", args.num_samples), ("--search_samples", args.search_samples)):
+        if value < 1:
+            raise cli.UsageError(f"{flag} must be at least 1, not {value}")
     out = args.out or (f"outputs/calibration/{Path(args.config).stem}_{args.cache}_S{args.steps}_K{args.K}"
                        f"_scale{args.scale:g}.json")
     plot = args.plot or str(Path(out).with_suffix(".png"))
@@ -68,9 +72,10 @@ def plot_changes(record, path):
     ax.set_xlabel("loop index (0 = noisiest step)")
     ax.set_ylabel("relative change")
     ax.set_xlim(-0.5, len(change) - 0.5)
-    ax.set_title(f"{record['model']['config']}: {record['sampler']}, S={record['S']}, guidance {record['guidance']:g}; "
-                 f"largest group change {max(record['group_change']):.3g} (uniform: {max(record['uniform_group_change']):.3g})",
-                 fontsize=8)
+    distance = record["distance"]
+    ax.set_title(f"{record['model']['config']}: {record['sampler']}+{record['cache']}, S={record['S']}, guidance "
+                 f"{record['guidance']:g}; distance from the solver {distance['steps']:.3g} (evenly spaced: "
+                 f"{distance['uniform_steps']:.3g}, even change: {distance['change_steps']:.3g})", fontsize=8)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
@@ -83,26 +88,34 @@ def main(argv=None):
         mode, out, plot = check_args(args)
         model = cli.load(args, cli.check_device(args))
         feature = FEATURES[args.cache]
-        change = feature_changes(model, mode, args.steps, args.scale, feature, num_samples=args.num_samples,
-                                 seed=args.seed, branch=args.branch, precision=args.precision)
-        keys = choose_steps(change, args.K)
+        option = {"fd": "key_steps", "deepcache": "full_steps"}[args.cache]
+        extra = {"branch": args.branch} if args.cache == "deepcache" else {}
+
+        def cached(steps):
+            return make_mode(args.sampler, args.cache, eta=args.eta, **extra, **{option: list(steps)})
+
+        found = calibrate(model, mode, cached, args.steps, args.scale, feature, args.K, args.branch, args.precision,
+                          args.num_samples, args.search_samples, args.seed)
     except (cli.UsageError, CalibrationError) as e:
         return cli.report(e)
-    uniform = sorted({i * args.steps // args.K for i in range(args.K)})
+    change, keys = found["change"], found["steps"]
     record = {
         "model": {"config": args.config, "checkpoint": args.ckpt, "checkpoint_sha256": file_sha256(args.ckpt)},
         "S": args.steps, "sampler": args.sampler, "eta": args.eta, "guidance": args.scale, "K": args.K,
         "steps": keys, "feature": feature, "cache": args.cache, "branch": args.branch if args.cache == "deepcache" else None,
-        "num_samples": args.num_samples, "seed": args.seed, "precision": args.precision,
-        "group_change": group_costs(change, keys), "uniform_steps": uniform,
-        "uniform_group_change": group_costs(change, uniform), "change": change,
+        "num_samples": args.num_samples, "search_samples": args.search_samples, "seed": args.seed,
+        "precision": args.precision, "distance": found["distance"],
+        "change_steps": found["change_steps"], "uniform_steps": found["uniform_steps"],
+        "group_change": group_costs(change, keys), "uniform_group_change": group_costs(change, found["uniform_steps"]),
+        "change": change,
     }
     for path in (out, plot):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     plot_changes(record, plot)
     write_atomic(out, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
-    print(f"largest group change {max(record['group_change']):.4g} (K={args.K} uniform steps: "
-          f"{max(record['uniform_group_change']):.4g}); plot {plot}")
+    distance = record["distance"]
+    print(f"distance from the solver {distance['steps']:.4g} (K={args.K} evenly spaced steps: "
+          f"{distance['uniform_steps']:.4g}, spreading the change: {distance['change_steps']:.4g}); plot {plot}")
     print(f"wrote {out}: use --{'key_steps' if args.cache == 'fd' else 'full_steps'} @{out}")
     print(f"steps: {','.join(map(str, keys))}")
     return 0
@@ -119,7 +132,10 @@ def parse_args(argv=None):
                        help="fd: encoder features (key steps); deepcache: the deep feature (full steps)")
     group.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="the solver whose trajectory is measured")
     group.add_argument("--branch", type=int, default=0, help="DeepCache's shallow branch (its deep feature is measured)")
-    group.add_argument("--num_samples", type=int, default=4, help="samples measured (indices 0..n-1 of --seed)")
+    group.add_argument("--num_samples", type=int, default=CALIBRATION_SAMPLES,
+                       help="samples of the change curve (indices 0..n-1 of --seed)")
+    group.add_argument("--search_samples", type=int, default=SEARCH_SAMPLES,
+                       help="samples of the distance that the search minimises (indices 0..n-1 of --seed)")
     group.add_argument("--out", default=None,
                        help="JSON file (default outputs/calibration/<model>_<cache>_S<S>_K<K>_scale<s>.json)")
     group.add_argument("--plot", default=None, help="PNG of the change curve (default: --out with .png)")

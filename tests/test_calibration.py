@@ -93,6 +93,52 @@ def test_feature_changes_match_a_direct_computation(tiny_model, feature):
     assert change[1] == pytest.approx(expected, rel=1e-5)
 
 
+# --- the search on the distance from the solver ----------------------------------------------------------------
+
+
+def test_evenly_spaced_steps():
+    assert calibration.evenly_spaced(50, 10) == list(range(0, 50, 5))
+    assert calibration.evenly_spaced(10, 4) == [0, 2, 5, 7] and calibration.evenly_spaced(5, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(calibration.CalibrationError, match="K must be in 1..5"):
+        calibration.evenly_spaced(5, 6)
+
+
+def test_search_walks_to_the_least_distance_and_keeps_step_zero():
+    target = [0, 3, 9, 12, 19]
+    calls = []
+
+    def distance(keys):
+        calls.append(tuple(keys))
+        return sum((a - b) ** 2 for a, b in zip(keys, target))
+
+    keys, best = calibration.search_steps(distance, [[0, 4, 8, 12, 16], [0, 1, 2, 3, 4]], 20, sweeps=10)
+    assert keys == target and best == 0
+    assert all(k[0] == 0 and list(k) == sorted(set(k)) and k[-1] < 20 for k in calls)
+
+
+def test_search_returns_the_best_start_when_no_move_helps():
+    starts = [[0, 5], [0, 3]]
+    keys, best = calibration.search_steps(lambda keys: abs(keys[1] - 3) + (keys[1] == 4), starts, 6)
+    assert keys == [0, 3] and best == 0
+
+
+def test_distance_matches_a_direct_computation(tiny_model):
+    steps, scale = 10, 1.5
+
+    def cached(keys):
+        return make_mode("ddim", "fd", key_steps=list(keys), noise_injection=False)
+
+    distance = calibration.deviation_objective(tiny_model, make_mode(), cached, steps, scale, num_samples=2, seed=5)
+    labels = sample_labels(5, range(2), 1000)
+    plain, _ = sample_latents(tiny_model, labels, steps, scale, generators=sample_generators(5, range(2)))
+    fd, _ = sample_latents(tiny_model, labels, steps, scale, generators=sample_generators(5, range(2)),
+                           mode=cached([0, 4, 8]))
+    plain, fd = plain.flatten(1).double(), fd.flatten(1).double()
+    expected = ((fd - plain).norm(dim=1) / plain.norm(dim=1)).mean().item()
+    assert distance([0, 4, 8]) == pytest.approx(expected, rel=1e-6) and expected > 1e-3
+    assert distance(range(steps)) < 1e-5  # a key step everywhere is the solver itself
+
+
 # --- scripts/calibrate.py and what reads its files ---------------------------------------------------------------
 
 
@@ -104,7 +150,7 @@ def calibrated(tmp_path_factory):
     for cache in ("fd", "deepcache"):
         out = folder / f"{cache}.json"
         assert calibrate.main([*MODEL, "--steps", "10", "-K", "4", "--cache", cache, "--num_samples", "2",
-                               "--out", str(out)]) == 0
+                               "--search_samples", "2", "--out", str(out)]) == 0
         files[cache] = out
     return files
 
@@ -112,9 +158,12 @@ def calibrated(tmp_path_factory):
 def test_calibrate_writes_the_steps_the_curve_and_a_plot(calibrated, capsys):
     record = json.loads(calibrated["fd"].read_text())
     assert (record["S"], record["K"], record["guidance"], record["feature"]) == (10, 4, 1.5, "encoder")
-    assert record["steps"] == calibration.choose_steps(record["change"], 4)
+    assert record["change_steps"] == calibration.choose_steps(record["change"], 4)
+    assert record["uniform_steps"] == [0, 2, 5, 7] and len(record["steps"]) == 4 and record["steps"][0] == 0
+    distance = record["distance"]
+    assert distance["steps"] <= min(distance["uniform_steps"], distance["change_steps"])
     assert record["model"]["checkpoint_sha256"] == hashlib.sha256(TINY_CKPT.read_bytes()).hexdigest()
-    assert len(record["change"]) == 10 and max(record["group_change"]) <= max(record["uniform_group_change"]) + 1e-12
+    assert len(record["change"]) == 10 and len(record["group_change"]) == 4
     assert json.loads(calibrated["deepcache"].read_text())["feature"] == "deep"
     png = calibrated["fd"].with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,7 +186,8 @@ def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, tm
     """--key_steps @FILE and auto:K sample as the library does with those steps; --full_steps @FILE likewise."""
     labels = sample_labels(0, range(2), 1000)
     common = [*MODEL, "--steps", "10", "--num_samples", "2", "--tqdm_disable"]
-    auto = calibration.auto_steps(tiny_model, "auto:3", make_mode(), 10, 1.5, "encoder")
+    auto = calibration.auto_steps(tiny_model, "auto:3", make_mode(),
+                                  lambda steps: make_mode("ddim", "fd", key_steps=list(steps)), 10, 1.5, "encoder")
     cases = [(["--cache", "fd", "--key_steps", f"@{calibrated['fd']}"],
               make_mode("ddim", "fd", key_steps=json.loads(calibrated["fd"].read_text())["steps"])),
              (["--cache", "deepcache", "--full_steps", f"@{calibrated['deepcache']}"],
