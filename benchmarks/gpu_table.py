@@ -4,9 +4,9 @@ table that gpu_check.sh prints.
 MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager) times images/s, over
 the GPU's dense tensor peak for the dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ
 decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over whole
-periods (at least --window image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not periodic and runs all S steps. Rows run in
-order of importance until --budget seconds are spent; the rest are listed as not run. Rows are printed as they
-finish, so a run that is killed still leaves its rows.
+periods (at least --window image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not
+periodic and runs all S steps. Rows run in order of importance until --budget seconds are spent; the rest are
+listed as not run. Rows are printed as they finish, so a run that is killed still leaves its rows.
 
     python benchmarks/gpu_table.py                                  # the GPU table (gpu_check.sh)
     python benchmarks/gpu_table.py --device cpu --steps 2 --config tests/fixtures/tiny/config.yaml \

@@ -58,13 +58,13 @@ def main(argv=None):
     if args.resamples < 2:
         parser.error("--resamples must be at least 2")
     try:
-        for path in (args.ref_batch, args.batch_a, args.batch_b):
+        for path in (args.batch_a, args.batch_b):
             evaluator.check_batch_file(path)
         check_paired_labels(args.batch_a, args.batch_b)
-        if args.inception_path and not os.path.isfile(args.inception_path):
-            raise evaluator.InputError(f"{args.inception_path}: no such file (--inception_path)")
-        network = evaluator.InceptionNetwork(args.inception_path or evaluator.fetch_inception_graph(),
-                                             threads=args.tf_threads)
+        # the reference batch, the graph (fetched if needed) and the reference statistics' sizes, as the evaluator
+        network = evaluator.prepare(argparse.Namespace(ref_batch=args.ref_batch, sample_batch=None, json=None,
+                                                       inception_path=args.inception_path, batch_size=64,
+                                                       tf_threads=args.tf_threads))
         try:
             ref_acts = network.read_activations(args.ref_batch)
             ref_stats = evaluator.read_statistics(args.ref_batch, ref_acts)[0]

@@ -29,8 +29,9 @@ import re
 import numpy as np
 import torch
 
-# The feature each cache reuses, by cache name.
+# The feature each cache reuses, and the option that holds its calibrated steps, by cache name.
 FEATURES = {"fd": "encoder", "deepcache": "deep"}
+STEP_OPTIONS = {"fd": "key_steps", "deepcache": "full_steps"}
 AUTO = re.compile(r"auto:(\d+)")
 CALIBRATION_SAMPLES = 4  # samples of the change curve (scripts/calibrate.py: --num_samples)
 SEARCH_SAMPLES = 8  # samples of the distance that the search minimises (--search_samples)
@@ -218,12 +219,27 @@ def search_steps(distance, starts, steps, moves=SEARCH_MOVES, sweeps=SEARCH_SWEE
             low, high = keys[i - 1], keys[i + 1] if i + 1 < len(keys) else steps
             for move in moves:
                 candidate = keys[:i] + [keys[i] + move] + keys[i + 1:]
-                if low < candidate[i] < high and distance(candidate) < best:
-                    keys, best, improved = candidate, distance(candidate), True
+                if not low < candidate[i] < high:
+                    continue
+                value = distance(candidate)
+                if value < best:
+                    keys, best, improved = candidate, value, True
                     break
         if not improved:
             break
     return keys, best
+
+
+def cached_at(mode, cache, **options):
+    """cached(steps): the Mode of the solver `mode` with the cache (a FEATURES name) and its options, its key or
+    full steps at `steps`."""
+    from ldm.models.diffusion.modes import make_mode
+
+    def cached(steps):
+        return make_mode(mode.sampler, cache, mode.eta, mode.skip_type, mode.lower_order_final, **options,
+                         **{STEP_OPTIONS[cache]: list(steps)})
+
+    return cached
 
 
 def calibrate(model, mode, cached, steps, scale, feature, k, branch=0, precision="fp32",

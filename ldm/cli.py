@@ -16,7 +16,8 @@ import sys
 import torch
 
 from ldm.autobatch import AUTO_BATCH
-from ldm.calibration import FEATURES, auto_count, auto_steps, evenly_spaced, is_calibrated, read_steps
+from ldm.calibration import (FEATURES, STEP_OPTIONS, auto_count, auto_steps, cached_at, evenly_spaced, is_calibrated,
+                             read_steps)
 from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.deepcache import DeepCache
@@ -291,7 +292,7 @@ def split_mode_name(name):
 def resolve_steps(options, cache, args, mode, calibrate_on):
     """Calibrated key/full steps ('@FILE.json', 'auto:K') -> loop indices. Without calibrate_on (the checks
     before the weights are loaded), 'auto:K' stands for K uniformly spaced steps."""
-    key = {"fd": "key_steps", "deepcache": "full_steps"}.get(cache)
+    key = STEP_OPTIONS.get(cache)
     spec = options.get(key)
     if not is_calibrated(spec):
         return options
@@ -301,12 +302,7 @@ def resolve_steps(options, cache, args, mode, calibrate_on):
     elif calibrate_on is None:
         steps = evenly_spaced(args.steps, auto_count(spec, args.steps))
     else:
-        rest = {k: v for k, v in options.items() if k not in ("interval", key)}
-
-        def cached(steps):  # the solver with this cache and its options, at the given steps
-            return make_library_mode(mode.sampler, cache, mode.eta, mode.skip_type, mode.lower_order_final,
-                                     **rest, **{key: list(steps)})
-
+        cached = cached_at(mode, cache, **{k: v for k, v in options.items() if k not in ("interval", key)})
         steps = auto_steps(calibrate_on, spec, mode, cached, args.steps, args.scale, feature,
                            options.get("branch", 0), args.precision)
     return {**{k: v for k, v in options.items() if k != "interval"}, key: steps}

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ldm import cli  # noqa: E402
-from ldm.calibration import (CALIBRATION_SAMPLES, FEATURES, SEARCH_SAMPLES, CalibrationError, calibrate,  # noqa: E402
-                             check_count, group_costs)
+from ldm.calibration import (CALIBRATION_SAMPLES, FEATURES, SEARCH_SAMPLES, STEP_OPTIONS,  # noqa: E402
+                             CalibrationError, cached_at, calibrate, check_count, group_costs)
 from ldm.models.diffusion.modes import SAMPLERS, make_mode  # noqa: E402
 from ldm.util import file_sha256, write_atomic  # noqa: E402
 
@@ -88,12 +88,7 @@ def main(argv=None):
         mode, out, plot = check_args(args)
         model = cli.load(args, cli.check_device(args))
         feature = FEATURES[args.cache]
-        option = {"fd": "key_steps", "deepcache": "full_steps"}[args.cache]
-        extra = {"branch": args.branch} if args.cache == "deepcache" else {}
-
-        def cached(steps):
-            return make_mode(args.sampler, args.cache, eta=args.eta, **extra, **{option: list(steps)})
-
+        cached = cached_at(mode, args.cache, **({"branch": args.branch} if args.cache == "deepcache" else {}))
         found = calibrate(model, mode, cached, args.steps, args.scale, feature, args.K, args.branch, args.precision,
                           args.num_samples, args.search_samples, args.seed)
     except (cli.UsageError, CalibrationError) as e:
@@ -116,7 +111,7 @@ def main(argv=None):
     distance = record["distance"]
     print(f"distance from the solver {distance['steps']:.4g} (K={args.K} evenly spaced steps: "
           f"{distance['uniform_steps']:.4g}, spreading the change: {distance['change_steps']:.4g}); plot {plot}")
-    print(f"wrote {out}: use --{'key_steps' if args.cache == 'fd' else 'full_steps'} @{out}")
+    print(f"wrote {out}: use --{STEP_OPTIONS[args.cache]} @{out}")
     print(f"steps: {','.join(map(str, keys))}")
     return 0
 
