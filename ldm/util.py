@@ -200,10 +200,11 @@ NORMALIZATIONS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def check_precision(precision, device):
-    """The dtype of a sampling precision: fp32, bf16, or fp16 (GPU only); anything else is a ValueError."""
+    """The dtype of a sampling precision: fp32, bf16, or fp16 (GPU only; the meta device, which computes
+    nothing, takes all three); anything else is a ValueError."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if precision == "fp16" and torch.device(device).type != "cuda":
+    if precision == "fp16" and torch.device(device).type not in ("cuda", "meta"):
         raise ValueError("fp16 needs a CUDA device; use bf16 on CPU")
     return DTYPES[precision]
 

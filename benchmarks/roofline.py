@@ -1,0 +1,143 @@
+"""The fastest one UNet forward could run on a GPU, from its counted work alone, and where that time goes.
+
+Eager PyTorch runs every operation as its own kernel, which reads its inputs from GPU memory and writes its
+outputs back. Each operation of one forward pass is counted without computing anything (meta tensors): its FLOPs
+(torch.utils.flop_counter's table) and the bytes of its inputs and outputs. Its roofline time is
+max(FLOPs / peak, bytes / bandwidth). The sum is a lower bound on the eager forward, and FLOPs / peak over that
+sum bounds the MFU that eager execution can reach at this batch. A compiler that fuses the elementwise operations
+into their neighbours (torch.compile) is not bound by it. The table groups the operations by kind.
+
+    python benchmarks/roofline.py                           # cin256-v2, 178 images with guidance, fp16, H100 SXM
+    python benchmarks/roofline.py --precision fp32 --rows 2
+"""
+import argparse
+import sys
+from collections import defaultdict
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
+
+from common import print_table
+from ldm.util import check_precision, instantiate_from_config, store_weights
+
+aten = torch.ops.aten
+ATTENTION = aten.scaled_dot_product_attention  # kept whole: on a GPU it runs as one fused kernel
+KINDS = {"convolution": "convolution", "addmm": "matmul", "mm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
+         "scaled_dot_product_attention": "attention", "native_group_norm": "normalization",
+         "native_layer_norm": "normalization", "_to_copy": "dtype casts", "copy_": "dtype casts"}
+OTHER = "elementwise and other"
+ALIASES = {"_unsafe_view", "_reshape_alias"}  # views that the schema does not mark as such
+# H100 SXM: dense tensor-core peak (TFLOP/s; fp32 runs as TF32) and HBM3 bandwidth (TB/s), NVIDIA's data sheet
+H100_PEAK = {"fp16": 989, "bf16": 989, "fp32": 495}
+H100_BANDWIDTH = 3.35
+
+
+def _bytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+def _flops(func, args, kwargs, out):
+    if func.overloadpacket is ATTENTION:
+        return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+    count = flop_registry.get(func.overloadpacket)
+    return count(*args, **kwargs, out_val=out) if count else 0
+
+
+class OperationLog(TorchDispatchMode):
+    """Records (operation name, FLOPs, bytes read and written) of every operation that computes something.
+
+    Composite operations (linear, conv2d, group_norm) are broken into the kernels eager PyTorch runs; views and
+    operations that return their input (dropout in eval) move no data and are left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket is aten.dropout and not args[2]:
+            return args[0]  # eager dropout in eval returns its input (its decomposition would clone it)
+        if func.overloadpacket not in flop_registry and func.overloadpacket is not ATTENTION:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outputs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if func.is_view or func.overloadpacket.__name__ in ALIASES or any(o is i for o in outputs for i in inputs):
+            return out
+        moved = sum(map(_bytes, inputs)) + sum(map(_bytes, outputs))
+        self.ops.append((func.overloadpacket.__name__, _flops(func, args, kwargs, out), moved))
+        return out
+
+
+def unet_operations(config, rows, precision):
+    """The operations of one UNet forward of `rows` rows (twice the images with guidance) in a precision."""
+    dtype = check_precision(precision, "meta")
+    with torch.device("meta"):
+        model = instantiate_from_config(OmegaConf.load(config).model).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        store_weights(model, precision)
+    unet = model.unet
+    size, channels = model.image_size, model.channels
+    x = torch.zeros(rows, channels, size, size, device="meta")
+    timesteps = torch.zeros(rows, dtype=torch.long, device="meta")
+    log = OperationLog()
+    with torch.inference_mode():
+        context = model.get_learned_conditioning({model.cond_stage_key: timesteps})
+        with log:
+            unet(x, timesteps, context)
+    return log.ops
+
+
+def roofline(ops, peak, bandwidth):
+    """kind -> [operations, FLOPs, bytes, seconds], each operation at max(FLOPs / peak, bytes / bandwidth)."""
+    kinds = defaultdict(lambda: [0, 0, 0, 0.0])
+    for name, flops, moved in ops:
+        row = kinds[KINDS.get(name, OTHER)]
+        row[0] += 1
+        row[1] += flops
+        row[2] += moved
+        row[3] += max(flops / peak, moved / bandwidth)
+    return dict(kinds)
+
+
+def main(args):
+    try:
+        ops = unet_operations(args.config, args.rows, args.precision)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    peak = (args.peak or H100_PEAK[args.precision]) * 1e12
+    bandwidth = args.bandwidth * 1e12
+    kinds = roofline(ops, peak, bandwidth)
+    seconds = sum(row[3] for row in kinds.values())
+    flops = sum(row[1] for row in kinds.values())
+    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}; peak {peak / 1e12:g} TFLOP/s, "
+          f"bandwidth {args.bandwidth:g} TB/s")
+    rows = [[kind, n, f"{f / 1e12:.2f}", f"{b / 1e9:.1f}", f"{s * 1e3:.2f}", f"{s / seconds:.1%}"]
+            for kind, (n, f, b, s) in sorted(kinds.items(), key=lambda item: -item[1][3])]
+    rows.append(["total", len(ops), f"{flops / 1e12:.2f}", f"{sum(r[2] for r in kinds.values()) / 1e9:.1f}",
+                 f"{seconds * 1e3:.2f}", "100.0%"])
+    print_table(["kind", "operations", "TFLOP", "GB moved", "roofline ms", "share"], rows)
+    print(f"eager MFU bound: {flops / peak / seconds:.1%} (FLOPs at peak: {flops / peak * 1e3:.2f} ms)")
+    return 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
+    parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
+                        help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
+    parser.add_argument("--peak", type=float, default=None, help="TFLOP/s (default: H100 SXM dense, TF32 for fp32)")
+    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="memory bandwidth in TB/s")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,84 @@
+"""benchmarks/roofline.py: the work of each operation counted on meta tensors, against direct computations."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, TINY_CONFIG
+from ldm.models.diffusion.cache import flop_counter
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import roofline  # noqa: E402
+
+
+def logged(module, x):
+    log = roofline.OperationLog()
+    with torch.inference_mode(), log:
+        module(x)
+    return log.ops
+
+
+def test_a_convolution_moves_its_input_weights_and_output():
+    conv = nn.Conv2d(8, 16, 3, padding=1, device="meta")
+    ops = logged(conv, torch.zeros(5, 8, 12, 12, device="meta"))
+    flops = 2 * 5 * 16 * 12 * 12 * 8 * 3 * 3
+    moved = 4 * (5 * 8 * 12 * 12 + 16 * 8 * 3 * 3 + 16 + 5 * 16 * 12 * 12)
+    assert ops == [("convolution", flops, moved)]
+
+
+def test_views_and_eval_dropout_move_nothing_casts_move_both_sides():
+    block = nn.Sequential(nn.Dropout(0.1), nn.Flatten(), nn.Linear(6, 4)).eval().to("meta")
+    ops = logged(lambda x: block(x.float().half().float()), torch.zeros(3, 2, 3, device="meta", dtype=torch.half))
+    assert [name for name, _, _ in ops] == ["_to_copy", "_to_copy", "_to_copy", "addmm"]
+    assert [moved for _, _, moved in ops[:2]] == [18 * (2 + 4), 18 * (4 + 2)]
+    assert ops[3] == ("addmm", 2 * 3 * 6 * 4, 4 * (4 + 3 * 6 + 6 * 4 + 3 * 4))
+
+
+def test_unet_flops_match_the_flop_counter_on_a_real_forward(tiny_model):
+    ops = roofline.unet_operations(str(TINY_CONFIG), 4, "fp32")
+    unet = tiny_model.unet
+    x = torch.randn(4, tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
+    t = torch.tensor([0, 10, 500, 999])
+    with torch.inference_mode():
+        context = tiny_model.get_learned_conditioning({tiny_model.cond_stage_key: torch.arange(4)})
+        with flop_counter(True) as counter:
+            unet(x, t, context)
+    assert sum(flops for _, flops, _ in ops) == counter.get_total_flops()
+    assert {"convolution", "addmm", "scaled_dot_product_attention", "native_group_norm"} <= {n for n, _, _ in ops}
+    casts = sum(moved for name, _, moved in ops if name == "_to_copy")  # the timesteps, made float
+    assert casts < 1e-3 * sum(moved for _, _, moved in ops)
+    assert not {"_unsafe_view", "view", "t", "clone"} & {n for n, _, _ in ops}
+
+
+def test_half_weights_add_the_float32_round_trips_of_the_normalizations():
+    fp32 = roofline.unet_operations(str(TINY_CONFIG), 2, "fp32")
+    fp16 = roofline.unet_operations(str(TINY_CONFIG), 2, "fp16")
+    norms = sum(name.startswith("native_") and name.endswith("_norm") for name, _, _ in fp16)
+    casts = sum(name == "_to_copy" for name, _, _ in fp16)
+    assert casts >= 2 * norms > 0
+    assert sum(f for _, f, _ in fp16) == sum(f for _, f, _ in fp32)
+    convs = lambda ops: sum(m for n, _, m in ops if n == "convolution")
+    assert convs(fp16) * 2 == convs(fp32)
+
+
+def test_roofline_takes_the_slower_of_arithmetic_and_memory():
+    ops = [("convolution", 10e12, 1e9), ("convolution", 1e12, 10e9), ("add", 0, 2e9), ("_to_copy", 0, 1e9)]
+    kinds = roofline.roofline(ops, peak=100e12, bandwidth=1e12)
+    assert kinds["convolution"] == [2, 11e12, 11e9, pytest.approx(0.1 + 0.01)]
+    assert kinds[roofline.OTHER] == [1, 0, 2e9, pytest.approx(2e-3)]
+    assert kinds["dtype casts"] == [1, 0, 1e9, pytest.approx(1e-3)]
+
+
+def test_cli_prints_the_table_and_the_bound(capsys):
+    assert roofline.main(roofline.parse_args(["--config", str(TINY_CONFIG), "--rows", "2"])) == 0
+    out = capsys.readouterr().out
+    assert "| convolution" in out and "| total" in out
+    bound = float(out.rsplit("eager MFU bound: ", 1)[1].split("%")[0])
+    assert 0 < bound < 100
+
+
+def test_missing_config_is_one_line_and_status_2(capsys):
+    assert roofline.main(roofline.parse_args(["--config", "no/such.yaml"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
