@@ -162,18 +162,20 @@ class Bench:
                                                           self.args.scale != 1, precision, self.args.auto_limit)
         return self.autos[name, precision]
 
-    def model(self, precision, variant, batch_size):
-        """The eager model, or the compiled one, warmed up (compiled) for this batch size."""
+    def model(self, name, precision, variant, batch_size):
+        """The eager model, or the compiled one, warmed up (compiled) for this mode and batch size: only the shapes
+        of this mode, since another mode's largest call at this batch may not fit (FasterDiffusion's decoder at
+        DDIM's batch). Shapes that two modes share compile once."""
         if variant == "eager":
             return self.eager[precision]
         if precision not in self.compiled:
             buckets = mode_buckets(self.modes.values(), self.args.steps, 1)  # rows matter only with chunking
             self.compiled[precision] = compile_unet(copy.deepcopy(self.eager[precision]), buckets), buckets
         model, buckets = self.compiled[precision]
-        if (precision, batch_size) not in self.compile_seconds:
-            _, seconds = warm_up(model, list(self.modes.values()), self.args.steps, batch_size, self.args.scale != 1,
+        if (name, precision, batch_size) not in self.compile_seconds:
+            _, seconds = warm_up(model, [self.modes[name]], self.args.steps, batch_size, self.args.scale != 1,
                                  precision, buckets)
-            self.compile_seconds[precision, batch_size] = seconds
+            self.compile_seconds[name, precision, batch_size] = seconds
         return model
 
     def estimate(self, name, batch_size, precision, variant):
@@ -181,7 +183,7 @@ class Bench:
         stop = timed_steps(name, batch_size, self.args)
         work = self.flops[name] * batch_size * (stop + min(stop, self.args.warmup_steps)) / self.args.steps
         seconds = max(work / self.rate[precision], self.args.min_seconds)
-        if variant == "compiled" and (precision, batch_size) not in self.compile_seconds:
+        if variant == "compiled" and (name, precision, batch_size) not in self.compile_seconds:
             seconds += max(self.compile_seconds.values(), default=self.args.first_compile)
         return seconds
 
@@ -194,7 +196,7 @@ class Bench:
             return [name, label, precision, variant, "does not fit", "", "", "", "", ""]
         if self.estimate(name, batch_size, precision, variant) > self.left():
             return [name, label, precision, variant, "not run: budget", "", "", "", "", ""]
-        model = self.model(precision, variant, batch_size)
+        model = self.model(name, precision, variant, batch_size)
         stop = timed_steps(name, batch_size, args)
         sample(model, mode, batch_size, min(stop, args.warmup_steps), precision, args)
         seconds, stop, _ = sample(model, mode, batch_size, stop, precision, args, every=period(name, args),
@@ -203,7 +205,7 @@ class Bench:
         rate = self.flops[name] / per_image
         self.rate[precision] = rate
         peak = peak_tflops(gpu, precision)
-        compiled = self.compile_seconds.get((precision, batch_size)) if variant == "compiled" else None
+        compiled = self.compile_seconds.get((name, precision, batch_size)) if variant == "compiled" else None
         return [name, label, precision, variant, f"{1 / per_image:.3f}", f"{per_image:.4f}", f"{rate / 1e12:.3g}",
                 f"{rate / 1e12 / peak:.1%}" if peak else "n/a", f"{stop}/{args.steps}",
                 f"{compiled:.0f}" if compiled is not None else ""]

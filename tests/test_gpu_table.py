@@ -63,3 +63,16 @@ def test_timed_window_is_whole_periods_until_min_seconds(stop, every, min_second
     seconds, run, flops = gpu_table.sample(model, gpu_table.modes(args)["ddim"], 1, stop, "fp32", args,
                                            every=every, min_seconds=min_seconds)
     assert run == steps_run and seconds > 0 and flops == 0
+
+
+def test_compiled_rows_warm_up_only_their_own_mode(monkeypatch):
+    warmed = []
+    monkeypatch.setattr(gpu_table, "compile_unet", lambda model, buckets: model)
+    monkeypatch.setattr(gpu_table, "warm_up", lambda model, modes, *args: (warmed.append(modes), (1, 0.5))[1])
+    args = gpu_table.parse_args(["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions", "fp32"])
+    bench = gpu_table.Bench(args)
+    bench.model("ddim", "fp32", "compiled", 3)
+    bench.model("fd", "fp32", "compiled", 3)
+    bench.model("ddim", "fp32", "compiled", 3)  # warmed already
+    assert warmed == [[bench.modes["ddim"]], [bench.modes["fd"]]]
+    assert bench.compile_seconds == {("ddim", "fp32", 3): 0.5, ("fd", "fp32", 3): 0.5}
