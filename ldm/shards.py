@@ -26,6 +26,9 @@ SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
 TEMPORARY_NAME = re.compile(r"\.(samples_\d+(x\d+)+\.(npz|json)|batch_\d+\.npz|settings\.json)(\.(?P<host>.+))?"
                             r"\.(?P<pid>\d+)\.tmp")
 SHARD_ONLY_SETTINGS = ("batch_size",)  # settings that place the shard boundaries but do not change the images
+# settings that follow from the others: the steps that 'auto:K' was calibrated to (recorded so that a resumed run
+# samples with the same steps instead of calibrating again)
+DERIVED_SETTINGS = ("calibrated_steps",)
 
 
 class RunFiles:
@@ -46,7 +49,7 @@ class RunFiles:
 def default_output_dir(settings, config_path, root="outputs/samples"):
     """A folder named after the model and the main settings plus a digest of all of them: runs with other
     settings never share it."""
-    images = {k: v for k, v in settings.items() if k not in SHARD_ONLY_SETTINGS}
+    images = {k: v for k, v in settings.items() if k not in SHARD_ONLY_SETTINGS + DERIVED_SETTINGS}
     digest = hashlib.sha256(json.dumps(images, sort_keys=True).encode()).hexdigest()[:10]
     mode = mode_name(settings)
     name = f"{Path(config_path).stem}_{mode}{settings['steps']}_scale{settings['scale']:g}_seed{settings['seed']}"
@@ -94,7 +97,7 @@ def previous_run(files, settings, resume=False, overwrite=False):
         if old is None:
             raise UsageError(f"{files.samples} exists with no record of its settings ({files.record.name}); "
                              "pass --overwrite to replace it, or choose another --output_dir")
-        changed = differences(old, settings, ignore=SHARD_ONLY_SETTINGS)
+        changed = differences(old, settings, ignore=SHARD_ONLY_SETTINGS + DERIVED_SETTINGS)
         if not changed:
             return "done"
         raise UsageError(f"{files.samples} was made with other settings ({'; '.join(changed)}); "
@@ -103,7 +106,7 @@ def previous_run(files, settings, resume=False, overwrite=False):
     if not done:
         return "fresh"
     old = read_settings(files.shard_settings)
-    changed = None if old is None else differences(old, settings)
+    changed = None if old is None else differences(old, settings, ignore=DERIVED_SETTINGS)
     if resume and changed == []:
         return "resume"
     if overwrite:

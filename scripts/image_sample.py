@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ldm import cli
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
-from ldm.calibration import AUTO
+from ldm.calibration import AUTO, STEP_OPTIONS
 from ldm.distributed import Comm, first_error, share_cpu_threads
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
@@ -63,8 +63,12 @@ def check_run(args):
     output_dir = args.output_dir or default_output_dir(settings, args.config)
     cli.check_writable_folder(output_dir, "--output_dir")
     files = RunFiles(output_dir, args.num_samples, settings["image_shape"])
-    if auto_batch and args.resume:  # the shards' batch size, which placed them
-        settings["batch_size"] = (read_settings(files.shard_settings) or {}).get("batch_size", AUTO_BATCH)
+    if args.resume:
+        shards = read_settings(files.shard_settings) or {}
+        if auto_batch:  # the shards' batch size, which placed them
+            settings["batch_size"] = shards.get("batch_size", AUTO_BATCH)
+        if calibrated_option(args) and "calibrated_steps" in shards:  # the steps the shards were sampled with
+            settings["calibrated_steps"] = shards["calibrated_steps"]
     return settings, files, previous_run(files, settings, resume=args.resume, overwrite=args.overwrite)
 
 
@@ -99,6 +103,27 @@ def run_settings(args, model, mode):
             list(mode.cache.full_steps_for(args.steps))
         settings["deepcache"] = {"full_steps": full_steps, "branch": mode.cache.branch}
     return settings
+
+
+def calibrated_option(args):
+    """The flag of the cache's steps ('key_steps' or 'full_steps') when it asks for 'auto:K' steps, else None."""
+    option = STEP_OPTIONS.get(args.cache)
+    value = getattr(args, option, None) if option else None
+    return option if isinstance(value, str) and AUTO.fullmatch(value) else None
+
+
+def calibrate_once(comm, args, model, settings):
+    """The sampling mode; 'auto:K' steps are calibrated on rank 0 and recorded in settings['calibrated_steps'],
+    or, when resuming, taken from there (the steps the shards were sampled with)."""
+    option = calibrated_option(args)
+    if option and "calibrated_steps" in settings:
+        setattr(args, option, list(settings["calibrated_steps"]))
+    mode = collective(comm, lambda: cli.make_mode(args, calibrate_on=model))
+    if option:
+        cache = mode.cache
+        steps = cache.key_steps_for(args.steps) if option == "key_steps" else cache.full_steps_for(args.steps)
+        settings["calibrated_steps"] = [int(i) for i in steps]
+    return mode
 
 
 def prepare_output(files, settings, state):
@@ -226,7 +251,7 @@ def sample(args, comm):
         return 0, Outcome(files, already_done=True)
     try:
         model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
-        mode = collective(comm, lambda: cli.make_mode(args, calibrate_on=model))  # auto:K calibrated once
+        mode = calibrate_once(comm, args, model, settings)
         if settings["batch_size"] == AUTO_BATCH:
             settings["batch_size"] = resolve_batch_size(comm, args, model, mode)
         args.batch_size = settings["batch_size"]

@@ -182,12 +182,18 @@ def test_calibration_files_are_read_by_the_caches(calibrated):
         FasterDiffusion("auto:4")
 
 
-def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def auto3(tiny_model):
+    """The steps of --key_steps auto:3 at S = 10, guidance 1.5, calibrated by the library."""
+    return calibration.auto_steps(tiny_model, "auto:3", make_mode(),
+                                  lambda steps: make_mode("ddim", "fd", key_steps=list(steps)), 10, 1.5, "encoder")
+
+
+def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, auto3, tmp_path, capsys):
     """--key_steps @FILE and auto:K sample as the library does with those steps; --full_steps @FILE likewise."""
     labels = sample_labels(0, range(2), 1000)
     common = [*MODEL, "--steps", "10", "--num_samples", "2", "--tqdm_disable"]
-    auto = calibration.auto_steps(tiny_model, "auto:3", make_mode(),
-                                  lambda steps: make_mode("ddim", "fd", key_steps=list(steps)), 10, 1.5, "encoder")
+    auto = auto3
     cases = [(["--cache", "fd", "--key_steps", f"@{calibrated['fd']}"],
               make_mode("ddim", "fd", key_steps=json.loads(calibrated["fd"].read_text())["steps"])),
              (["--cache", "deepcache", "--full_steps", f"@{calibrated['deepcache']}"],
@@ -202,7 +208,30 @@ def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, tm
         diff = np.abs(images.astype(int) - to_uint8(expected).numpy().astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99
     record = json.loads((tmp_path / "2" / "samples_2x64x64x3.json").read_text())
-    assert record["faster_diffusion"]["key_steps"] == "auto:3"
+    assert record["faster_diffusion"]["key_steps"] == "auto:3" and record["calibrated_steps"] == auto
+
+
+def test_resumed_auto_run_reuses_the_recorded_steps(auto3, tmp_path, monkeypatch):
+    """auto:K is calibrated once per run: the shards' record keeps the steps, and --resume samples with them
+    (calibrating again could give other steps on other hardware, mixing two step sets in one .npz)."""
+    flags = [*MODEL, "--steps", "10", "--num_samples", "2", "--batch_size", "1", "--tqdm_disable",
+             "--cache", "fd", "--key_steps", "auto:3", "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.run([*flags, "--stop_after_batches", "1"])
+    assert stopped.value.code == image_sample.STOPPED_EXIT_CODE
+    shards = json.loads((tmp_path / "shards_2x64x64x3" / "settings.json").read_text())
+    assert shards["calibrated_steps"] == auto3 and shards["faster_diffusion"]["key_steps"] == "auto:3"
+    shards["calibrated_steps"] = [0, 4, 8]  # other steps than calibration gives: the resumed run must take them
+    (tmp_path / "shards_2x64x64x3" / "settings.json").write_text(json.dumps(shards))
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("auto:K calibrated again on --resume")
+
+    monkeypatch.setattr(image_sample.cli, "auto_steps", no_calibration)
+    assert image_sample.run([*flags, "--resume"]) == 0
+    record = json.loads((tmp_path / "samples_2x64x64x3.json").read_text())
+    assert record["calibrated_steps"] == [0, 4, 8] and record["faster_diffusion"]["key_steps"] == "auto:3"
+    assert image_sample.run(flags) == 0  # finished: the same settings, nothing to calibrate
 
 
 BAD = {
