@@ -7,32 +7,47 @@ max(FLOPs / peak, bytes / bandwidth). The sum is a lower bound on the eager forw
 sum bounds the MFU that eager execution can reach at this batch. A compiler that fuses the elementwise operations
 into their neighbours (torch.compile) is not bound by it. The table groups the operations by kind.
 
+With --measure it also runs the forward on --device under torch.profiler and puts beside each kind the time its
+kernels took (their own time, repeated forwards averaged) and the roofline's share of it, and the forward's time
+without the profiler: the gap between the two bounds shows which kind of operation is far from the hardware.
+
     python benchmarks/roofline.py                           # cin256-v2, 178 images with guidance, fp16, H100 SXM
     python benchmarks/roofline.py --precision fp32 --rows 2
+    python benchmarks/roofline.py --measure --device cuda   # on an H100: measured time beside the bound
 """
 import argparse
 import sys
+import time
 from collections import defaultdict
 
 import torch
 from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from common import print_table
-from ldm.util import check_precision, instantiate_from_config, store_weights
+from common import device_name, print_table
+from ldm.cli import first_line
+from ldm.util import check_precision, instantiate_from_config, set_tf32, store_weights
 
 aten = torch.ops.aten
 ATTENTION = aten.scaled_dot_product_attention  # kept whole: on a GPU it runs as one fused kernel
-KINDS = {"convolution": "convolution", "addmm": "matmul", "mm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
-         "scaled_dot_product_attention": "attention", "native_group_norm": "normalization",
-         "native_layer_norm": "normalization", "_to_copy": "dtype casts", "copy_": "dtype casts"}
+# (part of an ATen operation's name, kind), first match: the counted operations (aten.convolution) and those the
+# profiler times (aten::cudnn_convolution, aten::_flash_attention_forward) fall in the same kinds
+KINDS = [("conv", "convolution"), ("attention", "attention"), ("mm", "matmul"), ("norm", "normalization"),
+         ("copy", "dtype casts")]
 OTHER = "elementwise and other"
 ALIASES = {"_unsafe_view", "_reshape_alias"}  # views that the schema does not mark as such
 # H100 SXM: dense tensor-core peak (TFLOP/s; fp32 runs as TF32) and HBM3 bandwidth (TB/s), NVIDIA's data sheet
 H100_PEAK = {"fp16": 989, "bf16": 989, "fp32": 495}
 H100_BANDWIDTH = 3.35
+
+
+def kind_of(name):
+    """The kind of an ATen operation, by its name ('aten::' optional)."""
+    name = name.removeprefix("aten::")
+    return next((kind for part, kind in KINDS if part in name), OTHER)
 
 
 def _bytes(tensor):
@@ -75,30 +90,70 @@ class OperationLog(TorchDispatchMode):
         return out
 
 
-def unet_operations(config, rows, precision):
-    """The operations of one UNet forward of `rows` rows (twice the images with guidance) in a precision."""
-    dtype = check_precision(precision, "meta")
-    with torch.device("meta"):
+def unet_forward(config, rows, precision, device):
+    """A model of the config with random weights on the device (weights stored in the precision) and a function
+    that runs one UNet forward of `rows` rows (twice the images with guidance)."""
+    dtype = check_precision(precision, device)
+    with torch.device(device):
         model = instantiate_from_config(OmegaConf.load(config).model).eval().requires_grad_(False)
     if dtype != torch.float32:
         store_weights(model, precision)
-    unet = model.unet
-    size, channels = model.image_size, model.channels
-    x = torch.zeros(rows, channels, size, size, device="meta")
-    timesteps = torch.zeros(rows, dtype=torch.long, device="meta")
-    log = OperationLog()
+    size = model.image_size
+    x = torch.randn(rows, model.channels, size, size, device=device)
+    timesteps = torch.full((rows,), model.num_timesteps - 1, device=device)
     with torch.inference_mode():
-        context = model.get_learned_conditioning({model.cond_stage_key: timesteps})
-        with log:
-            unet(x, timesteps, context)
+        context = model.get_learned_conditioning({model.cond_stage_key: torch.zeros_like(timesteps)})
+
+    @torch.inference_mode()
+    def forward():
+        return model.unet(x, timesteps, context)
+
+    return forward
+
+
+def unet_operations(config, rows, precision):
+    """The operations of one UNet forward of `rows` rows in a precision, counted on meta tensors."""
+    forward = unet_forward(config, rows, precision, "meta")
+    log = OperationLog()
+    with log:
+        forward()
     return log.ops
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(forward, device, repeats):
+    """(kind -> milliseconds its operations' own kernels took per forward, under torch.profiler; milliseconds per
+    forward without the profiler). On a GPU the kernels' device time, on the CPU the operations' CPU time."""
+    device = torch.device(device)
+    forward()  # the first call picks the convolution algorithms
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        forward()
+    synchronize(device)
+    wall = (time.perf_counter() - start) / repeats * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            forward()
+        synchronize(device)
+    kinds = defaultdict(float)
+    for event in profiler.key_averages():
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if event.key.startswith("aten::"):
+            kinds[kind_of(event.key)] += own / repeats / 1e3
+    return dict(kinds), wall
 
 
 def roofline(ops, peak, bandwidth):
     """kind -> [operations, FLOPs, bytes, seconds], each operation at max(FLOPs / peak, bytes / bandwidth)."""
     kinds = defaultdict(lambda: [0, 0, 0, 0.0])
     for name, flops, moved in ops:
-        row = kinds[KINDS.get(name, OTHER)]
+        row = kinds[kind_of(name)]
         row[0] += 1
         row[1] += flops
         row[2] += moved
@@ -107,10 +162,18 @@ def roofline(ops, peak, bandwidth):
 
 
 def main(args):
+    device = torch.device(args.device)
+    if args.measure and device.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device: measure on the CPU (--device cpu) or leave out --measure", file=sys.stderr)
+        return 2
     try:
         ops = unet_operations(args.config, args.rows, args.precision)
+        if args.measure:
+            set_tf32(True)  # fp32 as the roofline's peak assumes it: TF32 convolutions and matmuls
+            measured, wall = measure(unet_forward(args.config, args.rows, args.precision, device), device,
+                                     args.repeats)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     peak = (args.peak or H100_PEAK[args.precision]) * 1e12
     bandwidth = args.bandwidth * 1e12
@@ -118,13 +181,21 @@ def main(args):
     seconds = sum(row[3] for row in kinds.values())
     flops = sum(row[1] for row in kinds.values())
     print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}; peak {peak / 1e12:g} TFLOP/s, "
-          f"bandwidth {args.bandwidth:g} TB/s")
+          f"bandwidth {args.bandwidth:g} TB/s" + (f"; measured on {device_name(device)}" if args.measure else ""))
+    header = ["kind", "operations", "TFLOP", "GB moved", "roofline ms", "share"]
     rows = [[kind, n, f"{f / 1e12:.2f}", f"{b / 1e9:.1f}", f"{s * 1e3:.2f}", f"{s / seconds:.1%}"]
             for kind, (n, f, b, s) in sorted(kinds.items(), key=lambda item: -item[1][3])]
     rows.append(["total", len(ops), f"{flops / 1e12:.2f}", f"{sum(r[2] for r in kinds.values()) / 1e9:.1f}",
                  f"{seconds * 1e3:.2f}", "100.0%"])
-    print_table(["kind", "operations", "TFLOP", "GB moved", "roofline ms", "share"], rows)
+    if args.measure:
+        header += ["measured ms", "roofline / measured"]
+        for row in rows:
+            ms = sum(measured.values()) if row[0] == "total" else measured.get(row[0], 0.0)
+            row += [f"{ms:.2f}", f"{float(row[4]) / ms:.0%}" if ms else "n/a"]
+    print_table(header, rows)
     print(f"eager MFU bound: {flops / peak / seconds:.1%} (FLOPs at peak: {flops / peak * 1e3:.2f} ms)")
+    if args.measure:
+        print(f"measured: {wall:.2f} ms a forward without the profiler, MFU {flops / peak / (wall / 1e3):.1%}")
     return 0
 
 
@@ -136,6 +207,9 @@ def parse_args(argv=None):
                         help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
     parser.add_argument("--peak", type=float, default=None, help="TFLOP/s (default: H100 SXM dense, TF32 for fp32)")
     parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="memory bandwidth in TB/s")
+    parser.add_argument("--measure", action="store_true", help="also time the forward on --device (random weights)")
+    parser.add_argument("--device", default="cuda", help="with --measure")
+    parser.add_argument("--repeats", type=int, default=3, help="with --measure: forwards timed and profiled")
     return parser.parse_args(argv)
 
 

@@ -82,3 +82,32 @@ def test_missing_config_is_one_line_and_status_2(capsys):
     assert roofline.main(roofline.parse_args(["--config", "no/such.yaml"])) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("convolution", "convolution"), ("aten::cudnn_convolution", "convolution"), ("aten::mkldnn_convolution", "convolution"),
+    ("addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
+    ("scaled_dot_product_attention", "attention"), ("aten::_flash_attention_forward", "attention"),
+    ("native_group_norm", "normalization"), ("aten::native_layer_norm", "normalization"),
+    ("_to_copy", "dtype casts"), ("aten::copy_", "dtype casts"),
+    ("add", roofline.OTHER), ("aten::silu", roofline.OTHER), ("aten::cat", roofline.OTHER)])
+def test_counted_and_profiled_operations_fall_in_the_same_kinds(name, kind):
+    assert roofline.kind_of(name) == kind
+
+
+def test_measure_on_the_cpu_times_every_kind(capsys):
+    forward = roofline.unet_forward(str(TINY_CONFIG), 2, "bf16", "cpu")
+    kinds, wall = roofline.measure(forward, "cpu", repeats=1)
+    assert wall > 0 and kinds["convolution"] > 0 and kinds["normalization"] > 0 and kinds["dtype casts"] > 0
+    assert sum(kinds.values()) < 2 * wall  # own times of the operations of one forward
+    args = ["--config", str(TINY_CONFIG), "--rows", "2", "--precision", "bf16", "--measure", "--device", "cpu",
+            "--repeats", "1"]
+    assert roofline.main(roofline.parse_args(args)) == 0
+    out = capsys.readouterr().out
+    assert "| measured ms" in out and "measured: " in out
+
+
+def test_measure_without_a_gpu_is_one_line_and_status_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert roofline.main(roofline.parse_args(["--measure", "--device", "cuda"])) == 2
+    assert capsys.readouterr().err.startswith("error: no CUDA device")
