@@ -126,6 +126,25 @@ def calibrate_once(comm, args, model, settings):
     return mode
 
 
+def compile_in_turn(comm, model, args, mode):
+    """--compile on every rank, rank 0 first: it fills the compile cache on disk, from which the other ranks then
+    load the compiled code instead of all generating it at once. Returns rank 0's line (None on the others and
+    without --compile)."""
+    if not args.compile:
+        return None
+    line = cli.compile_for(model, args, [mode], args.batch_size) if comm.rank == 0 else None
+    comm.wait_all()
+    start = time.perf_counter()
+    if comm.rank != 0:
+        cli.compile_for(model, args, [mode], args.batch_size)
+    others = comm.gather(time.perf_counter() - start)
+    if comm.rank != 0:
+        return None
+    if comm.size > 1:
+        line += f"; the other {comm.size - 1} process(es) then took at most {max(others[1:]):.1f} s"
+    return line
+
+
 def prepare_output(files, settings, state):
     """Create output_dir, drop shards to start over and temporary files of killed runs, record the settings."""
     try:
@@ -256,8 +275,8 @@ def sample(args, comm):
             settings["batch_size"] = resolve_batch_size(comm, args, model, mode)
         args.batch_size = settings["batch_size"]
         collective(comm, lambda: prepare_output(files, settings, state))
-        compiled = cli.compile_for(model, args, [mode], args.batch_size)
-        if compiled and comm.rank == 0:
+        compiled = compile_in_turn(comm, model, args, mode)
+        if compiled:
             print(compiled, file=sys.stderr, flush=True)
         *own, wall = sample_shards(args, comm, model, mode, files)
         stats = comm.gather(own)

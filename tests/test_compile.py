@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import load_script
 from ldm import cli
 from ldm.compile import (bucket_for, choose_buckets, compile_unet, decoder_call_steps, mode_buckets, padded_decode,
                          use_compile_cache, warm_up)
@@ -118,3 +119,28 @@ def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(tiny_mode
     compiled = latents(model, mode)
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while sampling
     torch.testing.assert_close(compiled, latents(tiny_model, mode), rtol=1e-4, atol=1e-4)
+
+
+class OneRank:
+    """One rank of a world of `size`, logging its collective steps; gather answers as if every rank took 2.0 s."""
+
+    def __init__(self, rank, size, log):
+        self.rank, self.size, self.log = rank, size, log
+
+    def wait_all(self):
+        self.log.append("wait")
+
+    def gather(self, seconds):
+        return [0.0] + [2.0] * (self.size - 1) if self.rank == 0 else None
+
+
+@pytest.mark.parametrize("rank, order", [(0, ["compile", "wait"]), (1, ["wait", "compile"])])
+def test_rank_0_compiles_first_and_the_others_then_load_its_cache(monkeypatch, rank, order):
+    image_sample = load_script("scripts/image_sample.py")
+    log = []
+    monkeypatch.setattr(image_sample.cli, "compile_for", lambda *a: log.append("compile") or "compiled in 9.0 s")
+    args = argparse.Namespace(compile=True, batch_size=2)
+    line = image_sample.compile_in_turn(OneRank(rank, 3, log), None, args, None)
+    assert log == order
+    assert line == ("compiled in 9.0 s; the other 2 process(es) then took at most 2.0 s" if rank == 0 else None)
+    assert image_sample.compile_in_turn(OneRank(rank, 3, []), None, argparse.Namespace(compile=False), None) is None
