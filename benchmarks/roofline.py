@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from common import device_name, print_table
+from common import device_name, print_table, synchronize
 from ldm.cli import first_line
 from ldm.util import check_precision, instantiate_from_config, set_tf32, store_weights
 
@@ -120,16 +120,11 @@ def unet_operations(config, rows, precision):
     return log.ops
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(forward, device, repeats):
     """(kind -> milliseconds its operations' own kernels took per forward, under torch.profiler; milliseconds per
     forward without the profiler). On a GPU the kernels' device time, on the CPU the operations' CPU time."""
     device = torch.device(device)
-    forward()  # the first call picks the convolution algorithms
+    forward()  # warm-up: the allocator's pools, cuDNN's and cuBLAS's set-up
     synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
