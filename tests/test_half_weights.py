@@ -12,6 +12,7 @@ import torch
 
 from conftest import TINY_CKPT, TINY_CONFIG
 from ldm import cli
+from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.models.diffusion.modes import parse_mode
 from ldm.sampling import decode_latents, sample_generators, sample_latents
 from ldm.util import optimize_for_inference, precision_context, store_weights, stored_precision
@@ -65,6 +66,19 @@ def test_one_unet_call_equals_autocast(tiny_model, bf16_model):
     out = bf16_model.unet(x, t, context)
     assert out.dtype == torch.float32  # forward returns the input's dtype
     assert torch.equal(out, expected.float())
+
+
+def test_cached_decoder_calls_give_float32_noise_like_the_whole_unet(bf16_model):
+    """FasterDiffusion's decoder calls return float32 (the last convolution's bf16 result, widened), as the whole
+    UNet does: the guidance is combined in float32 either way, and compiled, the one-step decoder is one graph."""
+    torch.manual_seed(0)
+    x, t, context = torch.randn(2, 3, 16, 16), torch.tensor([999, 400]), torch.randn(2, 1, 16)
+    calls = UNetCalls(bf16_model, "bf16", SamplerStats())
+    skips, mid = calls.encode(x, t, context)
+    noise = calls.decode(skips, mid, t.repeat(2), context.repeat(2, 1, 1))
+    assert noise.dtype == torch.float32 and calls.full(x, t, context).dtype == torch.float32
+    expected = bf16_model.unet.decode(skips, mid, t.repeat(2), context.repeat(2, 1, 1))
+    assert expected.dtype == torch.bfloat16 and torch.equal(noise, expected.float())
 
 
 def test_decoding_is_unchanged(tiny_model, bf16_model):

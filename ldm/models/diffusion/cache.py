@@ -82,8 +82,9 @@ class UNetCalls:
         return features
 
     def decode(self, skips, mid, t, context):
+        """Noise in float32, as the whole UNet gives it (so that compiled, the two share the one-step decoder)."""
         with self._autocast():
-            out = self.unet.decode(skips, mid, t, context)
+            out = self.unet.decode(skips, mid, t, context, out_dtype=torch.float32)
         self.stats.decoder_calls += 1
         self.stats.decoder_rows += len(t)
         return out
