@@ -11,12 +11,14 @@ from ldm.util import instantiate_from_config, load_model
 
 
 def build_model(config, ckpt=None, device="cpu", seed=0):
-    """The model of a config, with a checkpoint's weights or random ones (seeded)."""
+    """The model of a config, with a checkpoint's weights or random ones (seeded, made on the device: no copy
+    through the CPU, and on the meta device no memory at all)."""
     if ckpt:
         return load_model(config, ckpt, device=device)
     torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.load(config).model)
-    return model.eval().requires_grad_(False).to(device)
+    with torch.device(device):
+        model = instantiate_from_config(OmegaConf.load(config).model)
+    return model.eval().requires_grad_(False)
 
 
 def _rss_bytes():

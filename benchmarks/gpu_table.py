@@ -19,14 +19,14 @@ import time
 import traceback
 
 import torch
-from omegaconf import OmegaConf
 
+from common import build_model, synchronize
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
-from ldm.util import instantiate_from_config, optimize_for_inference, set_tf32, store_weights
+from ldm.util import optimize_for_inference, set_tf32, store_weights
 
 # Dense tensor-core peaks in TFLOP/s (NVIDIA data sheets), by a part of the GPU's name; the first match counts.
 # "fp32" is TF32 (what fp32 matmuls and convolutions run in with TF32 on).
@@ -73,14 +73,6 @@ def timed_steps(name, batch_size, args):
     return min(args.steps, -(-wanted // every) * every)
 
 
-def build(config, device, seed=0):
-    """The model of a config with random weights, made on the device."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = instantiate_from_config(OmegaConf.load(config).model)
-    return model.eval().requires_grad_(False)
-
-
 def sample(model, mode, batch_size, stop, precision, args, count=False, every=None, min_seconds=0.0):
     """Sample the first `stop` of S steps for a batch, or with `every` more whole periods of `every` steps until
     min_seconds have passed (at most S); returns (seconds, steps run, FLOPs counted or 0)."""
@@ -107,11 +99,6 @@ def sample(model, mode, batch_size, stop, precision, args, count=False, every=No
     return time.perf_counter() - start, steps_run, counter.get_total_flops() if counter else 0
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def print_row(cells, out):
     line = "| " + " | ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + " |"
     for stream in (sys.stdout, out):
@@ -135,7 +122,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.deadline = time.perf_counter() + args.budget
         self.modes = modes(args)
-        self.base = optimize_for_inference(build(args.config, self.device), channels_last=args.channels_last)
+        self.base = optimize_for_inference(build_model(args.config, device=self.device), channels_last=args.channels_last)
         self.eager = {p: self.base if p == "fp32" else store_weights(copy.deepcopy(self.base), p)
                       for p in args.precisions}
         self.compiled = {}

@@ -21,15 +21,14 @@ import time
 from collections import defaultdict
 
 import torch
-from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from common import device_name, print_table, synchronize
+from common import build_model, device_name, print_table, synchronize
 from ldm.cli import first_line
-from ldm.util import check_precision, instantiate_from_config, set_tf32, store_weights
+from ldm.util import check_precision, set_tf32, store_weights
 
 aten = torch.ops.aten
 ATTENTION = aten.scaled_dot_product_attention  # kept whole: on a GPU it runs as one fused kernel
@@ -94,8 +93,7 @@ def unet_forward(config, rows, precision, device):
     """A model of the config with random weights on the device (weights stored in the precision) and a function
     that runs one UNet forward of `rows` rows (twice the images with guidance)."""
     dtype = check_precision(precision, device)
-    with torch.device(device):
-        model = instantiate_from_config(OmegaConf.load(config).model).eval().requires_grad_(False)
+    model = build_model(config, device=device)
     if dtype != torch.float32:
         store_weights(model, precision)
     size = model.image_size

@@ -59,7 +59,7 @@ def test_no_gpu_is_one_line_and_status_2(monkeypatch, capsys):
 ])
 def test_timed_window_is_whole_periods_until_min_seconds(stop, every, min_seconds, steps_run):
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG)])
-    model = gpu_table.build(args.config, "cpu")
+    model = gpu_table.build_model(args.config, device="cpu")
     seconds, run, flops = gpu_table.sample(model, gpu_table.modes(args)["ddim"], 1, stop, "fp32", args,
                                            every=every, min_seconds=min_seconds)
     assert run == steps_run and seconds > 0 and flops == 0
