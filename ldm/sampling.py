@@ -77,6 +77,14 @@ def decode_latents(model, latents, precision="fp32"):
         return model.decode_first_stage(latents).float()
 
 
+@torch.inference_mode()
+def reconstruct(model, images, precision="fp32"):
+    """uint8 NHWC images -> the same images through the first stage alone (encode, quantize, decode), uint8 NHWC."""
+    x = images.to(model.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    latents = model.get_first_stage_encoding(model.encode_first_stage(x))
+    return to_uint8(decode_latents(model, latents, precision)).cpu()
+
+
 def generate(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
              precision="fp32", progress=False, mode=None):
     """Class labels -> (decoded images in [-1, 1], sampler intermediates)."""

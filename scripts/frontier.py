@@ -15,7 +15,9 @@ For each it records s/img (sampling seconds per image and process, decoding excl
 that made the samples), UNet FLOPs per image (torch.utils.flop_counter, one extra image), encoder passes, the
 five metrics and, when the feature graph classifies the model's classes, the fraction of samples it takes
 for their requested class (arr_1). --real adds held-out real images as a row, the floor: its first N images, so
-that it is scored on as many images as each mode (FID's bias depends on the count). Finished modes are
+that it is scored on as many images as each mode (FID's bias depends on the count); and a row of the same
+images through the model's first stage alone (encoded, quantized, decoded), what the autoencoder costs before
+any sampling. Finished modes are
 not redone: the samples are image_sample.py's resumable run in <out>/samples/n<N>_seed<seed>/<mode>_g<guidance>/,
 the mode's numbers result.json beside them. Outputs: <out>/frontier.md, frontier.json and frontier.png (FID
 against s/img and against FLOPs/img, Pareto fronts drawn, points numbered with a key).
@@ -44,7 +46,8 @@ import image_sample  # noqa: E402  (scripts/ is on the path of a script run from
 from evaluations import evaluator  # noqa: E402
 from ldm import cli  # noqa: E402
 from ldm.distributed import Comm, share_cpu_threads  # noqa: E402
-from ldm.sampling import image_shape, num_classes, sample_generators, sample_labels, sample_latents  # noqa: E402
+from ldm.sampling import (image_shape, num_classes, reconstruct, sample_generators, sample_labels,  # noqa: E402
+                          sample_latents)
 from ldm.util import PRECISIONS, file_sha256, write_atomic  # noqa: E402
 
 MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_batch", "cache_interval", "nonuniform",
@@ -275,6 +278,22 @@ def first_images(args):
     return str(path)
 
 
+def reconstructed_result(args):
+    return Path(args.out) / "reconstructed" / f"n{args.num_samples}" / "result.json"
+
+
+def write_reconstructions(model, images_path, path, batch_size):
+    """The images of an .npz through the model's first stage, as an .npz of the same layout (labels kept)."""
+    with np.load(images_path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    images = torch.from_numpy(arrays["arr_0"])
+    arrays["arr_0"] = torch.cat([reconstruct(model, images[i:i + batch_size])
+                                 for i in range(0, len(images), batch_size)]).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
+    return str(path)
+
+
 def scored(result, scorer):
     return result is not None and all(result.get(k) == v for k, v in scorer.against.items()) and "fid" in result
 
@@ -336,7 +355,7 @@ def equal_k(rows):
             "| guidance | S | K | uniform | FID | calibrated | FID |", "|---|---|---|---|---|---|---|", *lines]
 
 
-def markdown(rows, real, settings):
+def markdown(rows, real, settings, reconstructed=None):
     speed = speedups(rows)
     head = ["guidance", "mode", "S", "s/img", "speed-up", "GFLOP/img", "encoder passes", "FID", "sFID", "IS",
             "precision", "recall", "accuracy", "Pareto front"]
@@ -346,9 +365,11 @@ def markdown(rows, real, settings):
              "speed-up against the DDIM row with the most steps at the same guidance; the front: no mode is both "
              "faster (or cheaper in FLOPs) and better in FID.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if real:
-        lines.append("| - | real (held-out) | - | - | - | - | - | " + " | ".join(
-            fmt(real.get(k)) for k in ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")) + " | - |")
+    for name, floor in (("real (held-out)", real), ("first stage (held-out, reconstructed)", reconstructed)):
+        if floor:
+            lines.append(f"| - | {name} | - | - | - | - | - | " + " | ".join(
+                fmt(floor.get(k)) for k in ("fid", "sfid", "inception_score", "precision", "recall", "accuracy"))
+                + " | - |")
     for r, s in zip(rows, speed):
         front = " and ".join(name for name, on in (("time", r["front_time"]), ("FLOPs", r["front_flops"])) if on)
         lines.append(f"| {r['guidance']:g} | `{r['spec']}` | {r['S']} | {r['s_per_img']:.4g} | "
@@ -364,7 +385,7 @@ def _minor_tick(value, _):
     return f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""
 
 
-def plot(rows, real, path, key_columns=3):
+def plot(rows, real, path, key_columns=3, reconstructed=None):
     """FID against s/img and against GFLOP/img, one colour per guidance, Pareto fronts dashed; points are
     numbered in table order and named in a key below, so that clustered modes stay readable."""
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
@@ -382,8 +403,10 @@ def plot(rows, real, path, key_columns=3):
         on = sorted((r[key], r["fid"]) for r in rows if r[front])
         ax.step([x for x, _ in on], [y for _, y in on], where="post", color="black", ls="--", lw=1,
                 label="Pareto front", zorder=2)
-        if real and real.get("fid") is not None:
-            ax.axhline(real["fid"], color="grey", ls=":", lw=1, label=f"real held-out images (FID {real['fid']:.3g})")
+        for floor, style, name in ((real, ":", "real held-out images"),
+                                   (reconstructed, "-.", "their first-stage reconstructions")):
+            if floor and floor.get("fid") is not None:
+                ax.axhline(floor["fid"], color="grey", ls=style, lw=1, label=f"{name} (FID {floor['fid']:.3g})")
         for g, c in colours.items():
             ax.scatter([], [], color=c, label=f"guidance {g:g}")
         for cache, m in markers.items():
@@ -419,17 +442,40 @@ def write_outputs(args, jobs, accuracy):
         for r, on in zip(rows, pareto(rows, key)):
             r[front] = on
     real = read_json(real_result(args)) if args.real else None
+    reconstructed = read_json(reconstructed_result(args)) if args.real else None
     settings = {k: getattr(args, k) for k in ("config", "ckpt", "ref", "inception_path", "real", "num_samples", "seed",
                                               "guidance")}
     settings["checkpoint_sha256"] = file_sha256(args.ckpt)
     out = Path(args.out)
-    write_json(out / "frontier.json", {"settings": settings, "classifier_accuracy": accuracy, "real": real, "rows": rows})
-    write_atomic(out / "frontier.md", lambda f: f.write(markdown(rows, real, settings).encode()))
-    plot(rows, real, out / "frontier.png")
+    write_json(out / "frontier.json", {"settings": settings, "classifier_accuracy": accuracy, "real": real,
+                                       "reconstructed": reconstructed, "rows": rows})
+    write_atomic(out / "frontier.md", lambda f: f.write(markdown(rows, real, settings, reconstructed).encode()))
+    plot(rows, real, out / "frontier.png", reconstructed=reconstructed)
     print(f"wrote {out / 'frontier.md'}, {out / 'frontier.json'}, {out / 'frontier.png'}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
+
+
+def load_fp32(job_args, rank=0):
+    """The model with float32 weights on this process's device: each mode's precision then makes its own."""
+    return cli.load(argparse.Namespace(**{**vars(job_args), "precision": "fp32"}), cli.check_device(job_args, rank))
+
+
+def score_floors(args, scorer, get_model):
+    """The rows of --real's first N images and of their first-stage reconstructions, unless already scored
+    (rank 0)."""
+    real = first_images(args)
+    against = {"real_sha256": file_sha256(args.real)}
+    result = read_json(real_result(args))
+    if not (scored(result, scorer) and result.get("real_sha256") == against["real_sha256"]):
+        write_json(real_result(args), {"samples": args.real, "images": args.num_samples, **against, **scorer(real)})
+    against["checkpoint_sha256"] = file_sha256(args.ckpt)
+    path = reconstructed_result(args)
+    result = read_json(path)
+    if not (scored(result, scorer) and all(result.get(k) == v for k, v in against.items())):
+        images = write_reconstructions(get_model(), real, path.with_name("reconstructed.npz"), args.batch_size)
+        write_json(path, {"samples": images, "images": args.num_samples, **against, **scorer(images)})
 
 
 def main(args, comm):
@@ -442,8 +488,7 @@ def main(args, comm):
         for job in jobs:
             if not comm.bcast(comm.rank == 0 and "s_per_img" in (read_json(job.result) or {})):
                 if model is None:  # on every process: warm-up; on rank 0 also FLOP counting
-                    fp32 = argparse.Namespace(**{**vars(job.args), "precision": "fp32"})  # weights for every precision
-                    model = cli.load(fp32, cli.check_device(job.args, comm.rank))
+                    model = load_fp32(job.args, comm.rank)
                     warm_up(model, job.args)
                 status = sample_job(job, comm, lambda mode, a: count(model, mode, a))
                 if status:
@@ -458,10 +503,7 @@ def main(args, comm):
             comm.wait_all()
         if comm.rank == 0:
             if args.real:
-                result, against = read_json(real_result(args)), {"real_sha256": file_sha256(args.real)}
-                if not (scored(result, scorer) and result.get("real_sha256") == against["real_sha256"]):
-                    write_json(real_result(args), {"samples": args.real, "images": args.num_samples, **against,
-                                                   **scorer(first_images(args))})
+                score_floors(args, scorer, lambda: model or load_fp32(jobs[0].args))
             write_outputs(args, jobs, accuracy)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:
@@ -495,7 +537,9 @@ def parse_args(argv=None):
     scoring.add_argument("--inception_path", default=None,
                          help="feature graph (.pb) for evaluations/evaluator.py (default: the Inception graph, "
                               "fetched once as the evaluator does)")
-    scoring.add_argument("--real", default=None, help="held-out real images .npz: a row for the floor")
+    scoring.add_argument("--real", default=None,
+                         help="held-out real images .npz: rows for them (the floor) and for their first-stage "
+                              "reconstructions")
     scoring.add_argument("--classifier_accuracy", action="store_true",
                          help="report the share of samples the graph classifies as their label (automatic when the "
                               "graph's logits are exactly the model's classes)")

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, load_script
+from ldm.util import load_model
 
 sys.path.insert(0, str(REPO / "scripts"))  # frontier.py imports image_sample.py as a script run from there does
 
@@ -87,7 +89,10 @@ def test_table_json_and_plot_agree(finished):
     assert data["classifier_accuracy"] is True  # the graph's 10 logits are the model's 10 classes
     table = table_rows((finished / "frontier.md").read_text())
     assert table[0][1] == "real (held-out)" and table[0][7] == f"{data['real']['fid']:.4g}"
-    for cells, r in zip(table[1:], rows, strict=True):
+    assert table[1][1] == "first stage (held-out, reconstructed)"
+    assert table[1][7:13] == [f"{data['reconstructed'][k]:.4g}" for k in
+                              ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")]
+    for cells, r in zip(table[2:], rows, strict=True):
         assert cells[1] == f"`{r['spec']}`" and cells[0] == f"{r['guidance']:g}" and cells[2] == str(r["S"])
         assert cells[3] == f"{r['s_per_img']:.4g}" and cells[5] == f"{r['gflops_per_img']:.4g}"
         assert cells[6] == str(r["encoder_passes"])
@@ -100,11 +105,24 @@ def test_table_json_and_plot_agree(finished):
         assert all(any(o[key] <= r[key] and o["fid"] <= r["fid"] and o is not r for o in rows)
                    for r in rows if not r[front])
     ddim = {r["guidance"]: r for r in rows if r["spec"] == "ddim@2"}
-    for cells, r in zip(table[1:], rows):
+    for cells, r in zip(table[2:], rows):
         assert cells[4] == f"{ddim[r['guidance']]['s_per_img'] / r['s_per_img']:.2f}x"
     assert "| 1.5 | 4 | 2 | `ddim+fd:uniform:2@4` |" in (finished / "frontier.md").read_text()  # equal K
     with Image.open(finished / "frontier.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 300
+
+
+def test_the_reconstructed_row_is_the_real_images_through_the_first_stage(finished, inputs):
+    result = json.loads((finished / "reconstructed" / "n12" / "result.json").read_text())
+    model = load_model(str(inputs["config"]), str(inputs["ckpt"]))
+    with np.load(inputs["folder"] / "real.npz") as real, np.load(result["samples"]) as made:
+        x = torch.from_numpy(real["arr_0"][:12]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():  # VQModelInterface.decode quantizes the encoder's output
+            images = model.first_stage_model.decode(model.first_stage_model.encode(x))
+        expected = ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(made["arr_0"], expected)
+        np.testing.assert_array_equal(made["arr_1"], real["arr_1"][:12])
+    assert result["images"] == 12 and result["fid"] > 0
 
 
 def test_samples_are_image_sample_runs_with_the_same_seeds(finished):
@@ -120,7 +138,8 @@ def test_samples_are_image_sample_runs_with_the_same_seeds(finished):
 
 
 def test_finished_modes_are_not_redone(finished, inputs, capsys):
-    results = sorted(finished.glob("samples/*/*/result.json"))
+    results = sorted(finished.glob("samples/*/*/result.json")) + sorted(finished.glob("*/n12/result.json"))
+    assert len(results) == len(MODES) * 2 + 2
     before = {p: p.stat().st_mtime_ns for p in results}
     table = (finished / "frontier.md").read_text()
     capsys.readouterr()
@@ -137,8 +156,10 @@ def test_the_real_row_follows_the_real_batch(finished, inputs, tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (20, 64, 64, 3), dtype=np.uint8)
     np.savez(other, images, np.arange(20) % 10)
     assert run(argv(inputs, out, "--real", str(other), "--guidance", "1.5", "3")) == 0
-    before, after = (json.loads((f / "frontier.json").read_text())["real"] for f in (finished, out))
-    assert after["samples"] == str(other) and after["images"] == 12 and after["fid"] != before["fid"]
+    before, after = (json.loads((f / "frontier.json").read_text()) for f in (finished, out))
+    assert after["real"]["samples"] == str(other) and after["real"]["images"] == 12
+    assert after["real"]["fid"] != before["real"]["fid"]
+    assert after["reconstructed"]["fid"] != before["reconstructed"]["fid"]
     with np.load(out / "real" / "n12" / "real.npz") as cut:  # scored on as many images as each mode
         np.testing.assert_array_equal(cut["arr_0"], images[:12])
         np.testing.assert_array_equal(cut["arr_1"], np.arange(12) % 10)

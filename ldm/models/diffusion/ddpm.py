@@ -127,3 +127,7 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def encode_first_stage(self, x):
         return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_output):
+        """encode_first_stage's output -> the scaled latent the UNet works on (upstream's name)."""
+        return self.scale_factor * encoder_output
