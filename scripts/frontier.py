@@ -470,7 +470,7 @@ def score_floors(args, scorer, get_model):
     result = read_json(real_result(args))
     if not (scored(result, scorer) and result.get("real_sha256") == against["real_sha256"]):
         write_json(real_result(args), {"samples": args.real, "images": args.num_samples, **against, **scorer(real)})
-    against["checkpoint_sha256"] = file_sha256(args.ckpt)
+    against.update(checkpoint_sha256=file_sha256(args.ckpt), config_sha256=file_sha256(args.config))
     path = reconstructed_result(args)
     result = read_json(path)
     if not (scored(result, scorer) and all(result.get(k) == v for k, v in against.items())):

@@ -121,6 +121,8 @@ def train_first_stage(args):
         first_stage.load_state_dict(state["model"])
         if state.get("decoder_only", False) == args.decoder_only:
             opt.load_state_dict(state["opt"])
+            for group in opt.param_groups:  # the saved state carries the old run's learning rate
+                group["lr"] = args.lr or 2e-4
         step = state["step"]
         print(f"resumed first stage at step {step}" + (" (decoder only)" if args.decoder_only else ""))
     elif args.decoder_only:

@@ -71,8 +71,12 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     data = tmp_path / "train.npz"
     assert run_script("make_digits.py", "--num", 64, "--seed", 1, "--out", data, "--workers", 1).returncode == 0
     common = ["--data", data, "--workdir", tmp_path / "work", "--batch_size", 8, "--threads", 1]
-    first = run_script("train_digits.py", "first_stage", "--steps", 2, *common)
+    first = run_script("train_digits.py", "first_stage", "--steps", 1, *common)
     assert first.returncode == 0, first.stderr
+    lower = run_script("train_digits.py", "first_stage", "--steps", 2, "--lr", 1e-5, *common)
+    assert lower.returncode == 0 and "resumed first stage at step 1" in lower.stdout
+    state = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)
+    assert state["step"] == 2 and state["opt"]["param_groups"][0]["lr"] == 1e-5  # --lr holds on resuming
     unet = run_script("train_digits.py", "unet", "--steps", 2, *common)
     assert unet.returncode == 0, unet.stderr
     resumed = run_script("train_digits.py", "unet", "--steps", 3, *common)
