@@ -48,6 +48,11 @@ def to_uint8(images):
     return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def from_uint8(images):
+    """uint8 NHWC -> float32 NCHW in [-1, 1], as the first stage takes images."""
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 @torch.inference_mode()
 def sample_latents(model, labels, steps, scale, eta=0.0, faster_diffusion=None, x_T=None, generators=None,
                    precision="fp32", progress=False, mode=None, **sampler_kwargs):
@@ -80,8 +85,7 @@ def decode_latents(model, latents, precision="fp32"):
 @torch.inference_mode()
 def reconstruct(model, images, precision="fp32"):
     """uint8 NHWC images -> the same images through the first stage alone (encode, quantize, decode), uint8 NHWC."""
-    x = images.to(model.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-    latents = model.get_first_stage_encoding(model.encode_first_stage(x))
+    latents = model.get_first_stage_encoding(model.encode_first_stage(from_uint8(images.to(model.device))))
     return to_uint8(decode_latents(model, latents, precision)).cpu()
 
 

@@ -294,8 +294,11 @@ def write_reconstructions(model, images_path, path, batch_size):
     return str(path)
 
 
-def scored(result, scorer):
-    return result is not None and all(result.get(k) == v for k, v in scorer.against.items()) and "fid" in result
+def scored(result, scorer, against=None):
+    """Whether a result holds metrics made with the scorer's reference and graph, and from the inputs whose
+    hashes `against` gives."""
+    return result is not None and "fid" in result and \
+        all(result.get(k) == v for k, v in {**scorer.against, **(against or {})}.items())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,15 +468,15 @@ def load_fp32(job_args, rank=0):
 def score_floors(args, scorer, get_model):
     """The rows of --real's first N images and of their first-stage reconstructions, unless already scored
     (rank 0)."""
-    real = first_images(args)
+    real = None
     against = {"real_sha256": file_sha256(args.real)}
-    result = read_json(real_result(args))
-    if not (scored(result, scorer) and result.get("real_sha256") == against["real_sha256"]):
+    if not scored(read_json(real_result(args)), scorer, against):
+        real = first_images(args)
         write_json(real_result(args), {"samples": args.real, "images": args.num_samples, **against, **scorer(real)})
     against.update(checkpoint_sha256=file_sha256(args.ckpt), config_sha256=file_sha256(args.config))
     path = reconstructed_result(args)
-    result = read_json(path)
-    if not (scored(result, scorer) and all(result.get(k) == v for k, v in against.items())):
+    if not scored(read_json(path), scorer, against):
+        real = real or first_images(args)
         images = write_reconstructions(get_model(), real, path.with_name("reconstructed.npz"), args.batch_size)
         write_json(path, {"samples": images, "images": args.num_samples, **against, **scorer(images)})
 
@@ -503,7 +506,7 @@ def main(args, comm):
             comm.wait_all()
         if comm.rank == 0:
             if args.real:
-                score_floors(args, scorer, lambda: model or load_fp32(jobs[0].args))
+                score_floors(args, scorer, lambda: load_fp32(jobs[0].args) if model is None else model)
             write_outputs(args, jobs, accuracy)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:

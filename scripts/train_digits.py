@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from ldm.sampling import from_uint8
 from ldm.util import instantiate_from_config, write_atomic
 
 DEFAULT_CONFIG = "configs/latent-diffusion/digits32.yaml"
@@ -52,11 +53,6 @@ def load_images(path):
     """uint8 NHWC images and int64 labels of an ADM-format .npz."""
     with np.load(path) as data:
         return torch.from_numpy(data["arr_0"]), torch.from_numpy(data["arr_1"]).long()
-
-
-def to_float(images):
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 class EMA:
@@ -143,7 +139,7 @@ def train_first_stage(args):
 
     try:
         while step < args.steps and time.time() - start < args.minutes * 60:
-            batch = to_float(images[torch.randint(len(images), (args.batch_size,), generator=gen)])
+            batch = from_uint8(images[torch.randint(len(images), (args.batch_size,), generator=gen)])
             rec, vq, latents, indices = vq_losses(first_stage, batch)
             loss = rec if args.decoder_only else rec + vq
             opt.zero_grad(set_to_none=True)
@@ -169,7 +165,7 @@ def train_first_stage(args):
 @torch.no_grad()
 def encode_dataset(first_stage, images, batch_size=1000):
     """Unquantized latents of all images, as LDM trains its UNet on them."""
-    return torch.cat([first_stage.encode(to_float(images[i:i + batch_size]))
+    return torch.cat([first_stage.encode(from_uint8(images[i:i + batch_size]))
                       for i in tqdm(range(0, len(images), batch_size), desc="encoding")])
 
 

@@ -163,6 +163,10 @@ def test_the_real_row_follows_the_real_batch(finished, inputs, tmp_path):
     with np.load(out / "real" / "n12" / "real.npz") as cut:  # scored on as many images as each mode
         np.testing.assert_array_equal(cut["arr_0"], images[:12])
         np.testing.assert_array_equal(cut["arr_1"], np.arange(12) % 10)
+    cut = out / "real" / "n12" / "real.npz"
+    written = cut.stat().st_mtime_ns
+    assert run(argv(inputs, out, "--real", str(other), "--guidance", "1.5", "3")) == 0
+    assert cut.stat().st_mtime_ns == written  # both floor rows are current: the batch is not cut again
     assert [r["fid"] for r in json.loads((out / "frontier.json").read_text())["rows"]] == \
         [r["fid"] for r in json.loads((finished / "frontier.json").read_text())["rows"]]  # modes not redone
 
