@@ -211,6 +211,7 @@ def main(args):
         return 2
     use_expandable_segments()
     set_tf32(True)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if "compiled" in args.variants:
         use_compile_cache()
     device = torch.device(args.device)
@@ -218,7 +219,7 @@ def main(args):
     out = open(args.out, "w") if args.out else None
     bench = Bench(args)
     title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps}, "
-             f"DeepCache N={args.cache_interval}; channels_last {args.channels_last}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); UNet GFLOP/img: "
+             f"DeepCache N={args.cache_interval}; channels_last {args.channels_last}; cuDNN benchmark {args.cudnn_benchmark}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); UNet GFLOP/img: "
              + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
     print_header(title, out)
     for name, batch, precision, variant in plan(args):
@@ -257,6 +258,7 @@ def parse_args(argv=None):
     parser.add_argument("--first_compile", type=float, default=120,
                         help="seconds a first compile is assumed to take when planning the budget")
     parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in every row")
+    parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark on (autotuner)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     return parser.parse_args(argv)
 

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from common import build_model, device_name, print_table, synchronize
 from ldm.cli import first_line
+from ldm.compile import compile_unet
 from ldm.util import check_precision, set_tf32, store_weights
 
 aten = torch.ops.aten
@@ -89,13 +90,16 @@ class OperationLog(TorchDispatchMode):
         return out
 
 
-def unet_forward(config, rows, precision, device):
-    """A model of the config with random weights on the device (weights stored in the precision) and a function
-    that runs one UNet forward of `rows` rows (twice the images with guidance)."""
+def unet_forward(config, rows, precision, device, compiled=False, cuda_graphs=None):
+    """A model of the config with random weights on the device (weights stored in the precision), compiled if asked
+    (ldm.compile.compile_unet), and a function that runs one UNet forward of `rows` rows (twice the images with
+    guidance)."""
     dtype = check_precision(precision, device)
     model = build_model(config, device=device)
     if dtype != torch.float32:
         store_weights(model, precision)
+    if compiled:
+        compile_unet(model, cuda_graphs=cuda_graphs)
     size = model.image_size
     x = torch.randn(rows, model.channels, size, size, device=device)
     timesteps = torch.full((rows,), model.num_timesteps - 1, device=device)

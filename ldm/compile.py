@@ -116,12 +116,16 @@ def _clone(out):
     return type(out)(_clone(o) for o in out)
 
 
-def compile_unet(model, buckets=()):
+def compile_unet(model, buckets=(), cuda_graphs=None):
     """Compile the UNet's encoder, decoder, DeepCache halves (decode_deep, forward_shallow) in place, with CUDA
-    graphs on a GPU; decoder calls of several steps are padded to `buckets` (see choose_buckets). Raises torch's
-    limit of compiled shapes per method to RECOMPILE_LIMIT, so that no shape falls back to eager."""
+    graphs on a GPU unless cuda_graphs=False; decoder calls of several steps are padded to `buckets` (see
+    choose_buckets). Raises torch's limit of compiled shapes per method to RECOMPILE_LIMIT, so that no shape falls
+    back to eager."""
     unet = model.unet
-    cuda_graphs = model.device.type == "cuda"
+    if cuda_graphs is None:
+        cuda_graphs = model.device.type == "cuda"
+    elif cuda_graphs and model.device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {model.device.type}")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     unet.encode = _graph_call(unet.encode, cuda_graphs, 1)  # (x, timesteps, ...)
     unet.decode = padded_decode(_graph_call(unet.decode, cuda_graphs, 2), buckets)  # (skips, mid, timesteps, ...)

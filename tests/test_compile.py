@@ -121,6 +121,11 @@ def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(tiny_mode
     torch.testing.assert_close(compiled, latents(tiny_model, mode), rtol=1e-4, atol=1e-4)
 
 
+def test_cuda_graphs_need_a_cuda_device(tiny_model):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        compile_unet(copy.deepcopy(tiny_model), cuda_graphs=True)
+
+
 class OneRank:
     """One rank of a world of `size`, logging its collective steps; gather answers as if every rank took 2.0 s."""
 

@@ -1,0 +1,140 @@
+"""Where one UNet forward's time goes, eager or compiled: its GPU kernels by device time under torch.profiler
+(on the CPU, its ATen operations by CPU time), each put in a family, and the forward's MFU.
+
+roofline.py sets eager operations beside their bound. A compiled forward runs other kernels (generated ones that
+fuse the elementwise work, and the library's convolutions and matmuls), so here the kernels themselves are
+listed: which of them keep the forward from the peak.
+
+    python benchmarks/profile_forward.py --device cuda --compile                     # cin256-v2, 356 rows, fp16
+    python benchmarks/profile_forward.py --device cuda --compile --cudnn_benchmark   # cuDNN's autotuner on
+    python benchmarks/profile_forward.py --device cpu --config tests/fixtures/tiny/config.yaml --rows 2
+"""
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from common import device_name, print_table, synchronize
+from ldm.cli import first_line
+from ldm.util import set_tf32
+from roofline import H100_PEAK, unet_forward, unet_operations
+
+# (family, pattern), first match, on kernel names (cuDNN, cuBLAS, CUTLASS, PyTorch, Triton) and ATen names alike.
+# Generated kernels come first: Triton names them after the operations they fuse ("triton_poi_fused_convolution_").
+FAMILIES = [
+    ("generated (Triton)", r"triton"),
+    ("attention", r"fmha|flash|attention"),
+    ("convolution", r"conv|fprop|winograd|nchw|nhwc"),
+    ("matmul", r"gemm|cublas|cutlass|::(add|b)?mm\b"),
+    ("normalization", r"norm|moments"),
+]
+OTHER = "elementwise and other"
+
+
+def family_of(name):
+    return next((family for family, pattern in FAMILIES if re.search(pattern, name, re.IGNORECASE)), OTHER)
+
+
+def kernel_times(forward, device, repeats):
+    """name -> [calls, milliseconds] per forward: on a GPU its kernels' device time, on the CPU its ATen operations'
+    own CPU time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            forward()
+        synchronize(device)
+    times = {}
+    for event in profiler.key_averages():
+        if device.type == "cuda" and event.device_type == DeviceType.CUDA:
+            times[event.key] = [event.count / repeats, event.self_device_time_total / repeats / 1e3]
+        elif device.type != "cuda" and event.key.startswith("aten::") and event.self_cpu_time_total > 0:
+            times[event.key] = [event.count / repeats, event.self_cpu_time_total / repeats / 1e3]
+    return times
+
+
+def wall_ms(forward, device, repeats):
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        forward()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device: profile on the CPU (--device cpu)", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        set_tf32(True)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    try:
+        flops = sum(f for _, f, _ in unet_operations(args.config, args.rows, args.precision))
+        forward = unet_forward(args.config, args.rows, args.precision, device, compiled=args.compile,
+                               cuda_graphs=False if args.no_cuda_graphs else None)
+        start = time.perf_counter()
+        for _ in range(args.warmup):  # compiling, CUDA graphs' recording, cuDNN's autotuning
+            forward()
+        synchronize(device)
+        warmup = time.perf_counter() - start
+        wall = wall_ms(forward, device, args.repeats)
+        times = kernel_times(forward, device, args.repeats)
+    except (OSError, ValueError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    peak = (args.peak or H100_PEAK[args.precision]) * 1e12
+    variant = ("compiled" + (" (no CUDA graphs)" if args.no_cuda_graphs or device.type != "cuda" else "")
+               if args.compile else "eager")
+    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, cuDNN benchmark "
+          f"{args.cudnn_benchmark}; on {device_name(device)}; warm-up {warmup:.1f} s")
+    mfu = f", MFU {flops / peak / (wall / 1e3):.1%} of {peak / 1e12:g}" if device.type == "cuda" or args.peak else ""
+    print(f"forward: {wall:.2f} ms without the profiler, {flops / 1e9:.5g} GFLOP, "
+          f"{flops / (wall / 1e3) / 1e12:.3g} TFLOP/s{mfu}")
+    total = sum(ms for _, ms in times.values())
+    if not total:
+        print("the profiler recorded no kernel time (try --no_cuda_graphs)")
+        return 0
+    families = defaultdict(lambda: [0, 0.0, 0.0])
+    for name, (calls, ms) in times.items():
+        row = families[family_of(name)]
+        row[0] += 1
+        row[1] += calls
+        row[2] += ms
+    print_table(["family", "kernels", "calls", "ms", "share"],
+                [[family, n, f"{calls:g}", f"{ms:.2f}", f"{ms / total:.1%}"]
+                 for family, (n, calls, ms) in sorted(families.items(), key=lambda item: -item[1][2])]
+                + [["total", len(times), f"{sum(c for c, _ in times.values()):g}", f"{total:.2f}", "100.0%"]])
+    top = sorted(times.items(), key=lambda item: -item[1][1])[:args.top]
+    print_table(["kernel", "family", "calls", "ms", "share"],
+                [[name[:args.name_width], family_of(name), f"{calls:g}", f"{ms:.2f}", f"{ms / total:.1%}"]
+                 for name, (calls, ms) in top])
+    return 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
+    parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
+                        help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", action="store_true", help="compile the UNet halves (CUDA graphs on a GPU)")
+    parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")
+    parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark on")
+    parser.add_argument("--peak", type=float, default=None,
+                        help="TFLOP/s for the MFU (default on a GPU: H100 SXM dense, TF32 for fp32)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first")
+    parser.add_argument("--repeats", type=int, default=3, help="forwards timed, then profiled")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed")
+    parser.add_argument("--name_width", type=int, default=100, help="characters of a kernel's name shown")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,54 @@
+"""benchmarks/profile_forward.py: kernel families, and one profiled forward of the tiny model on the CPU."""
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_CONFIG
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import profile_forward  # noqa: E402
+import roofline  # noqa: E402
+
+
+@pytest.mark.parametrize("name, family", [
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x256x64", "convolution"),
+    ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "convolution"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_f16_s161616gemm_f16_32x32_128x2_tn_align8>", "matmul"),
+    ("fmha_cutlassF_f16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+    ("triton_poi_fused_convolution_silu_3", "generated (Triton)"),
+    ("triton_red_fused_native_group_norm_0", "generated (Triton)"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>", "normalization"),
+    ("aten::native_group_norm", "normalization"), ("aten::mkldnn_convolution", "convolution"),
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise and other"),
+    ("aten::silu", "elementwise and other"), ("aten::cat", "elementwise and other"),
+])
+def test_families(name, family):
+    assert profile_forward.family_of(name) == family
+
+
+def test_cpu_profile_lists_every_convolution(capsys):
+    assert profile_forward.main(profile_forward.parse_args(
+        ["--device", "cpu", "--config", str(TINY_CONFIG), "--rows", "2", "--precision", "fp32",
+         "--warmup", "1", "--repeats", "2", "--top", "40"])) == 0
+    out = capsys.readouterr().out
+    counted = roofline.unet_operations(str(TINY_CONFIG), 2, "fp32")
+    convolutions = sum(name == "convolution" for name, _, _ in counted)
+    listed = {cells[0]: cells[1:] for cells in
+              ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| aten::"))}
+    assert float(listed["aten::mkldnn_convolution"][1]) == convolutions  # calls per forward
+    gflop = float(out.split(" GFLOP,")[0].rsplit(", ", 1)[1])
+    assert gflop == pytest.approx(sum(f for _, f, _ in counted) / 1e9, rel=1e-4)
+    assert "| total" in out and "MFU" not in out  # no peak for a CPU
+
+
+def test_no_cuda_is_one_line_and_status_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert profile_forward.main(profile_forward.parse_args(["--device", "cuda"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
