@@ -64,6 +64,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def milliseconds_each(fn, device, repeats):
+    """Wall-clock milliseconds per call of fn, over `repeats` calls (the device synchronized around them)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
 def timed(fn, device):
     synchronize(device)
     start = time.perf_counter()

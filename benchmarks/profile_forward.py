@@ -19,10 +19,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common import device_name, print_table, synchronize
+from common import device_name, milliseconds_each, print_table, synchronize
 from ldm.cli import first_line
 from ldm.util import set_tf32
-from roofline import H100_PEAK, unet_forward, unet_operations
+from roofline import H100_PEAK, add_forward_arguments, unet_forward, unet_operations
 
 # (family, pattern), first match, on kernel names (cuDNN, cuBLAS, CUTLASS, PyTorch, Triton) and ATen names alike.
 # Generated kernels come first: Triton names them after the operations they fuse ("triton_poi_fused_convolution_").
@@ -57,15 +57,6 @@ def kernel_times(forward, device, repeats):
     return times
 
 
-def wall_ms(forward, device, repeats):
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -83,7 +74,7 @@ def main(args):
             forward()
         synchronize(device)
         warmup = time.perf_counter() - start
-        wall = wall_ms(forward, device, args.repeats)
+        wall = milliseconds_each(forward, device, args.repeats)
         times = kernel_times(forward, device, args.repeats)
     except (OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
@@ -119,10 +110,7 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
-    parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
-                        help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
+    add_forward_arguments(parser)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="compile the UNet halves (CUDA graphs on a GPU)")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")

@@ -17,7 +17,6 @@ without the profiler: the gap between the two bounds shows which kind of operati
 """
 import argparse
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -26,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from common import build_model, device_name, print_table, synchronize
+from common import build_model, device_name, milliseconds_each, print_table, synchronize
 from ldm.cli import first_line
 from ldm.compile import compile_unet
 from ldm.util import check_precision, set_tf32, store_weights
@@ -127,12 +126,7 @@ def measure(forward, device, repeats):
     forward without the profiler). On a GPU the kernels' device time, on the CPU the operations' CPU time."""
     device = torch.device(device)
     forward()  # warm-up: the allocator's pools, cuDNN's and cuBLAS's set-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward()
-    synchronize(device)
-    wall = (time.perf_counter() - start) / repeats * 1e3
+    wall = milliseconds_each(forward, device, repeats)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(repeats):
@@ -196,12 +190,17 @@ def main(args):
     return 0
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_forward_arguments(parser):
+    """The options of unet_forward: config, rows, precision."""
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
                         help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_forward_arguments(parser)
     parser.add_argument("--peak", type=float, default=None, help="TFLOP/s (default: H100 SXM dense, TF32 for fp32)")
     parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="memory bandwidth in TB/s")
     parser.add_argument("--measure", action="store_true", help="also time the forward on --device (random weights)")
