@@ -12,14 +12,13 @@ listed: which of them keep the forward from the peak.
 import argparse
 import re
 import sys
-import time
 from collections import defaultdict
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common import device_name, milliseconds_each, print_table, synchronize
+from common import device_name, milliseconds_each, print_table, synchronize, timed
 from ldm.cli import first_line
 from ldm.util import set_tf32
 from roofline import H100_PEAK, add_forward_arguments, unet_forward, unet_operations
@@ -69,11 +68,8 @@ def main(args):
         flops = sum(f for _, f, _ in unet_operations(args.config, args.rows, args.precision))
         forward = unet_forward(args.config, args.rows, args.precision, device, compiled=args.compile,
                                cuda_graphs=False if args.no_cuda_graphs else None)
-        start = time.perf_counter()
-        for _ in range(args.warmup):  # compiling, CUDA graphs' recording, cuDNN's autotuning
-            forward()
-        synchronize(device)
-        warmup = time.perf_counter() - start
+        # compiling, CUDA graphs' recording, cuDNN's autotuning
+        _, warmup = timed(lambda: [forward() for _ in range(args.warmup)], device)
         wall = milliseconds_each(forward, device, args.repeats)
         times = kernel_times(forward, device, args.repeats)
     except (OSError, ValueError) as e:
