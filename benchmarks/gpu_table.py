@@ -25,6 +25,7 @@ from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.modes import make_mode
+from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 from ldm.util import optimize_for_inference, set_tf32, store_weights
 
@@ -122,7 +123,8 @@ class Bench:
         self.device = torch.device(args.device)
         self.deadline = time.perf_counter() + args.budget
         self.modes = modes(args)
-        self.base = optimize_for_inference(build_model(args.config, device=self.device), channels_last=args.channels_last)
+        self.base = optimize_for_inference(build_model(args.config, device=self.device),
+                                           channels_last=args.channels_last, attention=args.attention)
         self.eager = {p: self.base if p == "fp32" else store_weights(copy.deepcopy(self.base), p)
                       for p in args.precisions}
         self.compiled = {}
@@ -219,7 +221,9 @@ def main(args):
     out = open(args.out, "w") if args.out else None
     bench = Bench(args)
     title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps}, "
-             f"DeepCache N={args.cache_interval}; channels_last {args.channels_last}; cuDNN benchmark {args.cudnn_benchmark}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); UNet GFLOP/img: "
+             f"DeepCache N={args.cache_interval}; channels_last {args.channels_last}; {args.attention} attention; "
+             f"cuDNN benchmark {args.cudnn_benchmark}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); "
+             "UNet GFLOP/img: "
              + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
     print_header(title, out)
     for name, batch, precision, variant in plan(args):
@@ -259,6 +263,8 @@ def parse_args(argv=None):
                         help="seconds a first compile is assumed to take when planning the budget")
     parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in every row")
     parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark on (autotuner)")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
+                        help="sdpa: PyTorch's fused kernel; matmul: scores written out, two batched matmuls")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     return parser.parse_args(argv)
 

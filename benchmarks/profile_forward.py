@@ -7,6 +7,7 @@ listed: which of them keep the forward from the peak.
 
     python benchmarks/profile_forward.py --device cuda --compile                     # cin256-v2, 356 rows, fp16
     python benchmarks/profile_forward.py --device cuda --compile --cudnn_benchmark   # cuDNN's autotuner on
+    python benchmarks/profile_forward.py --device cuda --compile --attention matmul  # attention as two matmuls
     python benchmarks/profile_forward.py --device cpu --config tests/fixtures/tiny/config.yaml --rows 2
 """
 import argparse
@@ -65,9 +66,9 @@ def main(args):
         set_tf32(True)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     try:
-        flops = sum(f for _, f, _ in unet_operations(args.config, args.rows, args.precision))
+        flops = sum(f for _, f, _ in unet_operations(args.config, args.rows, args.precision, args.attention))
         forward = unet_forward(args.config, args.rows, args.precision, device, compiled=args.compile,
-                               cuda_graphs=False if args.no_cuda_graphs else None)
+                               cuda_graphs=False if args.no_cuda_graphs else None, attention=args.attention)
         # compiling, CUDA graphs' recording, cuDNN's autotuning
         _, warmup = timed(lambda: [forward() for _ in range(args.warmup)], device)
         wall = milliseconds_each(forward, device, args.repeats)
@@ -78,7 +79,8 @@ def main(args):
     peak = (args.peak or H100_PEAK[args.precision]) * 1e12
     variant = ("compiled" + (" (no CUDA graphs)" if args.no_cuda_graphs or device.type != "cuda" else "")
                if args.compile else "eager")
-    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, cuDNN benchmark "
+    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, {args.attention} "
+          f"attention, cuDNN benchmark "
           f"{args.cudnn_benchmark}; on {device_name(device)}; warm-up {warmup:.1f} s")
     mfu = f", MFU {flops / peak / (wall / 1e3):.1%} of {peak / 1e12:g}" if device.type == "cuda" or args.peak else ""
     print(f"forward: {wall:.2f} ms without the profiler, {flops / 1e9:.5g} GFLOP, "

@@ -28,7 +28,8 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from common import build_model, device_name, milliseconds_each, print_table, synchronize
 from ldm.cli import first_line
 from ldm.compile import compile_unet
-from ldm.util import check_precision, set_tf32, store_weights
+from ldm.modules.attention import ATTENTION_BACKENDS
+from ldm.util import check_precision, optimize_for_inference, set_tf32
 
 aten = torch.ops.aten
 ATTENTION = aten.scaled_dot_product_attention  # kept whole: on a GPU it runs as one fused kernel
@@ -89,14 +90,12 @@ class OperationLog(TorchDispatchMode):
         return out
 
 
-def unet_forward(config, rows, precision, device, compiled=False, cuda_graphs=None):
-    """A model of the config with random weights on the device (weights stored in the precision), compiled if asked
-    (ldm.compile.compile_unet), and a function that runs one UNet forward of `rows` rows (twice the images with
-    guidance)."""
-    dtype = check_precision(precision, device)
-    model = build_model(config, device=device)
-    if dtype != torch.float32:
-        store_weights(model, precision)
+def unet_forward(config, rows, precision, device, compiled=False, cuda_graphs=None, attention="sdpa"):
+    """A model of the config with random weights on the device (weights stored in the precision, the attention
+    backend of ldm.modules.attention), compiled if asked (ldm.compile.compile_unet), and a function that runs one
+    UNet forward of `rows` rows (twice the images with guidance)."""
+    check_precision(precision, device)
+    model = optimize_for_inference(build_model(config, device=device), precision=precision, attention=attention)
     if compiled:
         compile_unet(model, cuda_graphs=cuda_graphs)
     size = model.image_size
@@ -112,9 +111,9 @@ def unet_forward(config, rows, precision, device, compiled=False, cuda_graphs=No
     return forward
 
 
-def unet_operations(config, rows, precision):
+def unet_operations(config, rows, precision, attention="sdpa"):
     """The operations of one UNet forward of `rows` rows in a precision, counted on meta tensors."""
-    forward = unet_forward(config, rows, precision, "meta")
+    forward = unet_forward(config, rows, precision, "meta", attention=attention)
     log = OperationLog()
     with log:
         forward()
@@ -158,11 +157,11 @@ def main(args):
         print("error: no CUDA device: measure on the CPU (--device cpu) or leave out --measure", file=sys.stderr)
         return 2
     try:
-        ops = unet_operations(args.config, args.rows, args.precision)
+        ops = unet_operations(args.config, args.rows, args.precision, args.attention)
         if args.measure:
             set_tf32(True)  # fp32 as the roofline's peak assumes it: TF32 convolutions and matmuls
-            measured, wall = measure(unet_forward(args.config, args.rows, args.precision, device), device,
-                                     args.repeats)
+            forward = unet_forward(args.config, args.rows, args.precision, device, attention=args.attention)
+            measured, wall = measure(forward, device, args.repeats)
     except (OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
@@ -171,8 +170,8 @@ def main(args):
     kinds = roofline(ops, peak, bandwidth)
     seconds = sum(row[3] for row in kinds.values())
     flops = sum(row[1] for row in kinds.values())
-    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}; peak {peak / 1e12:g} TFLOP/s, "
-          f"bandwidth {args.bandwidth:g} TB/s" + (f"; measured on {device_name(device)}" if args.measure else ""))
+    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {args.attention} attention; "
+          f"peak {peak / 1e12:g} TFLOP/s, bandwidth {args.bandwidth:g} TB/s" + (f"; measured on {device_name(device)}" if args.measure else ""))
     header = ["kind", "operations", "TFLOP", "GB moved", "roofline ms", "share"]
     rows = [[kind, n, f"{f / 1e12:.2f}", f"{b / 1e9:.1f}", f"{s * 1e3:.2f}", f"{s / seconds:.1%}"]
             for kind, (n, f, b, s) in sorted(kinds.items(), key=lambda item: -item[1][3])]
@@ -191,11 +190,13 @@ def main(args):
 
 
 def add_forward_arguments(parser):
-    """The options of unet_forward: config, rows, precision."""
+    """The options of unet_forward: config, rows, precision, attention backend."""
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
                         help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
+                        help="sdpa: PyTorch's fused kernel; matmul: scores written out, two batched matmuls")
 
 
 def parse_args(argv=None):

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ldm.modules.attention import set_attention
+
 # Entries that upstream checkpoints may carry but that sampling does not use: training-time
 # buffers, EMA weights, a stale scale_factor (a plain float upstream unless scale_by_std), and
 # the first stage's training loss (discriminator, LPIPS).
@@ -257,9 +259,11 @@ def set_tf32(enabled):
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def optimize_for_inference(model, channels_last=False, precision="fp32"):
-    """Opt-in speed-ups: NHWC convolutions (fp32 results change only by float rounding) and weights stored in
-    a half precision (`store_weights`). torch.compile is `ldm.compile.compile_unet`."""
+def optimize_for_inference(model, channels_last=False, precision="fp32", attention="sdpa"):
+    """Opt-in speed-ups: NHWC convolutions (fp32 results change only by float rounding), weights stored in
+    a half precision (`store_weights`) and the attention backend (`set_attention`). torch.compile is
+    `ldm.compile.compile_unet`."""
+    set_attention(model, attention)
     if precision != "fp32":
         store_weights(model, precision)
     if channels_last:

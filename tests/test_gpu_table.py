@@ -35,10 +35,11 @@ def test_rows_run_fp16_before_fp32_eager_before_compiled_fasterdiffusion_first()
 def test_dry_run_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "table.md"
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions",
-                                 "fp32,bf16", "--batches", "1,2", "--variants", "eager", "--out", str(out)])
+                                 "fp32,bf16", "--batches", "1,2", "--variants", "eager", "--out", str(out),
+                                 "--attention", "matmul"])
     assert gpu_table.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("CPU (") and "S=2, guidance 1.5" in lines[0]
+    assert lines[0].startswith("CPU (") and "S=2, guidance 1.5" in lines[0] and "matmul attention" in lines[0]
     rows = [line.split("|")[1:-1] for line in lines[3:]]
     assert len(rows) == 12 and out.read_text().splitlines() == lines
     for cells in rows:

@@ -1,5 +1,8 @@
 """benchmarks/profile_forward.py: kernel families, and one profiled forward of the tiny model on the CPU."""
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +55,39 @@ def test_no_cuda_is_one_line_and_status_2(capsys):
     assert profile_forward.main(profile_forward.parse_args(["--device", "cuda"])) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_matmul_attention_profiles_its_matmuls(capsys):
+    assert profile_forward.main(profile_forward.parse_args(
+        ["--device", "cpu", "--config", str(TINY_CONFIG), "--rows", "2", "--precision", "fp32",
+         "--warmup", "1", "--repeats", "1", "--top", "60", "--attention", "matmul"])) == 0
+    out = capsys.readouterr().out
+    assert "matmul attention" in out.splitlines()[0]
+    listed = {line.strip("|").split("|")[0].strip() for line in out.splitlines() if line.startswith("| aten::")}
+    assert {"aten::baddbmm", "aten::bmm", "aten::_softmax"} <= listed
+    assert not any("attention" in name for name in listed)
+
+
+def test_gpu_profile_script_runs_every_variant(tmp_path):
+    """benchmarks/gpu_profile.sh with a stand-in for Python that has a GPU and prints the flags it gets."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "ran: $*"\n')
+    fake.chmod(0o755)
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_profile.sh"), "--rows", "8"], cwd=tmp_path,
+                         env={**os.environ, "PYTHON": str(fake), "OUT_DIR": str(tmp_path / "tables")},
+                         capture_output=True, text=True, check=True)
+    ran = [line.removeprefix("ran: benchmarks/profile_forward.py --device cuda ").split()
+           for line in run.stdout.splitlines() if line.startswith("ran:")]
+    assert sorted(ran) == sorted([
+        ["--compile", "--top", "15", "--rows", "8"],
+        ["--compile", "--cudnn_benchmark", "--top", "15", "--rows", "8"],
+        ["--compile", "--attention", "matmul", "--top", "15", "--rows", "8"],
+        ["--compile", "--attention", "matmul", "--cudnn_benchmark", "--top", "15", "--rows", "8"],
+        ["--top", "15", "--rows", "8"],
+        ["--attention", "matmul", "--top", "15", "--rows", "8"]])
+    tables = Path(run.stdout.splitlines()[-1].removeprefix("tables: "))
+    assert tables.parent == tmp_path / "tables"
+    assert sorted(p.name for p in tables.iterdir()) == sorted(
+        ["compiled.txt", "compiled_cudnn_benchmark.txt", "compiled_attention_matmul.txt",
+         "compiled_attention_matmul_cudnn_benchmark.txt", "eager.txt", "eager_attention_matmul.txt"])
+    assert (tables / "eager.txt").read_text() == "ran: benchmarks/profile_forward.py --device cuda --top 15 --rows 8\n"

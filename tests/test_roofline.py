@@ -112,3 +112,14 @@ def test_measure_without_a_gpu_is_one_line_and_status_2(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert roofline.main(roofline.parse_args(["--measure", "--device", "cuda"])) == 2
     assert capsys.readouterr().err.startswith("error: no CUDA device")
+
+
+def test_matmul_attention_counts_the_same_flops_and_moves_the_scores():
+    fused = roofline.unet_operations(str(TINY_CONFIG), 2, "fp32")
+    plain = roofline.unet_operations(str(TINY_CONFIG), 2, "fp32", attention="matmul")
+    assert sum(f for _, f, _ in plain) == sum(f for _, f, _ in fused)
+    attention = [moved for name, _, moved in fused if name == "scaled_dot_product_attention"]
+    scores = [moved for name, _, moved in plain if name in ("baddbmm", "_softmax", "bmm")]
+    assert attention and "scaled_dot_product_attention" not in {name for name, _, _ in plain}
+    assert len(scores) == 3 * len(attention)
+    assert sum(scores) > sum(attention)

@@ -1,9 +1,36 @@
-"""Spatial transformer of the LDM UNet, with attention through PyTorch SDPA."""
+"""Spatial transformer of the LDM UNet, with attention through PyTorch SDPA or plain matmuls."""
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import GroupNorm32, LayerNorm32
+
+
+ATTENTION_BACKENDS = ("sdpa", "matmul")
+
+
+def attention(q, k, v, backend="sdpa"):
+    """softmax(q k^T / sqrt(d)) v over [..., tokens, d]. "sdpa" is PyTorch's fused kernel; "matmul" writes out the
+    scores and runs two batched matmuls and a softmax, which cuBLAS runs at any head size (flash attention takes
+    heads of at most 256 channels; cin256-v2 has one head of 384-960)."""
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    shape = q.shape[:-1] + v.shape[-1:]
+    q, k, v = (t.flatten(0, -3) for t in (q, k, v))
+    scores = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2),
+                           beta=0, alpha=q.shape[-1] ** -0.5)
+    return torch.bmm(scores.softmax(dim=-1), v).view(shape)
+
+
+def set_attention(model, backend):
+    """Run every attention layer of the model with a backend of ATTENTION_BACKENDS; returns the model."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {backend!r}")
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.backend = backend
+    return model
 
 
 class GEGLU(nn.Module):
@@ -35,6 +62,7 @@ class CrossAttention(nn.Module):
         inner_dim = dim_head * heads
         context_dim = context_dim or query_dim
         self.heads = heads
+        self.backend = "sdpa"
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -47,7 +75,7 @@ class CrossAttention(nn.Module):
             return self.to_out(self.to_v(context)).expand(-1, x.shape[1], -1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
