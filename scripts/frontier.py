@@ -388,6 +388,17 @@ def _minor_tick(value, _):
     return f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in (2, 5) else ""
 
 
+def _set_scale(ax, axis, values):
+    """A log axis with labelled 2x and 5x minor ticks where the values span a decade or more; otherwise matplotlib's
+    linear axis, whose ticks stay readable over a narrow range (a log axis there may label a single tick)."""
+    if min(values) <= 0 or max(values) < 10 * min(values):
+        return
+    getattr(ax, f"set_{axis}scale")("log")
+    ticks = ax.xaxis if axis == "x" else ax.yaxis
+    ticks.set_major_formatter(FormatStrFormatter("%g"))
+    ticks.set_minor_formatter(FuncFormatter(_minor_tick))
+
+
 def plot(rows, real, path, key_columns=3, reconstructed=None):
     """FID against s/img and against GFLOP/img, one colour per guidance, Pareto fronts dashed; points are
     numbered in table order and named in a key below, so that clustered modes stay readable."""
@@ -414,12 +425,9 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
             ax.scatter([], [], color=c, label=f"guidance {g:g}")
         for cache, m in markers.items():
             ax.scatter([], [], color="grey", marker=m, label=f"cache {cache}")
-        ax.set_xscale("log")
-        if min(r["fid"] for r in rows) > 0:
-            ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-            axis.set_minor_formatter(FuncFormatter(_minor_tick))
+        floors = [floor["fid"] for floor in (real, reconstructed) if floor and floor.get("fid") is not None]
+        _set_scale(ax, "x", [r[key] for r in rows])
+        _set_scale(ax, "y", [r["fid"] for r in rows] + floors)
         ax.tick_params(which="both", labelsize=7)
         ax.margins(x=0.08, y=0.08)
         ax.set_xlabel(xlabel)

@@ -231,3 +231,19 @@ def test_bad_input(case, inputs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("values, scale", [([0.40, 0.52], "linear"), ([19.0, 29.5], "linear"),
+                                           ([0.05, 0.9], "log"), ([113.1, 1184.0], "log"), ([0.0, 5.0], "linear")])
+def test_axes_are_log_over_a_decade_or_more(values, scale):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.scatter(values, values)
+    frontier._set_scale(ax, "x", values)
+    frontier._set_scale(ax, "y", values)
+    assert ax.get_xscale() == ax.get_yscale() == scale
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+              if t.get_text() and values[0] <= t.get_position()[0] <= values[1]]
+    assert len(labels) >= 2  # readable: more than one labelled tick inside the data's range
+    plt.close(fig)
