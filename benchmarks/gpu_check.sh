@@ -10,12 +10,7 @@
 # Compiled code is cached in outputs/cache/torch_compile: a second run on the same machine compiles far faster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    echo "gpu_check: no CUDA device visible to PyTorch ($PY); this check needs an NVIDIA GPU and a CUDA build of torch" >&2
-    exit 1
-fi
+source benchmarks/find_gpu_python.sh
 mkdir -p outputs/gpu_check
 OUT=outputs/gpu_check/$(date -u +%Y%m%dT%H%M%SZ).md
 if command -v nvidia-smi >/dev/null; then

@@ -11,12 +11,7 @@
 # backend compiles from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    echo "gpu_profile: no CUDA device visible to PyTorch ($PY); this profile needs an NVIDIA GPU" >&2
-    exit 1
-fi
+source benchmarks/find_gpu_python.sh
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/outputs/cache/torch_compile}
 OUT=${OUT_DIR:-outputs/gpu_profile}/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"

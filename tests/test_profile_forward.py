@@ -1,4 +1,5 @@
-"""benchmarks/profile_forward.py: kernel families, and one profiled forward of the tiny model on the CPU."""
+"""benchmarks/profile_forward.py: kernel families, and one profiled forward of the tiny model on the CPU; the GPU
+scripts gpu_profile.sh and gpu_check.sh without a GPU."""
 import os
 import subprocess
 import sys
@@ -91,3 +92,14 @@ def test_gpu_profile_script_runs_every_variant(tmp_path):
         ["compiled.txt", "compiled_cudnn_benchmark.txt", "compiled_attention_matmul.txt",
          "compiled_attention_matmul_cudnn_benchmark.txt", "eager.txt", "eager_attention_matmul.txt"])
     assert (tables / "eager.txt").read_text() == "ran: benchmarks/profile_forward.py --device cuda --top 15 --rows 8\n"
+
+
+@pytest.mark.parametrize("script", ["gpu_check", "gpu_profile"])
+def test_gpu_scripts_without_a_gpu_say_so_in_one_line(tmp_path, script):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 1\necho "ran: $*"\n')  # a torch without CUDA
+    fake.chmod(0o755)
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / f"{script}.sh")], env={**os.environ, "PYTHON": str(fake)},
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith(f"{script}: no CUDA device") and run.stderr.count("\n") == 1
