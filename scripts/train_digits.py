@@ -5,7 +5,8 @@
     python scripts/train_digits.py export --out models/digits32
 
 `first_stage --decoder_only` goes on training the first stage's decoder alone (encoder and codebook frozen, so
-the latents do not change); it can run beside the UNet stage, and `export` takes the latest decoder.
+the latents do not change), keeping an EMA of its weights (--ema_decay); it can run beside the UNet stage, and
+`export` takes the latest decoder's EMA weights.
 Each stage saves a checkpoint to --workdir every --save_every steps (and when stopped with Ctrl-C) and resumes
 from it when run again; a stage ends at --steps or after --minutes of training, whichever comes first.
 `export` writes the EMA weights in the upstream state_dict layout as model.safetensors, beside a config.yaml
@@ -112,6 +113,7 @@ def train_first_stage(args):
     opt = torch.optim.Adam(trained, lr=args.lr or 2e-4, betas=(0.5, 0.9))
     ckpt = Path(args.workdir) / "first_stage.pt"
     step = 0
+    decoder_ema = None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         first_stage.load_state_dict(state["model"])
@@ -120,13 +122,19 @@ def train_first_stage(args):
             for group in opt.param_groups:  # the saved state carries the old run's learning rate
                 group["lr"] = args.lr or 2e-4
         step = state["step"]
+        decoder_ema = state.get("decoder_ema")
         print(f"resumed first stage at step {step}" + (" (decoder only)" if args.decoder_only else ""))
     elif args.decoder_only:
         raise SystemExit("error: --decoder_only continues a trained first stage, and there is none in --workdir")
+    ema = None
     if args.decoder_only:
         first_stage.encoder.requires_grad_(False)
         first_stage.quant_conv.requires_grad_(False)
         first_stage.quantize.requires_grad_(False)
+        ema = EMA(trained, args.ema_decay)  # export writes these weights
+        if decoder_ema is not None:
+            for s, v in zip(ema.shadow, decoder_ema, strict=True):
+                s.copy_(v)
     gen = torch.Generator().manual_seed(args.seed + step)
     rec = vq = torch.tensor(float("nan"))
     usage = torch.zeros(first_stage.quantize.embedding.num_embeddings, dtype=torch.long)
@@ -135,7 +143,8 @@ def train_first_stage(args):
 
     def save():
         save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step,
-                        decoder_only=args.decoder_only, rec=rec.item())
+                        decoder_only=args.decoder_only, rec=rec.item(),
+                        **({"decoder_ema": ema.shadow} if ema else {}))
 
     try:
         while step < args.steps and time.time() - start < args.minutes * 60:
@@ -148,6 +157,8 @@ def train_first_stage(args):
             usage += torch.bincount(indices, minlength=len(usage))
             recent = (recent + [latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])])[-8:]
             step += 1
+            if ema:
+                ema.update(step)
             if step % 200 == 0 and not args.decoder_only:
                 dead = restart_dead_codes(first_stage.quantize.embedding.weight.data, torch.cat(recent), usage)
                 bar.set_postfix(rec=f"{rec.item():.4f}", vq=f"{vq.item():.4f}", restarted=dead)
@@ -297,13 +308,17 @@ def export(args):
     """Write config.yaml (with the measured scale factor) and model.safetensors (EMA weights) to --out."""
     workdir, out = Path(args.workdir), Path(args.out)
     state = torch.load(workdir / "unet.pt", weights_only=True)
-    first_stage = torch.load(workdir / "first_stage.pt", weights_only=True)["model"]
+    first = torch.load(workdir / "first_stage.pt", weights_only=True)
+    first_stage = first["model"]
     changed = [k for k, v in state["first_stage"].items()
                if not k.startswith(("decoder.", "post_quant_conv.")) and not torch.equal(v, first_stage[k])]
     if changed:
         raise SystemExit(f"error: the first stage's encoder changed after the UNet was trained on it ({changed[0]}, ...)")
     model = build_model(args.config, args.seed)
     model.first_stage_model.load_state_dict(first_stage)
+    if "decoder_ema" in first:  # the decoder's EMA weights, kept by --decoder_only
+        for p, v in zip(decoder_parameters(model.first_stage_model), first["decoder_ema"], strict=True):
+            p.data.copy_(v)
     params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
     for p, v in zip(params, state["ema"]):
         p.data.copy_(v)

@@ -94,8 +94,15 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     model = load_model(str(out / "config.yaml"), str(out / "model.safetensors"))
     state = torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
     assert model.scale_factor == pytest.approx(state["scale_factor"])
-    for key, value in after.items():  # the first stage with its latest decoder
-        torch.testing.assert_close(model.first_stage_model.state_dict()[key], value, rtol=0, atol=0)
+    decoder_ema = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)["decoder_ema"]
+    exported_stage = model.first_stage_model
+    for key in frozen:  # the first stage the UNet trained on, with the EMA weights of its latest decoder
+        torch.testing.assert_close(exported_stage.state_dict()[key], after[key], rtol=0, atol=0)
+    decoder = list(exported_stage.post_quant_conv.parameters()) + list(exported_stage.decoder.parameters())
+    assert len(decoder) == len(decoder_ema)
+    for p, ema in zip(decoder, decoder_ema):
+        torch.testing.assert_close(p, ema, rtol=0, atol=0)
+    assert not torch.equal(exported_stage.decoder.conv_out.weight, after["decoder.conv_out.weight"])
     unet_params = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
     for p, ema in zip(unet_params, state["ema"]):  # the export holds the EMA weights
         torch.testing.assert_close(p, ema, rtol=0, atol=0)
