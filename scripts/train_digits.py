@@ -144,7 +144,7 @@ def train_first_stage(args):
     def save():
         save_checkpoint(ckpt, model=first_stage.state_dict(), opt=opt.state_dict(), step=step,
                         decoder_only=args.decoder_only, rec=rec.item(),
-                        **({"decoder_ema": ema.shadow} if ema else {}))
+                        **({"decoder_ema": ema.shadow} if ema is not None else {}))
 
     try:
         while step < args.steps and time.time() - start < args.minutes * 60:
@@ -157,7 +157,7 @@ def train_first_stage(args):
             usage += torch.bincount(indices, minlength=len(usage))
             recent = (recent + [latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])])[-8:]
             step += 1
-            if ema:
+            if ema is not None:
                 ema.update(step)
             if step % 200 == 0 and not args.decoder_only:
                 dead = restart_dead_codes(first_stage.quantize.embedding.weight.data, torch.cat(recent), usage)
@@ -353,7 +353,8 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=math.inf, help="stop after this many minutes")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="default: 2e-4")
-    parser.add_argument("--ema_decay", type=float, default=0.9995)
+    parser.add_argument("--ema_decay", type=float, default=0.9995,
+                        help="EMA decay of the UNet's weights, and of the decoder's with --decoder_only")
     parser.add_argument("--min_snr", type=float, default=5.0, help="unet: Min-SNR loss weighting (0: plain MSE)")
     parser.add_argument("--p_uncond", type=float, default=0.1, help="class dropout to the unconditional class")
     parser.add_argument("--decoder_only", action="store_true", help="first_stage: train only the decoder")
