@@ -30,7 +30,7 @@ FAMILIES = [
     ("generated (Triton)", r"triton"),
     ("attention", r"fmha|flash|attention"),
     ("convolution", r"conv|fprop|winograd|nchw|nhwc"),
-    ("matmul", r"gemm|cublas|cutlass|::(add|b)?mm\b"),
+    ("matmul", r"gemm|cublas|cutlass|::(add|b|baddb)?mm\b"),
     ("normalization", r"norm|moments"),
 ]
 OTHER = "elementwise and other"

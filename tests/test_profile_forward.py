@@ -26,7 +26,7 @@ import roofline  # noqa: E402
     ("triton_red_fused_native_group_norm_0", "generated (Triton)"),
     ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float, float>", "normalization"),
     ("aten::native_group_norm", "normalization"), ("aten::mkldnn_convolution", "convolution"),
-    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"), ("aten::baddbmm", "matmul"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>", "elementwise and other"),
     ("aten::silu", "elementwise and other"), ("aten::cat", "elementwise and other"),
