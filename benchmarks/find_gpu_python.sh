@@ -3,6 +3,7 @@
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    echo "$(basename "$0" .sh): no CUDA device visible to PyTorch ($PY); this needs an NVIDIA GPU and a CUDA build of torch" >&2
+    echo "$(basename "$0" .sh): no CUDA device visible to PyTorch ($PY);" \
+         "this needs an NVIDIA GPU and a CUDA build of torch" >&2
     exit 1
 fi

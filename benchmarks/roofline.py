@@ -171,7 +171,8 @@ def main(args):
     seconds = sum(row[3] for row in kinds.values())
     flops = sum(row[1] for row in kinds.values())
     print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {args.attention} attention; "
-          f"peak {peak / 1e12:g} TFLOP/s, bandwidth {args.bandwidth:g} TB/s" + (f"; measured on {device_name(device)}" if args.measure else ""))
+          f"peak {peak / 1e12:g} TFLOP/s, bandwidth {args.bandwidth:g} TB/s"
+          + (f"; measured on {device_name(device)}" if args.measure else ""))
     header = ["kind", "operations", "TFLOP", "GB moved", "roofline ms", "share"]
     rows = [[kind, n, f"{f / 1e12:.2f}", f"{b / 1e9:.1f}", f"{s * 1e3:.2f}", f"{s / seconds:.1%}"]
             for kind, (n, f, b, s) in sorted(kinds.items(), key=lambda item: -item[1][3])]
