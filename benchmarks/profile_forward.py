@@ -79,9 +79,9 @@ def main(args):
     peak = (args.peak or H100_PEAK[args.precision]) * 1e12
     variant = ("compiled" + (" (no CUDA graphs)" if args.no_cuda_graphs or device.type != "cuda" else "")
                if args.compile else "eager")
-    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, {args.attention} "
-          f"attention, cuDNN benchmark "
-          f"{args.cudnn_benchmark}; on {device_name(device)}; warm-up {warmup:.1f} s")
+    print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, "
+          f"{args.attention} attention, cuDNN benchmark {args.cudnn_benchmark}; on {device_name(device)}; "
+          f"warm-up {warmup:.1f} s")
     mfu = f", MFU {flops / peak / (wall / 1e3):.1%} of {peak / 1e12:g}" if device.type == "cuda" or args.peak else ""
     print(f"forward: {wall:.2f} ms without the profiler, {flops / 1e9:.5g} GFLOP, "
           f"{flops / (wall / 1e3) / 1e12:.3g} TFLOP/s{mfu}")

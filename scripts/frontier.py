@@ -405,6 +405,9 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
     markers = {"none": "o", "fd": "s", "deepcache": "^"}
     names = [r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else "") for r in rows]
+    floors = [(floor["fid"], style, name) for floor, style, name in
+              ((real, ":", "real held-out images"), (reconstructed, "-.", "their first-stage reconstructions"))
+              if floor and floor.get("fid") is not None]
     key_lines = -(-len(rows) // key_columns)
     fig = plt.figure(figsize=(15, 6.5 + 0.16 * key_lines), dpi=110)
     grid = fig.add_gridspec(2, 2, height_ratios=(6.5, 0.16 * key_lines + 0.1))
@@ -417,17 +420,14 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
         on = sorted((r[key], r["fid"]) for r in rows if r[front])
         ax.step([x for x, _ in on], [y for _, y in on], where="post", color="black", ls="--", lw=1,
                 label="Pareto front", zorder=2)
-        for floor, style, name in ((real, ":", "real held-out images"),
-                                   (reconstructed, "-.", "their first-stage reconstructions")):
-            if floor and floor.get("fid") is not None:
-                ax.axhline(floor["fid"], color="grey", ls=style, lw=1, label=f"{name} (FID {floor['fid']:.3g})")
+        for fid, style, name in floors:
+            ax.axhline(fid, color="grey", ls=style, lw=1, label=f"{name} (FID {fid:.3g})")
         for g, c in colours.items():
             ax.scatter([], [], color=c, label=f"guidance {g:g}")
         for cache, m in markers.items():
             ax.scatter([], [], color="grey", marker=m, label=f"cache {cache}")
-        floors = [floor["fid"] for floor in (real, reconstructed) if floor and floor.get("fid") is not None]
         _set_scale(ax, "x", [r[key] for r in rows])
-        _set_scale(ax, "y", [r["fid"] for r in rows] + floors)
+        _set_scale(ax, "y", [r["fid"] for r in rows] + [fid for fid, _, _ in floors])
         ax.tick_params(which="both", labelsize=7)
         ax.margins(x=0.08, y=0.08)
         ax.set_xlabel(xlabel)

@@ -65,6 +65,12 @@ class EMA:
         self.decay = decay
 
     @torch.no_grad()
+    def load(self, shadow):
+        """Resume from saved shadow weights, one tensor per parameter."""
+        for s, v in zip(self.shadow, shadow, strict=True):
+            s.copy_(v)
+
+    @torch.no_grad()
     def update(self, step):
         decay = min(self.decay, (1 + step) / (10 + step))
         for s, p in zip(self.shadow, self.params):
@@ -133,8 +139,7 @@ def train_first_stage(args):
         first_stage.quantize.requires_grad_(False)
         ema = EMA(trained, args.ema_decay)  # export writes these weights
         if decoder_ema is not None:
-            for s, v in zip(ema.shadow, decoder_ema, strict=True):
-                s.copy_(v)
+            ema.load(decoder_ema)
     gen = torch.Generator().manual_seed(args.seed + step)
     rec = vq = torch.tensor(float("nan"))
     usage = torch.zeros(first_stage.quantize.embedding.num_embeddings, dtype=torch.long)
@@ -259,8 +264,7 @@ def train_unet(args):
         state = torch.load(ckpt, weights_only=True)
         for p, v in zip(params, state["params"]):
             p.data.copy_(v)
-        for s, v in zip(ema.shadow, state["ema"]):
-            s.copy_(v)
+        ema.load(state["ema"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed UNet at step {step}")
