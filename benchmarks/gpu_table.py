@@ -55,7 +55,8 @@ def peak_tflops(name, precision):
 
 def modes(args):
     """name -> mode: DDIM, FasterDiffusion and DeepCache (all with the DDIM solver)."""
-    table = {"ddim": make_mode("ddim"), "fd": make_mode("ddim", "fd", key_steps=args.key_steps),
+    table = {"ddim": make_mode("ddim"),
+             "fd": make_mode("ddim", "fd", key_steps=args.key_steps, max_decoder_batch=args.max_decoder_batch),
              "deepcache": make_mode("ddim", "deepcache", interval=args.cache_interval)}
     return {name: table[name] for name in args.modes.split(",")}
 
@@ -127,7 +128,7 @@ class Bench:
                                            channels_last=args.channels_last, attention=args.attention)
         self.eager = {p: self.base if p == "fp32" else store_weights(copy.deepcopy(self.base), p)
                       for p in args.precisions}
-        self.compiled = {}
+        self.compiled = {}  # (precision, buckets) -> compiled model
         self.compile_seconds = {}
         self.rate = dict(FIRST_RATE)
         self.flops = {name: self.count_flops(name) for name in self.modes}
@@ -157,10 +158,11 @@ class Bench:
         DDIM's batch). Shapes that two modes share compile once."""
         if variant == "eager":
             return self.eager[precision]
-        if precision not in self.compiled:
-            buckets = mode_buckets(self.modes.values(), self.args.steps, 1)  # rows matter only with chunking
-            self.compiled[precision] = compile_unet(copy.deepcopy(self.eager[precision]), buckets), buckets
-        model, buckets = self.compiled[precision]
+        rows = batch_size * (2 if self.args.scale != 1 else 1)  # the bucket sizes depend on it only with a cap
+        buckets = mode_buckets(self.modes.values(), self.args.steps, rows)
+        if (precision, buckets) not in self.compiled:
+            self.compiled[precision, buckets] = compile_unet(copy.deepcopy(self.eager[precision]), buckets)
+        model = self.compiled[precision, buckets]
         if (name, precision, batch_size) not in self.compile_seconds:
             _, seconds = warm_up(model, [self.modes[name]], self.args.steps, batch_size, self.args.scale != 1,
                                  precision, buckets)
@@ -220,10 +222,11 @@ def main(args):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     out = open(args.out, "w") if args.out else None
     bench = Bench(args)
-    title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps}, "
-             f"DeepCache N={args.cache_interval}; channels_last {args.channels_last}; {args.attention} attention; "
-             f"cuDNN benchmark {args.cudnn_benchmark}; fp32 with TF32 on CUDA; sampling only (no VQ decoding); "
-             "UNet GFLOP/img: "
+    decoder_rows = f"at most {args.max_decoder_batch} rows" if args.max_decoder_batch else "whole groups"
+    title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps} "
+             f"(decoder calls: {decoder_rows}), DeepCache N={args.cache_interval}; channels_last {args.channels_last}; "
+             f"{args.attention} attention; cuDNN benchmark {args.cudnn_benchmark}; fp32 with TF32 on CUDA; "
+             "sampling only (no VQ decoding); UNet GFLOP/img: "
              + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
     print_header(title, out)
     for name, batch, precision, variant in plan(args):
@@ -248,6 +251,8 @@ def parse_args(argv=None):
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--modes", default="ddim,fd,deepcache", help="comma list of ddim, fd, deepcache")
     parser.add_argument("--key_steps", default="ldm250", help="FasterDiffusion key steps")
+    parser.add_argument("--max_decoder_batch", type=int, default=None,
+                        help="FasterDiffusion: at most this many rows per decoder call (default: a whole group)")
     parser.add_argument("--cache_interval", type=int, default=5, help="DeepCache: a full UNet pass every N steps")
     parser.add_argument("--batches", type=lambda s: s.split(","), default="1,4,16,auto")
     parser.add_argument("--precisions", type=lambda s: s.split(","), default="fp32,fp16")

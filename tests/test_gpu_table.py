@@ -77,3 +77,19 @@ def test_compiled_rows_warm_up_only_their_own_mode(monkeypatch):
     bench.model("ddim", "fp32", "compiled", 3)  # warmed already
     assert warmed == [[bench.modes["ddim"]], [bench.modes["fd"]]]
     assert bench.compile_seconds == {("ddim", "fp32", 3): 0.5, ("fd", "fp32", 3): 0.5}
+
+
+@pytest.mark.parametrize("cap, compiles", [(None, [(10,), (10,)]), (8, [(2, 4), (2,)])])
+def test_decoder_cap_reaches_fasterdiffusion_and_its_buckets(monkeypatch, cap, compiles):
+    """Groups of 10 steps at S=20: whole groups are one 10-step shape at any batch; a cap of 8 rows splits them
+    into calls of 4 steps at 2 rows (4 + 4 + 2), of 2 steps at 4 rows, so each batch size compiles its own."""
+    compiled = []
+    monkeypatch.setattr(gpu_table, "compile_unet", lambda model, buckets: (compiled.append(buckets), model)[1])
+    monkeypatch.setattr(gpu_table, "warm_up", lambda model, modes, *args: (1, 0.5))
+    argv = ["--device", "cpu", "--steps", "20", "--config", str(TINY_CONFIG), "--precisions", "fp32",
+            "--modes", "fd", "--key_steps", "0,10"] + (["--max_decoder_batch", str(cap)] if cap else [])
+    bench = gpu_table.Bench(gpu_table.parse_args(argv))
+    assert bench.modes["fd"].cache.max_decoder_batch == cap
+    for batch_size in (1, 2, 1):
+        bench.model("fd", "fp32", "compiled", batch_size)
+    assert compiled == compiles[:len(set(compiles))]
