@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU profile: one cin256-v2 UNet forward (356 rows, fp16 stored weights, random weights) under
-# benchmarks/profile_forward.py in the variants that decide where the time goes: eager and compiled, with cuDNN's
-# autotuner off and on, attention through SDPA and through plain matmuls. Each run's table goes to stdout and to
-# $OUT_DIR/<time>/<variant>.txt (OUT_DIR: outputs/gpu_profile); the whole script stops after LIMIT seconds (540).
+# benchmarks/profile_forward.py in the variants that decide where the time goes: compiled, with cuDNN's autotuner
+# off and on, attention through SDPA and through plain matmuls (EAGER=1 adds eager with both backends). Each run's
+# table goes to stdout and to $OUT_DIR/<time>/<variant>.txt (OUT_DIR: outputs/gpu_profile); the flags of the fastest
+# compiled forward go to $OUT_DIR/best_flags, for gpu_check.sh. The script stops after LIMIT seconds (300).
 #
 #     bash benchmarks/gpu_profile.sh                  # from the repository root, with .venv (or PYTHON=...)
 #     bash benchmarks/gpu_profile.sh --rows 128       # extra flags go to every profile_forward.py run
+#     bash benchmarks/gpu_check.sh $(cat outputs/gpu_profile/best_flags)
 #
 # Compiled code is cached in outputs/cache/torch_compile, so only the first compiled variant of each attention
 # backend compiles from scratch.
@@ -13,12 +15,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/find_gpu_python.sh
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/outputs/cache/torch_compile}
-OUT=${OUT_DIR:-outputs/gpu_profile}/$(date -u +%Y%m%dT%H%M%SZ)
+OUT_DIR=${OUT_DIR:-outputs/gpu_profile}
+OUT=$OUT_DIR/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
-deadline=$((SECONDS + ${LIMIT:-540}))
+deadline=$((SECONDS + ${LIMIT:-300}))
 status=0
-for variant in "compiled" "compiled --cudnn_benchmark" "compiled --attention matmul" \
-               "compiled --attention matmul --cudnn_benchmark" "eager" "eager --attention matmul"; do
+variants=("compiled" "compiled --cudnn_benchmark" "compiled --attention matmul"
+          "compiled --attention matmul --cudnn_benchmark")
+[ "${EAGER:-0}" = 1 ] && variants+=("eager" "eager --attention matmul")
+for variant in "${variants[@]}"; do
     left=$((deadline - SECONDS))
     if [ "$left" -le 10 ]; then
         echo "gpu_profile: out of time before: $variant" >&2
@@ -33,5 +38,20 @@ for variant in "compiled" "compiled --cudnn_benchmark" "compiled --attention mat
     timeout "$left" "$PY" benchmarks/profile_forward.py --device cuda $flags --top 15 "$@" | tee "$OUT/$name.txt" \
         || status=$?
 done
+# the fastest compiled forward: its flags, without --compile, for gpu_check.sh
+best=""
+for variant in "${variants[@]}"; do
+    name=$(echo "$variant" | tr -d '-' | tr ' ' '_')
+    ms=$(sed -n 's/^forward: \([0-9.]*\) ms.*/\1/p' "$OUT/$name.txt" 2>/dev/null | head -1)
+    [ -n "$ms" ] && [ "${variant%% *}" = compiled ] && best+="$ms ${variant#compiled}"$'\n'
+done
+best=$(printf '%s' "$best" | sort -n | head -1)
+if [ -n "$best" ]; then
+    echo "${best#* }" | xargs > "$OUT_DIR/best_flags"  # xargs trims the spaces
+    echo "fastest compiled forward: ${best%% *} ms, flags for gpu_check.sh: '$(cat "$OUT_DIR/best_flags")' ($OUT_DIR/best_flags)"
+else
+    rm -f "$OUT_DIR/best_flags"
+    echo "gpu_profile: no compiled forward finished; no best_flags" >&2
+fi
 echo "tables: $OUT"
 exit "$status"

@@ -130,7 +130,8 @@ class Bench:
                       for p in args.precisions}
         self.compiled = {}  # (precision, buckets) -> compiled model
         self.compile_seconds = {}
-        self.rate = dict(FIRST_RATE)
+        self.rate = ({p: args.assumed_tflops * 1e12 for p in FIRST_RATE} if args.assumed_tflops
+                     else dict(FIRST_RATE))
         self.flops = {name: self.count_flops(name) for name in self.modes}
         self.autos = {}
 
@@ -266,6 +267,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=float, default=420, help="seconds; rows that would not fit are not run")
     parser.add_argument("--first_compile", type=float, default=120,
                         help="seconds a first compile is assumed to take when planning the budget")
+    parser.add_argument("--assumed_tflops", type=float, default=None,
+                        help="TFLOP/s assumed when planning a precision's first row (default: 40 fp16, 20 fp32)")
     parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in every row")
     parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark on (autotuner)")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",

@@ -93,3 +93,14 @@ def test_decoder_cap_reaches_fasterdiffusion_and_its_buckets(monkeypatch, cap, c
     for batch_size in (1, 2, 1):
         bench.model("fd", "fp32", "compiled", batch_size)
     assert compiled == compiles[:len(set(compiles))]
+
+
+def test_the_first_row_is_planned_at_the_assumed_rate():
+    """Before a precision's first row, a row's seconds are estimated at 40 TFLOP/s in half precision unless
+    --assumed_tflops says otherwise (the row is not run if the estimate is over the time left)."""
+    argv = ["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions", "bf16", "--modes", "ddim",
+            "--min_seconds", "0"]
+    estimates = [gpu_table.Bench(gpu_table.parse_args(argv + extra)).estimate("ddim", 10**6, "bf16", "eager")
+                 for extra in ([], ["--assumed_tflops", "4000"])]
+    assert estimates[0] == pytest.approx(100 * estimates[1])
+    assert estimates[1] > 0

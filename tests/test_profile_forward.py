@@ -69,29 +69,59 @@ def test_matmul_attention_profiles_its_matmuls(capsys):
     assert not any("attention" in name for name in listed)
 
 
-def test_gpu_profile_script_runs_every_variant(tmp_path):
-    """benchmarks/gpu_profile.sh with a stand-in for Python that has a GPU and prints the flags it gets."""
+FAKE_PROFILE = """#!/bin/sh
+[ "$1" = -c ] && exit 0
+echo "ran: $*"
+case "$*" in
+  *--compile*--attention\\ matmul\\ --cudnn*) echo "forward: 190.5 ms without the profiler" ;;
+  *--compile*) echo "forward: 224.0 ms without the profiler" ;;
+  *) echo "forward: 100.0 ms without the profiler" ;;
+esac
+"""
+
+
+def run_gpu_profile(tmp_path, **env):
+    """benchmarks/gpu_profile.sh --rows 8 with a stand-in for Python that has a GPU, prints the flags it gets and a
+    forward time: 190.5 ms compiled with matmul attention and the autotuner, 224 ms for the other compiled
+    variants, 100 ms eager (never a pick: the flags are for compiled rows)."""
     fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "ran: $*"\n')
+    fake.write_text(FAKE_PROFILE)
     fake.chmod(0o755)
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_profile.sh"), "--rows", "8"], cwd=tmp_path,
-                         env={**os.environ, "PYTHON": str(fake), "OUT_DIR": str(tmp_path / "tables")},
+                         env={**os.environ, "PYTHON": str(fake), "OUT_DIR": str(tmp_path / "tables"), **env},
                          capture_output=True, text=True, check=True)
     ran = [line.removeprefix("ran: benchmarks/profile_forward.py --device cuda ").split()
            for line in run.stdout.splitlines() if line.startswith("ran:")]
-    assert sorted(ran) == sorted([
-        ["--compile", "--top", "15", "--rows", "8"],
-        ["--compile", "--cudnn_benchmark", "--top", "15", "--rows", "8"],
-        ["--compile", "--attention", "matmul", "--top", "15", "--rows", "8"],
-        ["--compile", "--attention", "matmul", "--cudnn_benchmark", "--top", "15", "--rows", "8"],
-        ["--top", "15", "--rows", "8"],
-        ["--attention", "matmul", "--top", "15", "--rows", "8"]])
-    tables = Path(run.stdout.splitlines()[-1].removeprefix("tables: "))
+    return run, ran, Path(run.stdout.splitlines()[-1].removeprefix("tables: "))
+
+
+COMPILED_RUNS = [
+    ["--compile", "--top", "15", "--rows", "8"],
+    ["--compile", "--cudnn_benchmark", "--top", "15", "--rows", "8"],
+    ["--compile", "--attention", "matmul", "--top", "15", "--rows", "8"],
+    ["--compile", "--attention", "matmul", "--cudnn_benchmark", "--top", "15", "--rows", "8"]]
+COMPILED_TABLES = ["compiled.txt", "compiled_cudnn_benchmark.txt", "compiled_attention_matmul.txt",
+                   "compiled_attention_matmul_cudnn_benchmark.txt"]
+
+
+def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp_path):
+    run, ran, tables = run_gpu_profile(tmp_path)
+    assert sorted(ran) == sorted(COMPILED_RUNS)
     assert tables.parent == tmp_path / "tables"
-    assert sorted(p.name for p in tables.iterdir()) == sorted(
-        ["compiled.txt", "compiled_cudnn_benchmark.txt", "compiled_attention_matmul.txt",
-         "compiled_attention_matmul_cudnn_benchmark.txt", "eager.txt", "eager_attention_matmul.txt"])
-    assert (tables / "eager.txt").read_text() == "ran: benchmarks/profile_forward.py --device cuda --top 15 --rows 8\n"
+    assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES)
+    assert (tables / "compiled.txt").read_text().splitlines()[0] == \
+        "ran: benchmarks/profile_forward.py --device cuda --compile --top 15 --rows 8"
+    assert (tmp_path / "tables" / "best_flags").read_text() == "--attention matmul --cudnn_benchmark\n"
+    assert "fastest compiled forward: 190.5 ms" in run.stdout
+
+
+def test_gpu_profile_script_adds_eager_on_request(tmp_path):
+    run, ran, tables = run_gpu_profile(tmp_path, EAGER="1")
+    assert sorted(ran) == sorted(COMPILED_RUNS + [["--top", "15", "--rows", "8"],
+                                                  ["--attention", "matmul", "--top", "15", "--rows", "8"]])
+    assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES + ["eager.txt",
+                                                                                 "eager_attention_matmul.txt"])
+    assert (tmp_path / "tables" / "best_flags").read_text() == "--attention matmul --cudnn_benchmark\n"
 
 
 @pytest.mark.parametrize("script", ["gpu_check", "gpu_profile"])
