@@ -48,7 +48,8 @@ done
 best=$(printf '%s' "$best" | sort -n | head -1)
 if [ -n "$best" ]; then
     echo "${best#* }" | xargs > "$OUT_DIR/best_flags"  # xargs trims the spaces
-    echo "fastest compiled forward: ${best%% *} ms, flags for gpu_check.sh: '$(cat "$OUT_DIR/best_flags")' ($OUT_DIR/best_flags)"
+    echo "fastest compiled forward: ${best%% *} ms; its flags for gpu_check.sh," \
+         "'$(cat "$OUT_DIR/best_flags")', are in $OUT_DIR/best_flags"
 else
     rm -f "$OUT_DIR/best_flags"
     echo "gpu_profile: no compiled forward finished; no best_flags" >&2

@@ -424,8 +424,8 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
             ax.axhline(fid, color="grey", ls=style, lw=1, label=f"{name} (FID {fid:.3g})")
         for g, c in colours.items():
             ax.scatter([], [], color=c, label=f"guidance {g:g}")
-        for cache, m in markers.items():
-            ax.scatter([], [], color="grey", marker=m, label=f"cache {cache}")
+        for cache in dict.fromkeys(r["cache"] for r in rows):
+            ax.scatter([], [], color="grey", marker=markers[cache], label=f"cache {cache}")
         _set_scale(ax, "x", [r[key] for r in rows])
         _set_scale(ax, "y", [r["fid"] for r in rows] + [fid for fid, _, _ in floors])
         ax.tick_params(which="both", labelsize=7)

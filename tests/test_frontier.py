@@ -247,3 +247,18 @@ def test_axes_are_log_over_a_decade_or_more(values, scale):
               if t.get_text() and values[0] <= t.get_position()[0] <= values[1]]
     assert len(labels) >= 2  # readable: more than one labelled tick inside the data's range
     plt.close(fig)
+
+
+def test_plot_legend_names_only_the_caches_plotted(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(frontier.plt, "close", figures.append)
+    rows = [{"spec": f"ddim{extra}@50", "guidance": g, "cache": cache, "s_per_img": t, "gflops_per_img": t * 10,
+             "fid": fid, "front_time": True, "front_flops": True}
+            for extra, cache, t, fid, g in (("", "none", 0.1, 120.0, 2.5),
+                                            ("+deepcache:3", "deepcache", 0.05, 150.0, 2.5),
+                                            ("", "none", 0.1, 300.0, 1.5))]
+    frontier.plot(rows, None, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    for ax in figures[0].axes[:2]:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["Pareto front", "guidance 2.5", "guidance 1.5", "cache none", "cache deepcache"]
