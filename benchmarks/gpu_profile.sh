@@ -20,6 +20,7 @@ OUT=$OUT_DIR/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 deadline=$((SECONDS + ${LIMIT:-300}))
 status=0
+table_name() { echo "$1" | tr -d '-' | tr ' ' '_'; }  # "compiled --attention matmul" -> compiled_attention_matmul
 variants=("compiled" "compiled --cudnn_benchmark" "compiled --attention matmul"
           "compiled --attention matmul --cudnn_benchmark")
 [ "${EAGER:-0}" = 1 ] && variants+=("eager" "eager --attention matmul")
@@ -30,7 +31,7 @@ for variant in "${variants[@]}"; do
         status=124
         break
     fi
-    name=$(echo "$variant" | tr -d '-' | tr ' ' '_')
+    name=$(table_name "$variant")
     flags=${variant/#eager/}
     flags=${flags/#compiled/--compile}
     echo "== $variant"
@@ -41,7 +42,7 @@ done
 # the fastest compiled forward: its flags, without --compile, for gpu_check.sh
 best=""
 for variant in "${variants[@]}"; do
-    name=$(echo "$variant" | tr -d '-' | tr ' ' '_')
+    name=$(table_name "$variant")
     ms=$(sed -n 's/^forward: \([0-9.]*\) ms.*/\1/p' "$OUT/$name.txt" 2>/dev/null | head -1)
     [ -n "$ms" ] && [ "${variant%% *}" = compiled ] && best+="$ms ${variant#compiled}"$'\n'
 done
