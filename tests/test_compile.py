@@ -82,7 +82,9 @@ def test_padded_decoder_calls_give_the_same_results(tiny_model):
     model.unet.decode = padded_decode(recording(model.unet.decode, seen), buckets=(3,))
     padded = latents(model, mode)
     assert seen == Counter({3: 4})  # every call decodes 3 steps
-    torch.testing.assert_close(padded, latents(tiny_model, mode), rtol=1e-6, atol=1e-6)
+    # float32 tolerance of the golden tests: another batch shape may pick kernels that sum in another order
+    # (2.3e-6 seen on one CPU); a padded row leaking into a real one would differ by far more
+    torch.testing.assert_close(padded, latents(tiny_model, mode), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_cache_folder(monkeypatch, tmp_path):
