@@ -77,6 +77,12 @@ class EMA:
             s.lerp_(p, 1 - decay)
 
 
+def optimizer_steps(opt):
+    """Steps this optimizer has taken (AdamW counts them per parameter), whatever the training step it began at."""
+    state = opt.state.get(opt.param_groups[0]["params"][0])
+    return int(state["step"]) if state else 0
+
+
 def save_checkpoint(path, **state):
     write_atomic(path, lambda f: torch.save(state, f))
 
@@ -259,21 +265,21 @@ def train_unet(args):
     opt = torch.optim.AdamW(params, lr=args.lr or 2e-4, weight_decay=0.0)
     ema = EMA(params, args.ema_decay)
     ckpt = workdir / "unet.pt"
-    step = warmup_start = 0  # the learning rate warms up over the first 500 steps of each fresh optimizer
+    step = 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         for p, v in zip(params, state["params"]):
             p.data.copy_(v)
         ema.load(state["ema"])
         opt.load_state_dict(state["opt"])
-        step, warmup_start = state["step"], state.get("warmup_start", 0)
+        step = state["step"]
         print(f"resumed UNet at step {step}")
     elif start_tensors is not None:
         missing, unexpected = model.load_state_dict(start_tensors, strict=False)
         if unexpected or any(not k.startswith("first_stage_model.") for k in missing):
             raise SystemExit(f"error: {args.init_from} is not a model of {args.config}")
         ema.shadow = [p.detach().clone() for p in params]
-        step = warmup_start = start_step
+        step = start_step
         print(f"started UNet from {args.init_from} (step {step}, fresh optimizer)")
     gen = torch.Generator().manual_seed(args.seed + 1 + step)
     model.model.train()
@@ -282,13 +288,13 @@ def train_unet(args):
 
     def save():
         save_checkpoint(ckpt, params=[p.detach() for p in params], ema=ema.shadow, opt=opt.state_dict(), step=step,
-                        warmup_start=warmup_start, scale_factor=scale_factor, first_stage=first["model"], loss=smoothed)
+                        scale_factor=scale_factor, first_stage=first["model"], loss=smoothed)
 
     try:
         while step < args.steps and time.time() - start < args.minutes * 60:
             idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
             loss = diffusion_loss(model, latents[idx], labels[idx], gen, uncond_class, args.p_uncond, args.min_snr)
-            warmup = min(1.0, (step - warmup_start + 1) / 500)
+            warmup = min(1.0, (optimizer_steps(opt) + 1) / 500)  # each fresh optimizer warms up over 500 steps
             for group in opt.param_groups:
                 group["lr"] = (args.lr or 2e-4) * warmup
             opt.zero_grad(set_to_none=True)

@@ -116,7 +116,7 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     assert "started UNet from" in warm.stdout and "(step 3," in warm.stdout and "unet: 4 steps" in warm.stdout
     assert torch.load(tmp_path / "work2" / "first_stage.pt", weights_only=True)["model"].keys() == after.keys()
     warm_state = torch.load(tmp_path / "work2" / "unet.pt", weights_only=True)
-    assert warm_state["warmup_start"] == 3  # the fresh optimizer warms up again: one step of 500 taken
+    assert warm_state["step"] == 4 and warm_state["opt"]["state"][0]["step"] == 1  # a fresh optimizer: one step
     assert warm_state["opt"]["param_groups"][0]["lr"] == pytest.approx(2e-4 / 500)
 
     first = run_script("train_digits.py", "first_stage", "--steps", 6, *common)  # retrains the encoder too
