@@ -1,6 +1,10 @@
 """Shared paths, the tiny fixture model and small helpers of the tests."""
+import contextlib
 import importlib.util
+import io
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +79,27 @@ def load_script(relative_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_main(relative_path, *args):
+    """Run a script's main(argv) in this process, as a subprocess would (no interpreter to start): a
+    CompletedProcess with its exit status and what it printed. Restores the torch threads, the SIGTERM handler
+    and torch's random state that scripts may set; the message of a SystemExit goes to stderr, with status 1."""
+    script = load_script(relative_path)
+    threads, sigterm = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = script.main([str(a) for a in args])
+    except SystemExit as exit:
+        status = exit.code
+        if isinstance(status, str):
+            print(status, file=stderr)
+            status = 1
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([relative_path, *args], status or 0, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="module")

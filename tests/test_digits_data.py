@@ -8,7 +8,7 @@ import pytest
 import torch
 from fontTools.ttLib import TTFont
 
-from conftest import REPO
+from conftest import REPO, run_main
 from evaluations.digit_classifier import DigitClassifier, export_graph, graph_logits
 from ldm.data.digits import DIGIT_NAMES, REFERENCE_SEED, digit_fonts, make_digits
 from ldm.util import load_model
@@ -19,6 +19,11 @@ CONFIG = REPO / "configs" / "latent-diffusion" / "digits32.yaml"
 def run_script(name, *args, cwd=REPO):
     return subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True)
+
+
+def train(*args):
+    """scripts/train_digits.py in this process (a dozen runs: no interpreter start each)."""
+    return run_main("scripts/train_digits.py", *args)
 
 
 def test_fonts_are_the_matplotlib_faces_with_digit_glyphs():
@@ -70,26 +75,26 @@ def test_make_digits_script_writes_adm_npz_and_refuses_the_reference_seed(tmp_pa
 def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(tmp_path):
     data = tmp_path / "train.npz"
     assert run_script("make_digits.py", "--num", 64, "--seed", 1, "--out", data, "--workers", 1).returncode == 0
-    common = ["--data", data, "--workdir", tmp_path / "work", "--batch_size", 8, "--threads", 1]
-    first = run_script("train_digits.py", "first_stage", "--steps", 1, *common)
+    common = ["--data", data, "--workdir", tmp_path / "work", "--batch_size", 8, "--threads", 1, "--config", CONFIG]
+    first = train("first_stage", "--steps", 1, *common)
     assert first.returncode == 0, first.stderr
-    lower = run_script("train_digits.py", "first_stage", "--steps", 2, "--lr", 1e-5, *common)
+    lower = train("first_stage", "--steps", 2, "--lr", 1e-5, *common)
     assert lower.returncode == 0 and "resumed first stage at step 1" in lower.stdout
     state = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)
     assert state["step"] == 2 and state["opt"]["param_groups"][0]["lr"] == 1e-5  # --lr holds on resuming
-    unet = run_script("train_digits.py", "unet", "--steps", 2, *common)
+    unet = train("unet", "--steps", 2, *common)
     assert unet.returncode == 0, unet.stderr
-    resumed = run_script("train_digits.py", "unet", "--steps", 3, *common)
+    resumed = train("unet", "--steps", 3, *common)
     assert "resumed UNet at step 2" in resumed.stdout and "unet: 3 steps" in resumed.stdout
     before = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)["model"]
-    decoder = run_script("train_digits.py", "first_stage", "--decoder_only", "--steps", 4, *common)
+    decoder = train("first_stage", "--decoder_only", "--steps", 4, *common)
     assert decoder.returncode == 0, decoder.stderr
     after = torch.load(tmp_path / "work" / "first_stage.pt", weights_only=True)["model"]
     frozen = [k for k in before if not k.startswith(("decoder.", "post_quant_conv."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
     out = tmp_path / "model"
-    exported = run_script("train_digits.py", "export", "--out", out, *common)
+    exported = train("export", "--out", out, *common)
     assert exported.returncode == 0, exported.stderr
     model = load_model(str(out / "config.yaml"), str(out / "model.safetensors"))
     state = torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
@@ -111,7 +116,7 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
 
     # a new workdir starts from the exported model: its EMA weights and first stage, at its step
     other = [*common[:2], "--workdir", tmp_path / "work2", *common[4:]]
-    warm = run_script("train_digits.py", "unet", "--init_from", out, "--steps", 4, *other)
+    warm = train("unet", "--init_from", out, "--steps", 4, *other)
     assert warm.returncode == 0, warm.stderr
     assert "started UNet from" in warm.stdout and "(step 3," in warm.stdout and "unet: 4 steps" in warm.stdout
     assert torch.load(tmp_path / "work2" / "first_stage.pt", weights_only=True)["model"].keys() == after.keys()
@@ -119,7 +124,7 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     assert warm_state["step"] == 4 and warm_state["opt"]["state"][0]["step"] == 1  # a fresh optimizer: one step
     assert warm_state["opt"]["param_groups"][0]["lr"] == pytest.approx(2e-4 / 500)
 
-    first = run_script("train_digits.py", "first_stage", "--steps", 6, *common)  # retrains the encoder too
+    first = train("first_stage", "--steps", 6, *common)  # retrains the encoder too
     refused = run_script("train_digits.py", "export", "--out", tmp_path / "other", *common)
     assert refused.returncode != 0 and "encoder changed" in refused.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "other").exists()
@@ -129,12 +134,12 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     shutil.copy(tmp_path / "work" / "first_stage.pt", tmp_path / "work3")
     retrained = torch.load(tmp_path / "work3" / "first_stage.pt", weights_only=True)["model"]
     other = [*common[:2], "--workdir", tmp_path / "work3", *common[4:]]
-    adapted = run_script("train_digits.py", "unet", "--init_from", out, "--steps", 4, *other)
+    adapted = train("unet", "--init_from", out, "--steps", 4, *other)
     assert adapted.returncode == 0, adapted.stderr
     assert "keeping the first stage" in adapted.stdout and "(step 3," in adapted.stdout
     kept = torch.load(tmp_path / "work3" / "first_stage.pt", weights_only=True)["model"]
     assert all(torch.equal(kept[k], v) for k, v in retrained.items())
-    exported = run_script("train_digits.py", "export", "--out", tmp_path / "adapted", *other)
+    exported = train("export", "--out", tmp_path / "adapted", *other)
     assert exported.returncode == 0, exported.stderr
     model = load_model(str(tmp_path / "adapted" / "config.yaml"), str(tmp_path / "adapted" / "model.safetensors"))
     torch.testing.assert_close(model.first_stage_model.encoder.conv_in.weight, retrained["encoder.conv_in.weight"])
