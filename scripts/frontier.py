@@ -306,9 +306,10 @@ def scored(result, scorer, against=None):
 
 
 def pareto(rows, key):
-    """Whether each row is on the front of (key, FID): no other row is at least as good in both and better in one."""
-    return [not any(o[key] <= r[key] and o["fid"] <= r["fid"] and (o[key], o["fid"]) != (r[key], r["fid"])
-                    for o in rows) for r in rows]
+    """Whether each row is on its guidance's front of (key, FID): no other row at the same guidance is at least as
+    good in both and better in one."""
+    return [not any(o["guidance"] == r["guidance"] and o[key] <= r[key] and o["fid"] <= r["fid"]
+                    and (o[key], o["fid"]) != (r[key], r["fid"]) for o in rows) for r in rows]
 
 
 def speedups(rows):
@@ -365,8 +366,8 @@ def markdown(rows, real, settings, reconstructed=None):
     lines = [f"# Speed-quality frontier of {settings['config']}", "",
              f"{settings['num_samples']} samples a mode (seed {settings['seed']}) against {settings['ref']}, features "
              f"of {settings['inception_path']}. s/img: sampling seconds per image of one process, decoding excluded; "
-             "speed-up against the DDIM row with the most steps at the same guidance; the front: no mode is both "
-             "faster (or cheaper in FLOPs) and better in FID.", "",
+             "speed-up against the DDIM row with the most steps at the same guidance; Pareto front: no mode at the "
+             "same guidance is both faster (or cheaper in FLOPs) and better in FID.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, floor in (("real (held-out)", real), ("first stage (held-out, reconstructed)", reconstructed)):
         if floor:
@@ -400,8 +401,8 @@ def _set_scale(ax, axis, values):
 
 
 def plot(rows, real, path, key_columns=3, reconstructed=None):
-    """FID against s/img and against GFLOP/img, one colour per guidance, Pareto fronts dashed; points are
-    numbered in table order and named in a key below, so that clustered modes stay readable."""
+    """FID against s/img and against GFLOP/img, one colour per guidance, each guidance's Pareto front dashed in its
+    colour; points are numbered in table order and named in a key below, so that clustered modes stay readable."""
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
     markers = {"none": "o", "fd": "s", "deepcache": "^"}
     names = [r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else "") for r in rows]
@@ -417,9 +418,10 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
         for number, r in enumerate(rows, 1):
             ax.scatter(r[key], r["fid"], color=colours[r["guidance"]], marker=markers[r["cache"]], s=28, zorder=3)
             ax.annotate(str(number), (r[key], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        on = sorted((r[key], r["fid"]) for r in rows if r[front])
-        ax.step([x for x, _ in on], [y for _, y in on], where="post", color="black", ls="--", lw=1,
-                label="Pareto front", zorder=2)
+        for g, c in colours.items():
+            on = sorted((r[key], r["fid"]) for r in rows if r[front] and r["guidance"] == g)
+            ax.step([x for x, _ in on], [y for _, y in on], where="post", color=c, ls="--", lw=1, zorder=2)
+        ax.plot([], [], color="black", ls="--", lw=1, label="Pareto front (per guidance)")
         for fid, style, name in floors:
             ax.axhline(fid, color="grey", ls=style, lw=1, label=f"{name} (FID {fid:.3g})")
         for g, c in colours.items():

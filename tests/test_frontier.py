@@ -100,10 +100,12 @@ def test_table_json_and_plot_agree(finished):
         assert cells[12] == f"{r['accuracy']:.4g}" and 0 <= r["accuracy"] <= 1
         assert ("time" in cells[13]) == r["front_time"] and ("FLOPs" in cells[13]) == r["front_flops"]
     for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
-        on = [r for r in rows if r[front]]
-        assert on and all(not any(o[key] < r[key] and o["fid"] < r["fid"] for o in rows) for r in on)
-        assert all(any(o[key] <= r[key] and o["fid"] <= r["fid"] and o is not r for o in rows)
-                   for r in rows if not r[front])
+        for g in (1.5, 3.0):  # each guidance has its own front
+            same = [r for r in rows if r["guidance"] == g]
+            on = [r for r in same if r[front]]
+            assert on and all(not any(o[key] < r[key] and o["fid"] < r["fid"] for o in same) for r in on)
+            assert all(any(o[key] <= r[key] and o["fid"] <= r["fid"] and o is not r for o in same)
+                       for r in same if not r[front])
     ddim = {r["guidance"]: r for r in rows if r["spec"] == "ddim@2"}
     for cells, r in zip(table[2:], rows):
         assert cells[4] == f"{ddim[r['guidance']]['s_per_img'] / r['s_per_img']:.2f}x"
@@ -261,4 +263,14 @@ def test_plot_legend_names_only_the_caches_plotted(tmp_path, monkeypatch):
     assert (tmp_path / "frontier.png").stat().st_size > 0
     for ax in figures[0].axes[:2]:
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert labels == ["Pareto front", "guidance 2.5", "guidance 1.5", "cache none", "cache deepcache"]
+        assert labels == ["Pareto front (per guidance)", "guidance 2.5", "guidance 1.5", "cache none",
+                          "cache deepcache"]
+        fronts = [line for line in ax.get_lines() if line.get_linestyle() == "--" and len(line.get_xdata())]
+        assert [line.get_color() for line in fronts] == list(frontier.plt.cm.tab10.colors[:2])  # one per guidance
+
+
+def test_each_guidance_has_its_own_front():
+    rows = [{"guidance": g, "s_per_img": t, "fid": fid} for g, t, fid in (
+        (2.5, 0.1, 100.0), (2.5, 0.2, 90.0), (2.5, 0.3, 95.0),  # the last: slower and worse than the second
+        (1.5, 0.3, 300.0), (1.5, 0.4, 200.0))]  # both beaten by guidance 2.5, neither by its own guidance
+    assert frontier.pareto(rows, "s_per_img") == [True, True, False, True, True]
