@@ -91,8 +91,8 @@ def run_main(relative_path, *args):
     try:
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             status = script.main([str(a) for a in args])
-    except SystemExit as exit:
-        status = exit.code
+    except SystemExit as stop:
+        status = stop.code
         if isinstance(status, str):
             print(status, file=stderr)
             status = 1
