@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU profile: one cin256-v2 UNet forward (356 rows, fp16 stored weights, random weights) under
-# benchmarks/profile_forward.py in the variants that decide where the time goes: compiled, with cuDNN's autotuner
-# off and on, attention through SDPA and through plain matmuls (EAGER=1 adds eager with both backends). Each run's
-# table goes to stdout and to $OUT_DIR/<time>/<variant>.txt (OUT_DIR: outputs/gpu_profile); the flags of the fastest
-# compiled forward go to $OUT_DIR/best_flags, for gpu_check.sh. The script stops after LIMIT seconds (300).
+# benchmarks/profile_forward.py, compiled: as the sampling scripts run it (cuDNN's autotuner on, attention "auto":
+# plain matmuls for cin256-v2's wide heads), then with the autotuner off and with SDPA attention, to see what each
+# gives (EAGER=1 adds the eager forward). Each run's table goes to stdout and to $OUT_DIR/<time>/<variant>.txt
+# (OUT_DIR: outputs/gpu_profile); the flags of the fastest compiled forward go to $OUT_DIR/best_flags, for
+# gpu_check.sh. The script stops after LIMIT seconds (300).
 #
 #     bash benchmarks/gpu_profile.sh                  # from the repository root, with .venv (or PYTHON=...)
 #     bash benchmarks/gpu_profile.sh --rows 128       # extra flags go to every profile_forward.py run
@@ -20,10 +21,9 @@ OUT=$OUT_DIR/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 deadline=$((SECONDS + ${LIMIT:-300}))
 status=0
-table_name() { echo "$1" | tr -d '-' | tr ' ' '_'; }  # "compiled --attention matmul" -> compiled_attention_matmul
-variants=("compiled" "compiled --cudnn_benchmark" "compiled --attention matmul"
-          "compiled --attention matmul --cudnn_benchmark")
-[ "${EAGER:-0}" = 1 ] && variants+=("eager" "eager --attention matmul")
+table_name() { echo "$1" | tr -d '-' | tr ' ' '_'; }  # "compiled --attention sdpa" -> compiled_attention_sdpa
+variants=("compiled" "compiled --cudnn_benchmark off" "compiled --attention sdpa")
+[ "${EAGER:-0}" = 1 ] && variants+=("eager")
 for variant in "${variants[@]}"; do
     left=$((deadline - SECONDS))
     if [ "$left" -le 10 ]; then

@@ -5,9 +5,9 @@ roofline.py sets eager operations beside their bound. A compiled forward runs ot
 fuse the elementwise work, and the library's convolutions and matmuls), so here the kernels themselves are
 listed: which of them keep the forward from the peak.
 
-    python benchmarks/profile_forward.py --device cuda --compile                     # cin256-v2, 356 rows, fp16
-    python benchmarks/profile_forward.py --device cuda --compile --cudnn_benchmark   # cuDNN's autotuner on
-    python benchmarks/profile_forward.py --device cuda --compile --attention matmul  # attention as two matmuls
+    python benchmarks/profile_forward.py --device cuda --compile                        # cin256-v2, 356 rows, fp16
+    python benchmarks/profile_forward.py --device cuda --compile --cudnn_benchmark off  # cuDNN's autotuner off
+    python benchmarks/profile_forward.py --device cuda --compile --attention sdpa       # SDPA for every head
     python benchmarks/profile_forward.py --device cpu --config tests/fixtures/tiny/config.yaml --rows 2
 """
 import argparse
@@ -20,7 +20,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from common import device_name, milliseconds_each, print_table, synchronize, timed
-from ldm.cli import first_line
+from ldm.cli import first_line, on_off
+from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.util import set_tf32
 from roofline import H100_PEAK, add_forward_arguments, unet_forward, unet_operations
 
@@ -30,7 +31,7 @@ FAMILIES = [
     ("generated (Triton)", r"triton"),
     ("attention", r"fmha|flash|attention"),
     ("convolution", r"conv|fprop|winograd|nchw|nhwc"),
-    ("matmul", r"gemm|cublas|cutlass|::(add|b|baddb)?mm\b"),
+    ("matmul", r"gemm|cublas|cutlass|nvjet|::(add|b|baddb)?mm\b"),
     ("normalization", r"norm|moments"),
 ]
 OTHER = "elementwise and other"
@@ -108,11 +109,12 @@ def main(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_forward_arguments(parser)
+    add_forward_arguments(parser, ATTENTION_BACKENDS)  # auto by default, as in the scripts
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="compile the UNet halves (CUDA graphs on a GPU)")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")
-    parser.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark on")
+    parser.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
+                        help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
     parser.add_argument("--peak", type=float, default=None,
                         help="TFLOP/s for the MFU (default on a GPU: H100 SXM dense, TF32 for fp32)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first")

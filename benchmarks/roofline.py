@@ -28,7 +28,6 @@ from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from common import build_model, device_name, milliseconds_each, print_table, synchronize
 from ldm.cli import first_line
 from ldm.compile import compile_unet
-from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.util import check_precision, optimize_for_inference, set_tf32
 
 aten = torch.ops.aten
@@ -190,14 +189,16 @@ def main(args):
     return 0
 
 
-def add_forward_arguments(parser):
-    """The options of unet_forward: config, rows, precision, attention backend."""
+def add_forward_arguments(parser, backends=("sdpa", "matmul")):
+    """The options of unet_forward: config, rows, precision, attention backend (of `backends`, the first the
+    default; "auto" chooses by the device, which the operations counted on meta tensors do not know)."""
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
                         help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
-    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
-                        help="sdpa: PyTorch's fused kernel; matmul: scores written out, two batched matmuls")
+    parser.add_argument("--attention", choices=backends, default=backends[0],
+                        help="sdpa: PyTorch's fused kernel; matmul: scores written out, two batched matmuls; auto: "
+                             "matmul on a GPU for heads wider than flash attention takes, else sdpa")
 
 
 def parse_args(argv=None):

@@ -25,6 +25,7 @@ from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusi
 from ldm.models.diffusion.modes import CACHES, MAIN_OPTION, SAMPLERS
 from ldm.models.diffusion.modes import make_mode as make_library_mode
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
+from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.sampling import num_classes
 from ldm.util import (PRECISIONS, build_model, check_file, check_precision, file_sha256, load_model,
                       optimize_for_inference, set_tf32)
@@ -208,6 +209,12 @@ def add_device_args(parser):
                        help="fp32, bf16, or fp16 (GPU only); bf16 and fp16 store the UNet's weights in that dtype")
     group.add_argument("--tf32", type=on_off, default=True, metavar="on|off",
                        help="on a GPU, fp32 matmuls and convolutions in TF32 (default on)")
+    group.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
+                       help="on a GPU, cuDNN times its convolution algorithms once per shape and keeps the fastest "
+                            "(default on)")
+    group.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                       help="attention kernel: sdpa (PyTorch's fused kernel), matmul (two matmuls and a softmax), or "
+                            "auto (default: matmul on a GPU for heads wider than flash attention's 256 channels)")
     group.add_argument("--channels_last", action="store_true", help="NHWC convolutions")
     group.add_argument("--compile", action="store_true",
                        help=f"torch.compile the UNet halves before sampling (cached in {COMPILE_CACHE})")
@@ -408,14 +415,17 @@ def check_classes(classes, model):
 
 
 def load(args, device):
-    """The model on the device, its UNet weights stored in --precision, channels-last if asked, with the TF32
-    policy set; a config or checkpoint that does not load is a UsageError. `compile_for` compiles it."""
+    """The model on the device, its UNet weights stored in --precision, channels-last if asked, its attention
+    backend set, with the TF32 and cuDNN autotuner policies set; a config or checkpoint that does not load is a
+    UsageError. `compile_for` compiles it."""
     try:
         model = load_model(args.config, args.ckpt, device=device, allow_pickle=args.allow_pickle)
     except LOAD_ERRORS as e:
         raise UsageError(f"cannot load the model: {first_line(e)}") from None
     set_tf32(args.tf32)
-    return optimize_for_inference(model, channels_last=args.channels_last, precision=args.precision)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return optimize_for_inference(model, channels_last=args.channels_last, precision=args.precision,
+                                  attention=args.attention)
 
 
 def compile_for(model, args, modes, batch_size):

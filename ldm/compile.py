@@ -1,10 +1,11 @@
-"""torch.compile of the UNet halves for sampling: a few shapes, compiled once before sampling, cached on disk.
+"""torch.compile of the UNet and its halves for sampling: a few shapes, compiled once before sampling, cached on disk.
 
-Sampling meets few shapes: the encoder and the whole UNet at the batch's rows (twice the batch with guidance),
-DeepCache's two halves at the same rows, and FasterDiffusion's decoder at n steps of those rows for every size n
-of its decoder calls. `compile_unet` pads n > 1 up to the nearest of a few bucket sizes (`choose_buckets`): the
-padding repeats the last step and its rows are dropped. Every UNet row is computed on its own (no operation mixes
-rows), so the other rows do not change. `warm_up` then compiles every shape of a mode before sampling.
+Sampling meets few shapes: the whole UNet (one graph) and the encoder at the batch's rows (twice the batch with
+guidance), DeepCache's two halves at the same rows, and FasterDiffusion's decoder at n steps of those rows for
+every size n of its decoder calls. `compile_unet` pads n > 1 up to the nearest of a few bucket sizes
+(`choose_buckets`): the padding repeats the last step and its rows are dropped. Every UNet row is computed on its
+own (no operation mixes rows), so the other rows do not change. `warm_up` then compiles every shape of a mode
+before sampling.
 
 The compiled code is cached on disk (`use_compile_cache`): later runs and the other MPI ranks load it instead of
 compiling again.
@@ -116,8 +117,21 @@ def _clone(out):
     return type(out)(_clone(o) for o in out)
 
 
+def _whole(encode, decode):
+    """The UNet's forward over its eager halves: compiled, one graph for whole passes, so that the encoder's
+    features stay inside it (between two graphs, CUDA graphs clone them and copy them in again: about 3 GB at
+    cin256-v2's 356 rows)."""
+
+    def forward(x, timesteps, context=None, y=None):
+        skips, mid = encode(x, timesteps, context, y)
+        return decode(skips, mid, timesteps, context, y, out_dtype=x.dtype)
+
+    return forward
+
+
 def compile_unet(model, buckets=(), cuda_graphs=None):
-    """Compile the UNet's encoder, decoder, DeepCache halves (decode_deep, forward_shallow) in place, with CUDA
+    """Compile the UNet's whole forward (one graph), its encoder, decoder, DeepCache halves (decode_deep,
+    forward_shallow) in place, with CUDA
     graphs on a GPU unless cuda_graphs=False; decoder calls of several steps are padded to `buckets` (see
     choose_buckets). Raises torch's limit of compiled shapes per method to RECOMPILE_LIMIT, so that no shape falls
     back to eager."""
@@ -127,6 +141,7 @@ def compile_unet(model, buckets=(), cuda_graphs=None):
     elif cuda_graphs and model.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {model.device.type}")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    unet.forward = _graph_call(_whole(unet.encode, unet.decode), cuda_graphs, 1)  # (x, timesteps, ...)
     unet.encode = _graph_call(unet.encode, cuda_graphs, 1)  # (x, timesteps, ...)
     unet.decode = padded_decode(_graph_call(unet.decode, cuda_graphs, 2), buckets)  # (skips, mid, timesteps, ...)
     unet.decode_deep = _graph_call(unet.decode_deep, cuda_graphs, 2)  # (skips, mid, timesteps, ...)
@@ -163,7 +178,7 @@ def run_each_call(model, modes, rows, precision, decoder_steps=()):
     for mode in modes:
         if mode.cache is None or mode.sampler == "plms":  # plain steps; PLMS's first step evaluates twice
             calls.full(x, t, context)
-            shapes |= {("encode", rows), ("decode", rows)}
+            shapes.add(("forward", rows))
         if isinstance(mode.cache, FasterDiffusion):
             skips, mid = calls.encode(x, t, context)
             shapes.add(("encode", rows))

@@ -259,7 +259,7 @@ def set_tf32(enabled):
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def optimize_for_inference(model, channels_last=False, precision="fp32", attention="sdpa"):
+def optimize_for_inference(model, channels_last=False, precision="fp32", attention="auto"):
     """Opt-in speed-ups: NHWC convolutions (fp32 results change only by float rounding), weights stored in
     a half precision (`store_weights`) and the attention backend (`set_attention`). torch.compile is
     `ldm.compile.compile_unet`."""

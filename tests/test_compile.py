@@ -130,14 +130,15 @@ def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(two_level
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(request.config.cache.mkdir("torch_compile")))
-    mode = parse_mode("ddim+fd:0,3,5,7")  # decoder calls of 3, 2, 2 and 3 steps
+    modes = [parse_mode("ddim"), parse_mode("ddim+fd:0,3,5,7")]  # FD: decoder calls of 3, 2, 2 and 3 steps
     model = compile_unet(copy.deepcopy(two_level_model), buckets=(3,))  # the 2-step calls padded to 3 steps
-    shapes, _ = warm_up(model, [mode], 10, len(LABELS), True, "fp32", (3,))
-    assert shapes == 2  # the encoder, the decoder at 3 steps
+    shapes, _ = warm_up(model, modes, 10, len(LABELS), True, "fp32", (3,))
+    assert shapes == 3  # the whole UNet (DDIM), the encoder, the decoder at 3 steps
     graphs = counters["stats"]["unique_graphs"]
-    compiled = latents(model, mode)
+    compiled = [latents(model, mode) for mode in modes]
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while sampling
-    torch.testing.assert_close(compiled, latents(two_level_model, mode), rtol=1e-4, atol=1e-4)
+    for mode, latent in zip(modes, compiled):
+        torch.testing.assert_close(latent, latents(two_level_model, mode), rtol=1e-4, atol=1e-4)
 
 
 def test_cuda_graphs_need_a_cuda_device(tiny_model):

@@ -47,6 +47,12 @@ def test_dry_run_on_the_cpu(tmp_path, capsys):
         assert images_per_s > 0 and timed == "2/2" and cells[7].strip() == "n/a"
 
 
+def test_defaults_are_the_sampling_scripts():
+    args = gpu_table.parse_args([])
+    assert args.attention == "auto" and args.cudnn_benchmark is True
+    assert gpu_table.parse_args(["--cudnn_benchmark", "off"]).cudnn_benchmark is False
+
+
 def test_no_gpu_is_one_line_and_status_2(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_table.main(gpu_table.parse_args([])) == 2

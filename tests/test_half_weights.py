@@ -14,6 +14,7 @@ from conftest import TINY_CKPT, TINY_CONFIG
 from ldm import cli
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.models.diffusion.modes import parse_mode
+from ldm.modules.attention import CrossAttention
 from ldm.sampling import decode_latents, sample_generators, sample_latents
 from ldm.util import optimize_for_inference, precision_context, store_weights, stored_precision
 
@@ -106,22 +107,27 @@ def test_fp32_stays_as_it_is(tiny_model):
 
 
 @pytest.fixture
-def tf32_flags():
-    """PyTorch's TF32 flags, restored after the test."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def backend_flags():
+    """PyTorch's TF32 and cuDNN autotuner flags, restored after the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
-def test_front_end_precision_stores_the_weights_and_sets_tf32(tf32_flags):
+def test_front_end_precision_stores_the_weights_and_sets_the_backend_flags(backend_flags):
     args = cli.Parser()
     cli.add_model_args(args)
     cli.add_sampling_args(args)
     cli.add_device_args(args)
     parsed = args.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--precision", "bf16",
-                              "--tf32", "off", "--device", "cpu"])
+                              "--tf32", "off", "--cudnn_benchmark", "off", "--attention", "matmul",
+                              "--device", "cpu"])
     model = cli.load(parsed, torch.device("cpu"))
     assert stored_precision(model.unet) == "bf16"
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-    cli.load(args.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT)]), torch.device("cpu"))
+    assert not torch.backends.cudnn.benchmark
+    assert {m.backend for m in model.modules() if isinstance(m, CrossAttention)} == {"matmul"}
+    model = cli.load(args.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT)]), torch.device("cpu"))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # --tf32 on, the default
+    assert torch.backends.cudnn.benchmark  # --cudnn_benchmark on, the default
+    assert {m.backend for m in model.modules() if isinstance(m, CrossAttention)} == {"auto"}

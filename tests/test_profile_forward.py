@@ -20,6 +20,7 @@ import roofline  # noqa: E402
     ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "convolution"),
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
     ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_f16_s161616gemm_f16_32x32_128x2_tn_align8>", "matmul"),
+    ("nvjet_sm90_hsh_192x192_64x4_1x2_h_bz_coopB_bias_TNN", "matmul"),  # cuBLAS's Hopper kernels
     ("fmha_cutlassF_f16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel)", "attention"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
     ("triton_poi_fused_convolution_silu_3", "generated (Triton)"),
@@ -73,19 +74,21 @@ FAKE_PROFILE = """#!/bin/sh
 [ "$1" = -c ] && exit 0
 echo "ran: $*"
 case "$*" in
-  *--compile*--attention\\ matmul\\ --cudnn*) echo "forward: 190.5 ms without the profiler" ;;
-  *--compile*) echo "forward: 224.0 ms without the profiler" ;;
+  *--compile*--attention\\ sdpa*) echo "forward: 215.8 ms without the profiler" ;;
+  *--compile*--cudnn_benchmark\\ off*) echo "forward: 199.8 ms without the profiler" ;;
+  *--compile*) echo "forward: 190.9 ms without the profiler" ;;
   *) echo "forward: 100.0 ms without the profiler" ;;
 esac
 """
+FASTER_WITH_SDPA = FAKE_PROFILE.replace("215.8", "180.0")
 
 
-def run_gpu_profile(tmp_path, **env):
+def run_gpu_profile(tmp_path, profile=FAKE_PROFILE, **env):
     """benchmarks/gpu_profile.sh --rows 8 with a stand-in for Python that has a GPU, prints the flags it gets and a
-    forward time: 190.5 ms compiled with matmul attention and the autotuner, 224 ms for the other compiled
-    variants, 100 ms eager (never a pick: the flags are for compiled rows)."""
+    forward time: compiled, 190.9 ms with the defaults, 199.8 with the autotuner off, 215.8 with SDPA; 100 ms eager
+    (never a pick: the flags are for compiled rows)."""
     fake = tmp_path / "python"
-    fake.write_text(FAKE_PROFILE)
+    fake.write_text(profile)
     fake.chmod(0o755)
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_profile.sh"), "--rows", "8"], cwd=tmp_path,
                          env={**os.environ, "PYTHON": str(fake), "OUT_DIR": str(tmp_path / "tables"), **env},
@@ -97,11 +100,9 @@ def run_gpu_profile(tmp_path, **env):
 
 COMPILED_RUNS = [
     ["--compile", "--top", "15", "--rows", "8"],
-    ["--compile", "--cudnn_benchmark", "--top", "15", "--rows", "8"],
-    ["--compile", "--attention", "matmul", "--top", "15", "--rows", "8"],
-    ["--compile", "--attention", "matmul", "--cudnn_benchmark", "--top", "15", "--rows", "8"]]
-COMPILED_TABLES = ["compiled.txt", "compiled_cudnn_benchmark.txt", "compiled_attention_matmul.txt",
-                   "compiled_attention_matmul_cudnn_benchmark.txt"]
+    ["--compile", "--cudnn_benchmark", "off", "--top", "15", "--rows", "8"],
+    ["--compile", "--attention", "sdpa", "--top", "15", "--rows", "8"]]
+COMPILED_TABLES = ["compiled.txt", "compiled_cudnn_benchmark_off.txt", "compiled_attention_sdpa.txt"]
 
 
 def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp_path):
@@ -111,17 +112,18 @@ def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp
     assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES)
     assert (tables / "compiled.txt").read_text().splitlines()[0] == \
         "ran: benchmarks/profile_forward.py --device cuda --compile --top 15 --rows 8"
-    assert (tmp_path / "tables" / "best_flags").read_text() == "--attention matmul --cudnn_benchmark\n"
-    assert "fastest compiled forward: 190.5 ms" in run.stdout
+    assert (tmp_path / "tables" / "best_flags").read_text() == "\n"  # the defaults won: no flags
+    assert "fastest compiled forward: 190.9 ms" in run.stdout
+    run, _, _ = run_gpu_profile(tmp_path, FASTER_WITH_SDPA)
+    assert (tmp_path / "tables" / "best_flags").read_text() == "--attention sdpa\n"
+    assert "fastest compiled forward: 180.0 ms" in run.stdout
 
 
 def test_gpu_profile_script_adds_eager_on_request(tmp_path):
     run, ran, tables = run_gpu_profile(tmp_path, EAGER="1")
-    assert sorted(ran) == sorted(COMPILED_RUNS + [["--top", "15", "--rows", "8"],
-                                                  ["--attention", "matmul", "--top", "15", "--rows", "8"]])
-    assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES + ["eager.txt",
-                                                                                 "eager_attention_matmul.txt"])
-    assert (tmp_path / "tables" / "best_flags").read_text() == "--attention matmul --cudnn_benchmark\n"
+    assert sorted(ran) == sorted(COMPILED_RUNS + [["--top", "15", "--rows", "8"]])
+    assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES + ["eager.txt"])
+    assert (tmp_path / "tables" / "best_flags").read_text() == "\n"
 
 
 @pytest.mark.parametrize("script", ["gpu_check", "gpu_profile"])
