@@ -111,7 +111,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_forward_arguments(parser, ATTENTION_BACKENDS)  # auto by default, as in the scripts
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--compile", action="store_true", help="compile the UNet halves (CUDA graphs on a GPU)")
+    parser.add_argument("--compile", action="store_true", help="compile the UNet (CUDA graphs on a GPU)")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")
     parser.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
                         help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")

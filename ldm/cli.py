@@ -217,7 +217,7 @@ def add_device_args(parser):
                             "auto (default: matmul on a GPU for heads wider than flash attention's 256 channels)")
     group.add_argument("--channels_last", action="store_true", help="NHWC convolutions")
     group.add_argument("--compile", action="store_true",
-                       help=f"torch.compile the UNet halves before sampling (cached in {COMPILE_CACHE})")
+                       help=f"torch.compile the UNet and its halves before sampling (cached in {COMPILE_CACHE})")
     add_bool_flag(group, "--tqdm_disable", default=False, help="no progress bars")
 
 

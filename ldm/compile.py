@@ -130,11 +130,10 @@ def _whole(encode, decode):
 
 
 def compile_unet(model, buckets=(), cuda_graphs=None):
-    """Compile the UNet's whole forward (one graph), its encoder, decoder, DeepCache halves (decode_deep,
-    forward_shallow) in place, with CUDA
-    graphs on a GPU unless cuda_graphs=False; decoder calls of several steps are padded to `buckets` (see
-    choose_buckets). Raises torch's limit of compiled shapes per method to RECOMPILE_LIMIT, so that no shape falls
-    back to eager."""
+    """Compile the UNet's whole forward (one graph), its encoder, decoder and DeepCache halves (decode_deep,
+    forward_shallow) in place, with CUDA graphs on a GPU unless cuda_graphs=False; decoder calls of several steps
+    are padded to `buckets` (see choose_buckets). Raises torch's limit of compiled shapes per method to
+    RECOMPILE_LIMIT, so that no shape falls back to eager."""
     unet = model.unet
     if cuda_graphs is None:
         cuda_graphs = model.device.type == "cuda"

@@ -1,5 +1,6 @@
-"""torch.compile of the UNet halves: FasterDiffusion's decoder calls padded to a few bucket sizes (same results),
-the shapes compiled before sampling (none during it), and compiled results equal to eager ones on the CPU."""
+"""torch.compile of the UNet and its halves: FasterDiffusion's decoder calls padded to a few bucket sizes (same
+results), the shapes compiled before sampling (none during it), and compiled results equal to eager ones on the
+CPU."""
 import argparse
 import copy
 import itertools
