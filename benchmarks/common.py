@@ -1,10 +1,13 @@
-"""Shared pieces of the benchmarks: model construction, peak-memory tracking, tables."""
+"""Shared pieces of the benchmarks: model construction, peak-memory tracking, tables, inductor options."""
+import argparse
+import ast
 import os
 import threading
 import time
 from contextlib import contextmanager
 
 import torch
+import torch._inductor.config
 from omegaconf import OmegaConf
 
 from ldm.util import instantiate_from_config, load_model
@@ -98,3 +101,32 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def inductor_option(text):
+    """argparse type of --inductor: "name=value", an option of torch._inductor.config and a Python literal, ->
+    (name, value)."""
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"expected name=value, not {text!r}")
+    if not hasattr(torch._inductor.config, name):
+        raise argparse.ArgumentTypeError(f"torch._inductor.config has no option {name!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a Python literal") from None
+
+
+def add_inductor_argument(parser):
+    parser.add_argument("--inductor", type=inductor_option, action="append", default=[], metavar="NAME=VALUE",
+                        help="set an option of torch._inductor.config before compiling (repeatable), e.g. "
+                             "coordinate_descent_tuning=True")
+
+
+def inductor_options(options):
+    """A context in which torch._inductor.config has the (name, value) options: the compiles inside it use them."""
+    return torch._inductor.config.patch(dict(options))
+
+
+def describe_options(options):
+    return ", ".join(f"{name}={value}" for name, value in options) or "defaults"

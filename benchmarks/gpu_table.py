@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from common import build_model, synchronize
+from common import add_inductor_argument, build_model, describe_options, inductor_options, synchronize
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.cli import on_off
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
@@ -227,13 +227,15 @@ def main(args):
     decoder_rows = f"at most {args.max_decoder_batch} rows" if args.max_decoder_batch else "whole groups"
     title = (f"{gpu}; {args.config}; random weights; S={args.steps}, guidance {args.scale}, FD {args.key_steps} "
              f"(decoder calls: {decoder_rows}), DeepCache N={args.cache_interval}; channels_last {args.channels_last}; "
-             f"{args.attention} attention; cuDNN benchmark {args.cudnn_benchmark}; fp32 with TF32 on CUDA; "
+             f"{args.attention} attention; cuDNN benchmark {args.cudnn_benchmark}; "
+             f"inductor: {describe_options(args.inductor)}; fp32 with TF32 on CUDA; "
              "sampling only (no VQ decoding); UNet GFLOP/img: "
              + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
     print_header(title, out)
     for name, batch, precision, variant in plan(args):
         try:
-            cells = bench.row(name, batch, precision, variant, gpu)
+            with inductor_options(args.inductor):
+                cells = bench.row(name, batch, precision, variant, gpu)
         except Exception as e:  # one failed row (out of memory, a compile error) must not lose the others
             traceback.print_exc()
             cells = [name, batch, precision, variant, f"failed: {type(e).__name__}"] + [""] * 5
@@ -276,6 +278,7 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
                         help="auto (as in the scripts): matmul on a GPU for heads wider than flash attention takes, "
                              "else sdpa; sdpa: PyTorch's fused kernel; matmul: scores written out, two matmuls")
+    add_inductor_argument(parser)
     parser.add_argument("--out", default=None, help="also write the table to this file")
     return parser.parse_args(argv)
 

@@ -8,6 +8,7 @@ listed: which of them keep the forward from the peak.
     python benchmarks/profile_forward.py --device cuda --compile                        # cin256-v2, 356 rows, fp16
     python benchmarks/profile_forward.py --device cuda --compile --cudnn_benchmark off  # cuDNN's autotuner off
     python benchmarks/profile_forward.py --device cuda --compile --attention sdpa       # SDPA for every head
+    python benchmarks/profile_forward.py --device cuda --compile --inductor coordinate_descent_tuning=True
     python benchmarks/profile_forward.py --device cpu --config tests/fixtures/tiny/config.yaml --rows 2
 """
 import argparse
@@ -19,7 +20,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common import device_name, milliseconds_each, print_table, synchronize, timed
+from common import (add_inductor_argument, describe_options, device_name, inductor_options, milliseconds_each,
+                    print_table, synchronize, timed)
 from ldm.cli import first_line, on_off
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.util import set_tf32
@@ -67,19 +69,20 @@ def main(args):
         set_tf32(True)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     try:
-        flops = sum(f for _, f, _ in unet_operations(args.config, args.rows, args.precision, args.attention))
-        forward = unet_forward(args.config, args.rows, args.precision, device, compiled=args.compile,
-                               cuda_graphs=False if args.no_cuda_graphs else None, attention=args.attention)
-        # compiling, CUDA graphs' recording, cuDNN's autotuning
-        _, warmup = timed(lambda: [forward() for _ in range(args.warmup)], device)
-        wall = milliseconds_each(forward, device, args.repeats)
-        times = kernel_times(forward, device, args.repeats)
+        with inductor_options(args.inductor):
+            flops = sum(f for _, f, _ in unet_operations(args.config, args.rows, args.precision, args.attention))
+            forward = unet_forward(args.config, args.rows, args.precision, device, compiled=args.compile,
+                                   cuda_graphs=False if args.no_cuda_graphs else None, attention=args.attention)
+            # compiling, CUDA graphs' recording, cuDNN's autotuning
+            _, warmup = timed(lambda: [forward() for _ in range(args.warmup)], device)
+            wall = milliseconds_each(forward, device, args.repeats)
+            times = kernel_times(forward, device, args.repeats)
     except (OSError, ValueError) as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     peak = (args.peak or H100_PEAK[args.precision]) * 1e12
     variant = ("compiled" + (" (no CUDA graphs)" if args.no_cuda_graphs or device.type != "cuda" else "")
-               if args.compile else "eager")
+               + f" (inductor: {describe_options(args.inductor)})" if args.compile else "eager")
     print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, "
           f"{args.attention} attention, cuDNN benchmark {args.cudnn_benchmark}; on {device_name(device)}; "
           f"warm-up {warmup:.1f} s")
@@ -113,6 +116,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="compile the UNet (CUDA graphs on a GPU)")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")
+    add_inductor_argument(parser)
     parser.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
                         help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
     parser.add_argument("--peak", type=float, default=None,

@@ -7,6 +7,7 @@ import torch
 from conftest import REPO, TINY_CONFIG
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import common  # noqa: E402
 import gpu_table  # noqa: E402
 
 
@@ -36,10 +37,11 @@ def test_dry_run_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "table.md"
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions",
                                  "fp32,bf16", "--batches", "1,2", "--variants", "eager", "--out", str(out),
-                                 "--attention", "matmul"])
+                                 "--attention", "matmul", "--inductor", "coordinate_descent_tuning=True"])
     assert gpu_table.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("CPU (") and "S=2, guidance 1.5" in lines[0] and "matmul attention" in lines[0]
+    assert "inductor: coordinate_descent_tuning=True" in lines[0]
     rows = [line.split("|")[1:-1] for line in lines[3:]]
     assert len(rows) == 12 and out.read_text().splitlines() == lines
     for cells in rows:
@@ -51,6 +53,30 @@ def test_defaults_are_the_sampling_scripts():
     args = gpu_table.parse_args([])
     assert args.attention == "auto" and args.cudnn_benchmark is True
     assert gpu_table.parse_args(["--cudnn_benchmark", "off"]).cudnn_benchmark is False
+
+
+@pytest.mark.parametrize("text, option", [
+    ("coordinate_descent_tuning=True", ("coordinate_descent_tuning", True)),
+    ("triton.cudagraphs=False", ("triton.cudagraphs", False)),
+    ("max_autotune_gemm_backends='ATEN,TRITON'", ("max_autotune_gemm_backends", "ATEN,TRITON"))])
+def test_inductor_options_are_names_of_its_config_and_python_values(text, option):
+    assert gpu_table.parse_args(["--inductor", text]).inductor == [option]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("coordinate_descent_tuning", "expected name=value"), ("no_such_option=1", "has no option 'no_such_option'"),
+    ("max_autotune=yes please", "is not a Python literal")])
+def test_bad_inductor_options_are_one_line_errors(text, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        gpu_table.parse_args(["--inductor", text])
+    assert raised.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_inductor_options_hold_inside_their_block_only():
+    config = torch._inductor.config
+    with common.inductor_options([("coordinate_descent_tuning", not config.coordinate_descent_tuning)]):
+        changed = config.coordinate_descent_tuning
+    assert changed != config.coordinate_descent_tuning
 
 
 def test_no_gpu_is_one_line_and_status_2(monkeypatch, capsys):

@@ -74,19 +74,19 @@ FAKE_PROFILE = """#!/bin/sh
 [ "$1" = -c ] && exit 0
 echo "ran: $*"
 case "$*" in
-  *--compile*--attention\\ sdpa*) echo "forward: 215.8 ms without the profiler" ;;
-  *--compile*--cudnn_benchmark\\ off*) echo "forward: 199.8 ms without the profiler" ;;
+  *--compile*--inductor\\ coordinate*) echo "forward: 185.0 ms without the profiler" ;;
+  *--compile*--inductor\\ max_autotune*) echo "forward: 199.8 ms without the profiler" ;;
   *--compile*) echo "forward: 190.9 ms without the profiler" ;;
   *) echo "forward: 100.0 ms without the profiler" ;;
 esac
 """
-FASTER_WITH_SDPA = FAKE_PROFILE.replace("215.8", "180.0")
+DEFAULTS_FASTEST = FAKE_PROFILE.replace("185.0", "195.0")
 
 
 def run_gpu_profile(tmp_path, profile=FAKE_PROFILE, **env):
     """benchmarks/gpu_profile.sh --rows 8 with a stand-in for Python that has a GPU, prints the flags it gets and a
-    forward time: compiled, 190.9 ms with the defaults, 199.8 with the autotuner off, 215.8 with SDPA; 100 ms eager
-    (never a pick: the flags are for compiled rows)."""
+    forward time: compiled, 190.9 ms with the defaults, 185.0 with coordinate-descent tuning, 199.8 with
+    max-autotune; 100 ms eager (never a pick: the flags are for compiled rows)."""
     fake = tmp_path / "python"
     fake.write_text(profile)
     fake.chmod(0o755)
@@ -100,9 +100,10 @@ def run_gpu_profile(tmp_path, profile=FAKE_PROFILE, **env):
 
 COMPILED_RUNS = [
     ["--compile", "--top", "15", "--rows", "8"],
-    ["--compile", "--cudnn_benchmark", "off", "--top", "15", "--rows", "8"],
-    ["--compile", "--attention", "sdpa", "--top", "15", "--rows", "8"]]
-COMPILED_TABLES = ["compiled.txt", "compiled_cudnn_benchmark_off.txt", "compiled_attention_sdpa.txt"]
+    ["--compile", "--inductor", "coordinate_descent_tuning=True", "--top", "15", "--rows", "8"],
+    ["--compile", "--inductor", "max_autotune=True", "--top", "15", "--rows", "8"]]
+COMPILED_TABLES = ["compiled.txt", "compiled_inductor_coordinate_descent_tuning_True.txt",
+                   "compiled_inductor_max_autotune_True.txt"]
 
 
 def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp_path):
@@ -112,18 +113,18 @@ def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp
     assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES)
     assert (tables / "compiled.txt").read_text().splitlines()[0] == \
         "ran: benchmarks/profile_forward.py --device cuda --compile --top 15 --rows 8"
+    assert (tmp_path / "tables" / "best_flags").read_text() == "--inductor coordinate_descent_tuning=True\n"
+    assert "fastest compiled forward: 185.0 ms" in run.stdout
+    run, _, _ = run_gpu_profile(tmp_path, DEFAULTS_FASTEST)
     assert (tmp_path / "tables" / "best_flags").read_text() == "\n"  # the defaults won: no flags
     assert "fastest compiled forward: 190.9 ms" in run.stdout
-    run, _, _ = run_gpu_profile(tmp_path, FASTER_WITH_SDPA)
-    assert (tmp_path / "tables" / "best_flags").read_text() == "--attention sdpa\n"
-    assert "fastest compiled forward: 180.0 ms" in run.stdout
 
 
 def test_gpu_profile_script_adds_eager_on_request(tmp_path):
     run, ran, tables = run_gpu_profile(tmp_path, EAGER="1")
     assert sorted(ran) == sorted(COMPILED_RUNS + [["--top", "15", "--rows", "8"]])
     assert sorted(p.name for p in tables.iterdir()) == sorted(COMPILED_TABLES + ["eager.txt"])
-    assert (tmp_path / "tables" / "best_flags").read_text() == "\n"
+    assert (tmp_path / "tables" / "best_flags").read_text() == "--inductor coordinate_descent_tuning=True\n"
 
 
 @pytest.mark.parametrize("script", ["gpu_check", "gpu_profile"])
