@@ -11,6 +11,7 @@ decoded images mapped to uint8 by ldm.sampling.to_uint8 (truncating, like the ev
 ddim dpmpp2m+deepcache:3 plms+fd:uniform:4; the cache flags give their other options). The table printed
 compares each row with the first: seconds per image, speed-up, UNet GFLOPs per image (counted with
 torch.utils.flop_counter in one extra untimed image per row), encoder passes, decoder rows, shallow passes.
+Before a row is timed, each kind of UNet call it makes runs once, untimed, at its batch size.
 """
 import os
 import sys
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ldm import cli
+from ldm.compile import decoder_steps, run_each_call
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import generate, sample_latents, to_uint8
@@ -137,6 +139,14 @@ def cpu_notice(args, steps_chosen, timing, rows):
     return line
 
 
+def warm_up_calls(model, mode, batch_size, args):
+    """Each kind of UNet call the mode makes at this batch size, once and untimed, so that a shape's first-call
+    costs (cuDNN's autotuner on a GPU, oneDNN's set-up on the CPU) do not fall in the row's time: a cache meets
+    more shapes than DDIM (FasterDiffusion a decoder call for every group size)."""
+    rows = batch_size * (2 if args.scale != 1 else 1)
+    run_each_call(model, [mode], rows, args.precision, decoder_steps([mode], args.steps, rows))
+
+
 def count_flops(model, x_T, mode, args):
     """UNet FLOPs per image of the mode, from one untimed image (which also warms the mode up)."""
     labels = torch.full((1,), args.classes[0], dtype=torch.long)
@@ -237,6 +247,7 @@ def main(argv=None):
         for mode in modes:
             lines = row_label(mode)
             flops = count_flops(model, x_T, mode, args)
+            warm_up_calls(model, mode, len(x_T), args)
             tiles, sec, stats = sample_row(model, args.classes, x_T, mode, args, desc=" ".join(lines))
             rows.append(tiles)
             results.append((mode.label, sec, flops, stats))

@@ -1,4 +1,5 @@
 """infer_ldm.py on the tiny fixture model, and the checkpoint download helper (against a local server)."""
+import copy
 import functools
 import http.server
 import subprocess
@@ -132,6 +133,26 @@ def test_cpu_notice_estimates_from_the_measured_step():
     assert line.startswith("on the CPU: expected time up to about 1.6 min with 20 steps")
     assert line.endswith("(pass --steps 250 for those: about 13.1 min)")  # (0.5 * 250 + 6) x 6 / 60
     assert infer_ldm.cpu_notice(args, False, (0.5, 6.0), rows=2) == "on the CPU: expected time up to about 1.6 min"
+
+
+UNET_CALLS = {"forward": 0, "encode": 0, "decode": 2, "decode_deep": 2, "forward_shallow": 2}  # the rows' argument
+
+
+@pytest.mark.parametrize("mode", ["ddim", "ddim+fd:uniform:3", "dpmpp2m+deepcache:3", "plms"])
+def test_rows_meet_their_call_shapes_before_they_are_timed(tiny_model, mode):
+    args = infer_ldm.parse_args([*SMALL, *(["--cache", "none"] if "+" not in mode else []), "--n_per_class", "2"])
+    args.steps = 10
+    row_mode = infer_ldm.cli.make_mode(args, mode)
+    model, seen = copy.deepcopy(tiny_model), set()
+    for name, at in UNET_CALLS.items():  # record (method, rows) of every UNet call
+        method = getattr(model.unet, name)
+        setattr(model.unet, name, functools.partial(
+            lambda method, name, at, *a, **k: seen.add((name, len(a[at]))) or method(*a, **k), method, name, at))
+    x_T = infer_ldm.initial_noise(model, 2, 0)
+    infer_ldm.warm_up_calls(model, row_mode, len(x_T), args)
+    warmed, seen = seen, set()
+    infer_ldm.sample_row(model, [25], x_T, row_mode, args, desc="test")
+    assert seen and seen <= warmed
 
 
 def test_render_grid_size():
