@@ -98,6 +98,22 @@ def test_timed_window_is_whole_periods_until_min_seconds(stop, every, min_second
     assert run == steps_run and seconds > 0 and flops == 0
 
 
+def test_eager_rows_run_each_call_shape_of_their_mode_before_timing(monkeypatch):
+    events = []
+    run_each_call, sample = gpu_table.run_each_call, gpu_table.sample
+    monkeypatch.setattr(gpu_table, "run_each_call", lambda model, modes, rows, precision, steps: (
+        events.append(("calls", modes, rows, steps)), run_each_call(model, modes, rows, precision, steps))[1])
+    monkeypatch.setattr(gpu_table, "sample", lambda *a, **k: (events.append(("sample",)), sample(*a, **k))[1])
+    args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG), "--precisions", "fp32",
+                                 "--key_steps", "0,3,5,7", "--modes", "fd"])
+    bench = gpu_table.Bench(args)
+    events.clear()
+    cells = bench.row("fd", "2", "fp32", "eager", "CPU")
+    assert float(cells[4]) > 0
+    assert events[0] == ("calls", [bench.modes["fd"]], 4, {2, 3})  # decoder calls of 3, 2, 2 and 3 steps
+    assert [e[0] for e in events[1:]] == ["sample", "sample"]  # the untimed warm-up steps, then the timed run
+
+
 def test_compiled_rows_warm_up_only_their_own_mode(monkeypatch):
     warmed = []
     monkeypatch.setattr(gpu_table, "compile_unet", lambda model, buckets: model)
