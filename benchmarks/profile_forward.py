@@ -83,8 +83,9 @@ def main(args):
     peak = (args.peak or H100_PEAK[args.precision]) * 1e12
     variant = ("compiled" + (" (no CUDA graphs)" if args.no_cuda_graphs or device.type != "cuda" else "")
                + f" (inductor: {describe_options(args.inductor)})" if args.compile else "eager")
+    autotuner = args.cudnn_benchmark if device.type == "cuda" else "n/a"
     print(f"{args.config}; one UNet forward of {args.rows} rows, {args.precision}, {variant}, "
-          f"{args.attention} attention, cuDNN benchmark {args.cudnn_benchmark if device.type == "cuda" else "n/a"}; on {device_name(device)}; "
+          f"{args.attention} attention, cuDNN benchmark {autotuner}; on {device_name(device)}; "
           f"warm-up {warmup:.1f} s")
     mfu = f", MFU {flops / peak / (wall / 1e3):.1%} of {peak / 1e12:g}" if device.type == "cuda" or args.peak else ""
     print(f"forward: {wall:.2f} ms without the profiler, {flops / 1e9:.5g} GFLOP, "
