@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ldm import cli
-from ldm.compile import decoder_steps, run_each_call
+from ldm.compile import run_mode_calls
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import generate, sample_latents, to_uint8
@@ -143,8 +143,7 @@ def warm_up_calls(model, mode, batch_size, args):
     """Each kind of UNet call the mode makes at this batch size, once and untimed, so that a shape's first-call
     costs (cuDNN's autotuner on a GPU, oneDNN's set-up on the CPU) do not fall in the row's time: a cache meets
     more shapes than DDIM (FasterDiffusion a decoder call for every group size)."""
-    rows = batch_size * (2 if args.scale != 1 else 1)
-    run_each_call(model, [mode], rows, args.precision, decoder_steps([mode], args.steps, rows))
+    run_mode_calls(model, [mode], args.steps, batch_size, args.scale != 1, args.precision)
 
 
 def count_flops(model, x_T, mode, args):

@@ -23,7 +23,7 @@ import torch
 from common import add_inductor_argument, build_model, describe_options, inductor_options, synchronize
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.cli import on_off
-from ldm.compile import compile_unet, decoder_steps, mode_buckets, run_each_call, use_compile_cache, warm_up
+from ldm.compile import compile_unet, mode_buckets, run_mode_calls, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.modes import make_mode
 from ldm.modules.attention import ATTENTION_BACKENDS
@@ -191,8 +191,7 @@ class Bench:
             return [name, label, precision, variant, "not run: budget", "", "", "", "", ""]
         model = self.model(name, precision, variant, batch_size)
         if variant == "eager":  # each call shape once, untimed: cuDNN's autotuner times a shape at its first call
-            rows = batch_size * (2 if args.scale != 1 else 1)
-            run_each_call(model, [mode], rows, precision, decoder_steps([mode], args.steps, rows))
+            run_mode_calls(model, [mode], args.steps, batch_size, args.scale != 1, precision)
         stop = timed_steps(name, batch_size, args)
         sample(model, mode, batch_size, min(stop, args.warmup_steps), precision, args)
         seconds, stop, _ = sample(model, mode, batch_size, stop, precision, args, every=period(name, args),

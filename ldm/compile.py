@@ -191,14 +191,19 @@ def run_each_call(model, modes, rows, precision, decoder_steps=()):
     return shapes
 
 
+def run_mode_calls(model, modes, num_steps, batch_size, guided, precision, buckets=()):
+    """Run once each kind of UNet call, at each shape, that sampling with the modes meets at this batch size
+    (run_each_call); returns the set of (UNet method, rows) that ran."""
+    rows = batch_size * (2 if guided else 1)
+    return run_each_call(model, modes, rows, precision, decoder_steps(modes, num_steps, rows, buckets))
+
+
 def warm_up(model, modes, num_steps, batch_size, guided, precision, buckets=()):
     """Compile every shape that sampling with the modes meets (on a GPU three calls each: CUDA graphs record on
     the second); returns (number of compiled shapes, seconds)."""
     start = time.perf_counter()
-    rows = batch_size * (2 if guided else 1)
-    steps = decoder_steps(modes, num_steps, rows, buckets)
     for _ in range(3 if model.device.type == "cuda" else 1):
-        shapes = run_each_call(model, modes, rows, precision, steps)
+        shapes = run_mode_calls(model, modes, num_steps, batch_size, guided, precision, buckets)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     return len(shapes), time.perf_counter() - start
