@@ -1,8 +1,9 @@
 """Images/s and MFU of sampling modes at several batch sizes, in fp32 (TF32) and fp16, eager and compiled: the
 table that gpu_check.sh prints.
 
-MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager) times images/s, over
-the GPU's dense tensor peak for the dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ
+MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager, with FasterDiffusion's
+decoder calls holding as many steps as at the row's batch) times images/s, over the GPU's dense tensor peak for the
+dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ
 decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over whole
 periods (at least --window image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not
 periodic and runs all S steps. Rows run in order of importance until --budget seconds are spent; the rest are
@@ -41,7 +42,7 @@ PEAKS = [
     ("A100", {"fp16": 312, "bf16": 312, "fp32": 156}),
 ]
 COLUMNS = [("mode", 16), ("batch", 9), ("precision", 9), ("variant", 8), ("images/s", 9), ("s/img", 8),
-           ("TFLOP/s", 8), ("MFU", 6), ("timed steps", 11), ("compile s", 9)]
+           ("GFLOP/img", 9), ("TFLOP/s", 8), ("MFU", 6), ("timed steps", 11), ("compile s", 9)]
 FIRST_RATE = {"fp32": 20e12, "fp16": 40e12, "bf16": 40e12}  # FLOP/s assumed before a precision's first row
 
 
@@ -102,6 +103,11 @@ def sample(model, mode, batch_size, stop, precision, args, count=False, every=No
     return time.perf_counter() - start, steps_run, counter.get_total_flops() if counter else 0
 
 
+def unmeasured(name, batch, precision, variant, why):
+    """The cells of a row that has no measurement: why, in the images/s column."""
+    return [name, batch, precision, variant, why] + [""] * (len(COLUMNS) - 5)
+
+
 def print_row(cells, out):
     line = "| " + " | ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + " |"
     for stream in (sys.stdout, out):
@@ -118,7 +124,7 @@ def print_header(title, out):
 
 
 class Bench:
-    """The models, the per-image FLOPs of each mode, the auto batch sizes, and the time left."""
+    """The models, the per-image FLOPs of the rows, the auto batch sizes, and the time left."""
 
     def __init__(self, args):
         self.args = args
@@ -133,17 +139,23 @@ class Bench:
         self.compile_seconds = {}
         self.rate = ({p: args.assumed_tflops * 1e12 for p in FIRST_RATE} if args.assumed_tflops
                      else dict(FIRST_RATE))
-        self.flops = {name: self.count_flops(name) for name in self.modes}
+        self.flops = {}  # (mode name, its max_decoder_batch at batch 1) -> UNet FLOPs per image
         self.autos = {}
 
     def left(self):
         return self.deadline - time.perf_counter()
 
-    def count_flops(self, name):
-        """UNet FLOPs per image of a mode over S steps (counted at batch 1 over its timed window, scaled)."""
-        stop = timed_steps(name, 1, self.args)
-        _, _, flops = sample(self.base, self.modes[name], 1, stop, "fp32", self.args, count=True)
-        return flops * self.args.steps / stop
+    def flops_per_image(self, name, batch_size):
+        """UNet FLOPs per image of a mode over S steps at a batch size: counted at batch 1 over its timed window and
+        scaled, with FasterDiffusion's decoder calls holding as many steps as at batch_size (Mode.at_rows)."""
+        rows = 2 if self.args.scale != 1 else 1
+        mode = self.modes[name].at_rows(batch_size * rows, rows)
+        key = name, getattr(mode.cache, "max_decoder_batch", None)
+        if key not in self.flops:
+            stop = timed_steps(name, 1, self.args)
+            _, _, flops = sample(self.base, mode, 1, stop, "fp32", self.args, count=True)
+            self.flops[key] = flops * self.args.steps / stop
+        return self.flops[key]
 
     def batch_size(self, name, batch, precision):
         """A number, or for 'auto' the probed largest batch of the mode in the precision (eager)."""
@@ -174,7 +186,8 @@ class Bench:
     def estimate(self, name, batch_size, precision, variant):
         """Seconds a row will take (its warm-up and timed runs, and a first compile), from the rates so far."""
         stop = timed_steps(name, batch_size, self.args)
-        work = self.flops[name] * batch_size * (stop + min(stop, self.args.warmup_steps)) / self.args.steps
+        steps = stop + min(stop, self.args.warmup_steps)
+        work = self.flops_per_image(name, batch_size) * batch_size * steps / self.args.steps
         seconds = max(work / self.rate[precision], self.args.min_seconds)
         if variant == "compiled" and (name, precision, batch_size) not in self.compile_seconds:
             seconds += max(self.compile_seconds.values(), default=self.args.first_compile)
@@ -186,9 +199,9 @@ class Bench:
         batch_size = self.batch_size(name, batch, precision)
         label = f"auto={batch_size}" if batch == AUTO_BATCH else str(batch_size)
         if batch_size < 1:
-            return [name, label, precision, variant, "does not fit", "", "", "", "", ""]
+            return unmeasured(name, label, precision, variant, "does not fit")
         if self.estimate(name, batch_size, precision, variant) > self.left():
-            return [name, label, precision, variant, "not run: budget", "", "", "", "", ""]
+            return unmeasured(name, label, precision, variant, "not run: budget")
         model = self.model(name, precision, variant, batch_size)
         if variant == "eager":  # each call shape once, untimed: cuDNN's autotuner times a shape at its first call
             run_mode_calls(model, [mode], args.steps, batch_size, args.scale != 1, precision)
@@ -197,11 +210,13 @@ class Bench:
         seconds, stop, _ = sample(model, mode, batch_size, stop, precision, args, every=period(name, args),
                                   min_seconds=args.min_seconds)
         per_image = seconds * args.steps / stop / batch_size
-        rate = self.flops[name] / per_image
+        flops = self.flops_per_image(name, batch_size)
+        rate = flops / per_image
         self.rate[precision] = rate
         peak = peak_tflops(gpu, precision)
         compiled = self.compile_seconds.get((name, precision, batch_size)) if variant == "compiled" else None
-        return [name, label, precision, variant, f"{1 / per_image:.3f}", f"{per_image:.4f}", f"{rate / 1e12:.3g}",
+        return [name, label, precision, variant, f"{1 / per_image:.3f}", f"{per_image:.4f}", f"{flops / 1e9:.4g}",
+                f"{rate / 1e12:.3g}",
                 f"{rate / 1e12 / peak:.1%}" if peak else "n/a", f"{stop}/{args.steps}",
                 f"{compiled:.0f}" if compiled is not None else ""]
 
@@ -231,8 +246,7 @@ def main(args):
              f"(decoder calls: {decoder_rows}), DeepCache N={args.cache_interval}; channels_last {args.channels_last}; "
              f"{args.attention} attention; cuDNN benchmark {args.cudnn_benchmark}; "
              f"inductor: {describe_options(args.inductor)}; fp32 with TF32 on CUDA; "
-             "sampling only (no VQ decoding); UNet GFLOP/img: "
-             + ", ".join(f"{n} {f / 1e9:.4g}" for n, f in bench.flops.items()))
+             "sampling only (no VQ decoding), GFLOP/img of the UNet")
     print_header(title, out)
     for name, batch, precision, variant in plan(args):
         try:
@@ -240,7 +254,7 @@ def main(args):
                 cells = bench.row(name, batch, precision, variant, gpu)
         except Exception as e:  # one failed row (out of memory, a compile error) must not lose the others
             traceback.print_exc()
-            cells = [name, batch, precision, variant, f"failed: {type(e).__name__}"] + [""] * 5
+            cells = unmeasured(name, batch, precision, variant, f"failed: {type(e).__name__}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print_row(cells, out)

@@ -1,5 +1,6 @@
 """scripts/frontier.py in small: the 10-class tiny model, a few samples, a fake feature graph whose logits are
 the model's 10 classes; the table, JSON and plot agree; finished modes are not redone; bad input."""
+import argparse
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO, load_script
+from ldm.models.diffusion.modes import make_mode
+from ldm.sampling import sample_latents
 from ldm.util import load_model
 
 sys.path.insert(0, str(REPO / "scripts"))  # frontier.py imports image_sample.py as a script run from there does
@@ -274,3 +277,16 @@ def test_each_guidance_has_its_own_front():
         (2.5, 0.1, 100.0), (2.5, 0.2, 90.0), (2.5, 0.3, 95.0),  # the last: slower and worse than the second
         (1.5, 0.3, 300.0), (1.5, 0.4, 200.0))]  # both beaten by guidance 2.5, neither by its own guidance
     assert frontier.pareto(rows, "s_per_img") == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("cap", [None, 8])
+def test_flops_per_image_are_those_of_the_batch_sampled(tiny_model, cap):
+    """Counted on one image, FLOPs per image are those of --batch_size images: with a cap of 8 rows, decoder calls
+    hold 4 steps at one image and 2 at two (guided), sharing fewer convolutions over their skip features."""
+    mode = make_mode("ddim", "fd", key_steps=[0, 5], max_decoder_batch=cap)
+    args = argparse.Namespace(seed=0, steps=10, scale=3.0, precision="fp32", batch_size=2)
+    at_two = sample_latents(tiny_model, torch.tensor([1, 2]), 10, 3.0, mode=mode, count_flops=True)[1]
+    counted = frontier.count(tiny_model, mode, args)
+    assert counted["gflops_per_img"] == at_two["stats"].flops / 2 / 1e9
+    args.batch_size = 1
+    assert (frontier.count(tiny_model, mode, args)["gflops_per_img"] < counted["gflops_per_img"]) == bool(cap)

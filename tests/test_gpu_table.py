@@ -46,8 +46,8 @@ def test_dry_run_on_the_cpu(tmp_path, capsys):
     rows = [line.split("|")[1:-1] for line in lines[3:]]
     assert len(rows) == 12 and out.read_text().splitlines() == lines
     for cells in rows:
-        images_per_s, timed = float(cells[4]), cells[8].strip()
-        assert images_per_s > 0 and timed == "2/2" and cells[7].strip() == "n/a"
+        images_per_s, timed = float(cells[4]), cells[9].strip()
+        assert images_per_s > 0 and float(cells[6]) > 0 and timed == "2/2" and cells[8].strip() == "n/a"
 
 
 def test_defaults_are_the_sampling_scripts():
@@ -108,6 +108,7 @@ def test_eager_rows_run_each_call_shape_of_their_mode_before_timing(monkeypatch)
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG), "--precisions", "fp32",
                                  "--key_steps", "0,3,5,7", "--modes", "fd"])
     bench = gpu_table.Bench(args)
+    bench.flops_per_image("fd", 2)  # counted before the row's warm-up (a sampling at batch 1)
     events.clear()
     cells = bench.row("fd", "2", "fp32", "eager", "CPU")
     assert float(cells[4]) > 0
@@ -154,3 +155,16 @@ def test_the_first_row_is_planned_at_the_assumed_rate():
                  for extra in ([], ["--assumed_tflops", "4000"])]
     assert estimates[0] == pytest.approx(100 * estimates[1])
     assert estimates[1] > 0
+
+
+@pytest.mark.parametrize("cap", [None, 8])
+def test_flops_per_image_are_those_of_the_rows_batch(cap):
+    """With a cap of 8 rows, decoder calls hold 4 steps at batch 1 and 2 at batch 2 (4 rows a step), which share
+    fewer convolutions over their skip features: counted at batch 1, the work per image is still batch 2's."""
+    argv = ["--device", "cpu", "--steps", "20", "--config", str(TINY_CONFIG), "--precisions", "fp32", "--modes", "fd",
+            "--key_steps", "0,10"] + (["--max_decoder_batch", str(cap)] if cap else [])
+    args = gpu_table.parse_args(argv)
+    bench = gpu_table.Bench(args)
+    _, _, at_two = gpu_table.sample(bench.base, bench.modes["fd"], 2, 20, "fp32", args, count=True)
+    assert bench.flops_per_image("fd", 2) == at_two / 2
+    assert (bench.flops_per_image("fd", 1) < at_two / 2) if cap else (bench.flops_per_image("fd", 1) == at_two / 2)

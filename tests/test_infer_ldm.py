@@ -155,6 +155,20 @@ def test_rows_meet_their_call_shapes_before_they_are_timed(tiny_model, mode):
     assert seen and seen <= warmed
 
 
+@pytest.mark.parametrize("cap", [None, 8])
+def test_flops_per_image_are_those_of_the_rows_batch(tiny_model, cap):
+    """A row samples --n_per_class images at a time: with a cap of 8 rows, decoder calls hold 4 steps at one image
+    and 2 at two (guided, 4 rows a step), sharing fewer convolutions, so the FLOPs counted on one image are two's."""
+    args = infer_ldm.parse_args([*SMALL, "--key_steps", "0,5", "--n_per_class", "2"]
+                                + (["--max_decoder_batch", str(cap)] if cap else []))
+    mode = infer_ldm.cli.make_mode(args)
+    x_T = infer_ldm.initial_noise(tiny_model, 2, 0)
+    _, intermediates = infer_ldm.sample_latents(tiny_model, torch.tensor([25, 25]), 10, 3.0, x_T=x_T, mode=mode,
+                                                count_flops=True)
+    assert infer_ldm.count_flops(tiny_model, x_T, mode, args) == intermediates["stats"].flops / 2
+    assert (infer_ldm.count_flops(tiny_model, x_T[:1], mode, args) < intermediates["stats"].flops / 2) == bool(cap)
+
+
 def test_render_grid_size():
     rows = [np.zeros((5, 64, 64, 3), np.uint8)] * 3
     picture = infer_ldm.render_grid(rows, [["a"], ["b", "c"], ["d"]])

@@ -87,3 +87,24 @@ def test_mode_samples_with_its_solver_and_cache(tiny_model):
                                                             unconditional_conditioning=uncond)[0])
     with pytest.raises(ValueError, match="give eta and the cache in the mode"):
         sample_latents(tiny_model, labels, 10, 2.0, eta=0.5, mode=mode)
+
+
+def flops_per_image(model, mode, batch_size, steps=10):
+    labels = torch.arange(batch_size) % 3
+    _, intermediates = sample_latents(model, labels, steps, 3.0, mode=mode, count_flops=True)
+    return intermediates["stats"].flops / batch_size
+
+
+@pytest.mark.parametrize("mode", [
+    make_mode("ddim", "fd", key_steps=[0, 4, 9], max_decoder_batch=12), make_mode("ddim", "fd", key_steps=[0, 4, 9]),
+    make_mode("dpmpp2m", "deepcache", interval=3), make_mode("plms")])
+def test_work_per_image_at_one_batch_size_is_counted_at_another(tiny_model, mode):
+    """At 2 images (4 rows a step) a 12-row cap holds 3 steps a call, at 1 image 6: decoder calls that hold more
+    steps share more convolutions over their skip features, so FLOPs per image depend on the batch size. at_rows
+    keeps the calls' steps, so counting at 1 image gives the work per image at 2; without a cap nothing changes."""
+    at_two = flops_per_image(tiny_model, mode, 2)
+    assert flops_per_image(tiny_model, mode.at_rows(4, 2), 1) == at_two
+    capped = mode.cache is not None and getattr(mode.cache, "max_decoder_batch", None)
+    assert (flops_per_image(tiny_model, mode, 1) < at_two) if capped else (mode.at_rows(4, 2).cache is mode.cache)
+    if capped:
+        assert mode.at_rows(4, 2).cache.max_decoder_batch == 6 and mode.cache.max_decoder_batch == 12

@@ -3,6 +3,7 @@
 A `FasterDiffusion` object is a cache plan handed to a sampler (`cache=`); it holds no tensors and the model
 holds no state. Loop indices count sampling steps from the noisiest (0) to the last (S - 1).
 """
+import copy
 import math
 import operator
 import re
@@ -118,6 +119,17 @@ class FasterDiffusion:
         if self.max_decoder_batch is None:
             return group_size
         return max(1, min(group_size, self.max_decoder_batch // rows_per_step))
+
+    def at_rows(self, rows_per_step, new_rows_per_step):
+        """This plan at new_rows_per_step rows a step with its decoder calls holding as many steps as at
+        rows_per_step (max_decoder_batch scaled): the same UNet work per row, so that FLOPs per image counted at
+        one batch size hold at another (with a cap, a larger batch fits fewer steps in a call, and the
+        convolutions that a call's steps share over their skip features run once a call)."""
+        if self.max_decoder_batch is None or not self.parallel:
+            return self
+        plan = copy.copy(self)
+        plan.max_decoder_batch = max(1, self.max_decoder_batch // rows_per_step) * new_rows_per_step
+        return plan
 
     def injects_at(self, timestep):
         return self.noise_injection and timestep < self.injection_threshold

@@ -6,7 +6,7 @@ deepcache) with their options, checked together before any model work.
                                          unconditional_conditioning=uc)
 """
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -79,6 +79,13 @@ class Mode:
             if cache.branch:
                 label += f" branch {cache.branch}"
         return label
+
+    def at_rows(self, rows_per_step, new_rows_per_step):
+        """This mode doing the same UNet work per row at new_rows_per_step rows a step as at rows_per_step (see
+        FasterDiffusion.at_rows; no other mode's work per row depends on the batch size)."""
+        if isinstance(self.cache, FasterDiffusion):
+            return replace(self, cache=self.cache.at_rows(rows_per_step, new_rows_per_step))
+        return self
 
     def sampler_for(self, model):
         return SAMPLERS[self.sampler][0](model)
