@@ -3,13 +3,15 @@ time of a sampling call.
 
 Example (GPU):
     python benchmarks/check_compile.py --config configs/latent-diffusion/cin256-v2.yaml --steps 50
+    python benchmarks/check_compile.py ... --inductor freezing=True     # compiled with an inductor option
 """
 import argparse
 import copy
 
 import torch
 
-from common import build_model, device_name, print_table, timed
+from common import (add_inductor_argument, build_model, describe_options, device_name, inductor_options, print_table,
+                    timed)
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
@@ -28,19 +30,20 @@ def main(args):
     results = {}
     for name, model in variants.items():
         compile_seconds = None
-        if name == "compile":
-            _, compile_seconds = warm_up(model, [mode], args.steps, args.batch, True, "fp32", buckets)
         run = lambda: sample_latents(model, labels, args.steps, 1.5, mode=mode,
                                      generators=sample_generators(0, range(args.batch)))[0]
-        _, first = timed(run, args.device)
-        latents, seconds = timed(run, args.device)
+        with inductor_options(args.inductor):
+            if name == "compile":
+                _, compile_seconds = warm_up(model, [mode], args.steps, args.batch, True, "fp32", buckets)
+            _, first = timed(run, args.device)
+            latents, seconds = timed(run, args.device)
         results[name] = latents, compile_seconds, first, seconds
     reference = results["eager"][0].double()
     rows = [[name, "" if compile_s is None else f"{compile_s:.1f}", f"{first:.2f}", f"{seconds:.3f}",
              f"{((lat.double() - reference).norm() / reference.norm()).item():.2e}"]
             for name, (lat, compile_s, first, seconds) in results.items()]
     print(f"{device_name(args.device)}; {args.config}; FD {args.key_steps}, S={args.steps}, batch {args.batch}, fp32; "
-          f"compile cache {cache}")
+          f"inductor: {describe_options(args.inductor)}; compile cache {cache}")
     print_table(["variant", "compile s", "first call s", "second call s", "latents vs eager (rel. L2)"], rows)
 
 
@@ -52,4 +55,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--key_steps", default="uniform:5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_inductor_argument(parser)
     main(parser.parse_args())

@@ -75,18 +75,19 @@ FAKE_PROFILE = """#!/bin/sh
 echo "ran: $*"
 case "$*" in
   *--compile*--inductor\\ coordinate*) echo "forward: 185.0 ms without the profiler" ;;
-  *--compile*--inductor\\ max_autotune*) echo "forward: 199.8 ms without the profiler" ;;
+  *--compile*--inductor\\ freezing*) echo "forward: 188.0 ms without the profiler" ;;
+  *--compile*--inductor\\ max_autotune*) echo "forward: 180.2 ms without the profiler" ;;
   *--compile*) echo "forward: 190.9 ms without the profiler" ;;
   *) echo "forward: 100.0 ms without the profiler" ;;
 esac
 """
-DEFAULTS_FASTEST = FAKE_PROFILE.replace("185.0", "195.0")
+DEFAULTS_FASTEST = FAKE_PROFILE.replace("185.0", "195.0").replace("188.0", "196.0")
 
 
 def run_gpu_profile(tmp_path, profile=FAKE_PROFILE, **env):
     """benchmarks/gpu_profile.sh --rows 8 with a stand-in for Python that has a GPU, prints the flags it gets and a
-    forward time: compiled, 190.9 ms with the defaults, 185.0 with coordinate-descent tuning, 199.8 with
-    max-autotune; 100 ms eager (never a pick: the flags are for compiled rows)."""
+    forward time: compiled, 190.9 ms with the defaults, 188.0 frozen, 185.0 with coordinate-descent tuning, 180.2
+    with max-autotune (only on request); 100 ms eager (never a pick: the flags are for compiled rows)."""
     fake = tmp_path / "python"
     fake.write_text(profile)
     fake.chmod(0o755)
@@ -100,10 +101,10 @@ def run_gpu_profile(tmp_path, profile=FAKE_PROFILE, **env):
 
 COMPILED_RUNS = [
     ["--compile", "--top", "15", "--rows", "8"],
-    ["--compile", "--inductor", "coordinate_descent_tuning=True", "--top", "15", "--rows", "8"],
-    ["--compile", "--inductor", "max_autotune=True", "--top", "15", "--rows", "8"]]
-COMPILED_TABLES = ["compiled.txt", "compiled_inductor_coordinate_descent_tuning_True.txt",
-                   "compiled_inductor_max_autotune_True.txt"]
+    ["--compile", "--inductor", "freezing=True", "--top", "15", "--rows", "8"],
+    ["--compile", "--inductor", "coordinate_descent_tuning=True", "--top", "15", "--rows", "8"]]
+COMPILED_TABLES = ["compiled.txt", "compiled_inductor_freezing_True.txt",
+                   "compiled_inductor_coordinate_descent_tuning_True.txt"]
 
 
 def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp_path):
@@ -118,6 +119,15 @@ def test_gpu_profile_script_runs_the_compiled_variants_and_picks_the_fastest(tmp
     run, _, _ = run_gpu_profile(tmp_path, DEFAULTS_FASTEST)
     assert (tmp_path / "tables" / "best_flags").read_text() == "\n"  # the defaults won: no flags
     assert "fastest compiled forward: 190.9 ms" in run.stdout
+
+
+def test_gpu_profile_script_adds_max_autotune_on_request(tmp_path):
+    run, ran, tables = run_gpu_profile(tmp_path, MAX_AUTOTUNE="1")
+    assert sorted(ran) == sorted(COMPILED_RUNS + [["--compile", "--inductor", "max_autotune=True", "--top", "15",
+                                                   "--rows", "8"]])
+    assert sorted(p.name for p in tables.iterdir()) == sorted(
+        COMPILED_TABLES + ["compiled_inductor_max_autotune_True.txt"])
+    assert (tmp_path / "tables" / "best_flags").read_text() == "--inductor max_autotune=True\n"
 
 
 def test_gpu_profile_script_adds_eager_on_request(tmp_path):
