@@ -36,7 +36,7 @@ DEFAULT_CKPT = "models/ldm/cin256-v2/model.ckpt"
 MAX_SEED = 2**63 - 1
 DEVICE_TYPES = ("cpu", "cuda")
 # What building or loading a model raises for a config or checkpoint that does not fit.
-LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError)
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError, NotImplementedError)
 
 
 class UsageError(Exception):

@@ -290,6 +290,13 @@ def _x0_config(tmp_path):
     return ["--config_path", str(tmp_path / "x0.yaml")]
 
 
+def _convolutional_unet_config(tmp_path):
+    """An upstream config of the UNet without spatial transformers (unconditional LDMs), which is not supported."""
+    config = TINY_CONFIG.read_text().replace("use_spatial_transformer: true", "use_spatial_transformer: false")
+    (tmp_path / "unet.yaml").write_text(config)
+    return ["--config_path", str(tmp_path / "unet.yaml")]
+
+
 BAD_INPUTS = {
     "missing config": (lambda p: ["--config_path", str(p / "missing.yaml")], ["config not found", "missing.yaml"]),
     "missing checkpoint": (lambda p: ["--model_path", str(p / "missing.ckpt")], ["checkpoint not found"]),
@@ -314,6 +321,8 @@ BAD_INPUTS = {
     "fp16 on cpu": (lambda p: ["--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA"]),
     "bad boolean": (lambda p: ["--use_faster_diffusion", "maybe"], ["boolean value expected"]),
     "x0 model": (_x0_config, ["cannot load the model: parameterization 'x0' is not supported"]),
+    "unsupported UNet": (_convolutional_unet_config,
+                         ["cannot load the model: only the spatial-transformer UNet (use_spatial_transformer: true)"]),
 }
 
 
@@ -323,7 +332,7 @@ def check_bad_input(args_or_result, words, folder):
     assert len(lines) == 1 and lines[0].startswith("error: "), args_or_result
     for word in words:
         assert word in lines[0]
-    assert not [p for p in folder.rglob("*") if p.name not in ("file", "bad.ckpt", "x0.yaml")]
+    assert not [p for p in folder.rglob("*") if p.name not in ("file", "bad.ckpt", "x0.yaml", "unet.yaml")]
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -344,7 +353,7 @@ def test_bad_input(case, tmp_path, capsys):
     check_bad_input(message, words, tmp_path)
 
 
-@pytest.mark.parametrize("case", ["negative seed", "bad checkpoint", "x0 model"])
+@pytest.mark.parametrize("case", ["negative seed", "bad checkpoint", "x0 model", "unsupported UNet"])
 def test_bad_input_command_line(case, tmp_path):
     """As a command: one line, exit status 2, no output folder (a checkpoint that fails to load included)."""
     make_flags, words = BAD_INPUTS.get(case) or (_garbage_checkpoint, ["bad.ckpt", "not a PyTorch checkpoint"])
