@@ -148,9 +148,8 @@ def warm_up_calls(model, mode, batch_size, args):
 
 def count_flops(model, x_T, mode, args):
     """UNet FLOPs per image of the mode at len(x_T) images, from one untimed image (which also warms the mode up);
-    FasterDiffusion's decoder calls hold as many steps as at len(x_T) images (Mode.at_rows)."""
-    rows = 2 if args.scale != 1 else 1
-    mode = mode.at_rows(len(x_T) * rows, rows)
+    FasterDiffusion's decoder calls hold as many steps as at len(x_T) images (Mode.for_counting)."""
+    mode = mode.for_counting(len(x_T), args.scale != 1)
     labels = torch.full((1,), args.classes[0], dtype=torch.long)
     _, intermediates = sample_latents(model, labels, args.steps, args.scale, x_T=x_T[:1],
                                       generators=torch.Generator().manual_seed(args.seed + 1),

@@ -3,8 +3,7 @@ table that gpu_check.sh prints.
 
 MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager, with FasterDiffusion's
 decoder calls holding as many steps as at the row's batch) times images/s, over the GPU's dense tensor peak for the
-dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ
-decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over whole
+dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over whole
 periods (at least --window image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not
 periodic and runs all S steps. Rows run in order of importance until --budget seconds are spent; the rest are
 listed as not run. Rows are printed as they finish, so a run that is killed still leaves its rows.
@@ -147,9 +146,8 @@ class Bench:
 
     def flops_per_image(self, name, batch_size):
         """UNet FLOPs per image of a mode over S steps at a batch size: counted at batch 1 over its timed window and
-        scaled, with FasterDiffusion's decoder calls holding as many steps as at batch_size (Mode.at_rows)."""
-        rows = 2 if self.args.scale != 1 else 1
-        mode = self.modes[name].at_rows(batch_size * rows, rows)
+        scaled, with FasterDiffusion's decoder calls holding as many steps as at batch_size (Mode.for_counting)."""
+        mode = self.modes[name].for_counting(batch_size, self.args.scale != 1)
         key = name, getattr(mode.cache, "max_decoder_batch", None)
         if key not in self.flops:
             stop = timed_steps(name, 1, self.args)
@@ -216,8 +214,7 @@ class Bench:
         peak = peak_tflops(gpu, precision)
         compiled = self.compile_seconds.get((name, precision, batch_size)) if variant == "compiled" else None
         return [name, label, precision, variant, f"{1 / per_image:.3f}", f"{per_image:.4f}", f"{flops / 1e9:.4g}",
-                f"{rate / 1e12:.3g}",
-                f"{rate / 1e12 / peak:.1%}" if peak else "n/a", f"{stop}/{args.steps}",
+                f"{rate / 1e12:.3g}", f"{rate / 1e12 / peak:.1%}" if peak else "n/a", f"{stop}/{args.steps}",
                 f"{compiled:.0f}" if compiled is not None else ""]
 
 

@@ -205,9 +205,8 @@ def warm_up(model, args):
 
 def count(model, mode, args):
     """UNet FLOPs and passes of an image of the mode at --batch_size images, counted on one (the passes do not depend
-    on the batch; FasterDiffusion's decoder calls hold as many steps as at --batch_size, see Mode.at_rows)."""
-    rows = 2 if args.scale != 1 else 1
-    mode = mode.at_rows(args.batch_size * rows, rows)
+    on the batch; FasterDiffusion's decoder calls hold as many steps as at --batch_size, see Mode.for_counting)."""
+    mode = mode.for_counting(args.batch_size, args.scale != 1)
     labels = sample_labels(args.seed, [0], num_classes(model))
     _, intermediates = sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=args.precision,
                                       generators=sample_generators(args.seed, [0]), count_flops=True)

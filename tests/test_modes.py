@@ -100,11 +100,15 @@ def flops_per_image(model, mode, batch_size, steps=10):
     make_mode("dpmpp2m", "deepcache", interval=3), make_mode("plms")])
 def test_work_per_image_at_one_batch_size_is_counted_at_another(tiny_model, mode):
     """At 2 images (4 rows a step) a 12-row cap holds 3 steps a call, at 1 image 6: decoder calls that hold more
-    steps share more convolutions over their skip features, so FLOPs per image depend on the batch size. at_rows
-    keeps the calls' steps, so counting at 1 image gives the work per image at 2; without a cap nothing changes."""
+    steps share more convolutions over their skip features, so FLOPs per image depend on the batch size.
+    for_counting keeps the calls' steps, so counting at 1 image gives the work per image at 2; without a cap
+    nothing changes."""
     at_two = flops_per_image(tiny_model, mode, 2)
-    assert flops_per_image(tiny_model, mode.at_rows(4, 2), 1) == at_two
-    capped = mode.cache is not None and getattr(mode.cache, "max_decoder_batch", None)
-    assert (flops_per_image(tiny_model, mode, 1) < at_two) if capped else (mode.at_rows(4, 2).cache is mode.cache)
+    counted = mode.for_counting(2, guided=True)
+    assert flops_per_image(tiny_model, counted, 1) == at_two
+    capped = getattr(mode.cache, "max_decoder_batch", None)
+    assert (flops_per_image(tiny_model, mode, 1) < at_two) if capped else (counted.cache is mode.cache)
     if capped:
-        assert mode.at_rows(4, 2).cache.max_decoder_batch == 6 and mode.cache.max_decoder_batch == 12
+        assert counted.cache.max_decoder_batch == 6 and mode.cache.max_decoder_batch == 12
+        # at 4 images a 12-row cap holds 1 step of 8 rows (guided) or 3 of 4 rows: 2 and 3 rows at one image
+        assert [mode.for_counting(4, g).cache.max_decoder_batch for g in (True, False)] == [2, 3]

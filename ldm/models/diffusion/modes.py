@@ -80,12 +80,14 @@ class Mode:
                 label += f" branch {cache.branch}"
         return label
 
-    def at_rows(self, rows_per_step, new_rows_per_step):
-        """This mode doing the same UNet work per row at new_rows_per_step rows a step as at rows_per_step (see
-        FasterDiffusion.at_rows; no other mode's work per row depends on the batch size)."""
-        if isinstance(self.cache, FasterDiffusion):
-            return replace(self, cache=self.cache.at_rows(rows_per_step, new_rows_per_step))
-        return self
+    def for_counting(self, batch_size, guided):
+        """This mode for counting on one image the UNet work per image of a batch_size run: FasterDiffusion's decoder
+        calls then hold as many steps as at batch_size (FasterDiffusion.at_rows); no other mode's work per image
+        depends on the batch size."""
+        if not isinstance(self.cache, FasterDiffusion):
+            return self
+        rows = 2 if guided else 1
+        return replace(self, cache=self.cache.at_rows(batch_size * rows, rows))
 
     def sampler_for(self, model):
         return SAMPLERS[self.sampler][0](model)
