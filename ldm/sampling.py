@@ -12,6 +12,12 @@ def unconditional_class(model):
     embedding = getattr(model.cond_stage_model, "embedding", None)
     if not isinstance(embedding, nn.Embedding):
         raise ValueError("the model is not class-conditional: its conditioning stage has no class embedding")
+    if model.conditioning_key != "crossattn":
+        raise ValueError(f"conditioning_key {model.conditioning_key!r} is not supported: the class embedding reaches "
+                         "the UNet through cross-attention (crossattn)")
+    key = getattr(model.cond_stage_model, "key", model.cond_stage_key)
+    if key != model.cond_stage_key:
+        raise ValueError(f"cond_stage_key {model.cond_stage_key!r} is not the key its class embedder reads, {key!r}")
     return embedding.num_embeddings - 1
 
 

@@ -297,6 +297,14 @@ def _convolutional_unet_config(tmp_path):
     return ["--config_path", str(tmp_path / "unet.yaml")]
 
 
+def _edited_config(old, new):
+    """Flags for the tiny config with one line changed, written as edited.yaml."""
+    def flags(tmp_path):
+        (tmp_path / "edited.yaml").write_text(TINY_CONFIG.read_text().replace(old, new, 1))
+        return ["--config_path", str(tmp_path / "edited.yaml")]
+    return flags
+
+
 BAD_INPUTS = {
     "missing config": (lambda p: ["--config_path", str(p / "missing.yaml")], ["config not found", "missing.yaml"]),
     "missing checkpoint": (lambda p: ["--model_path", str(p / "missing.ckpt")], ["checkpoint not found"]),
@@ -321,6 +329,10 @@ BAD_INPUTS = {
     "fp16 on cpu": (lambda p: ["--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA"]),
     "bad boolean": (lambda p: ["--use_faster_diffusion", "maybe"], ["boolean value expected"]),
     "x0 model": (_x0_config, ["cannot load the model: parameterization 'x0' is not supported"]),
+    "concatenated conditioning": (_edited_config("conditioning_key: crossattn", "conditioning_key: concat"),
+                                  ["cannot load the model: conditioning_key 'concat' is not supported"]),
+    "embedder reads another key": (_edited_config("cond_stage_key: class_label", "cond_stage_key: image"),
+                                   ["cannot load the model: cond_stage_key 'image' is not the key", "'class_label'"]),
     "unsupported UNet": (_convolutional_unet_config,
                          ["cannot load the model: only the spatial-transformer UNet (use_spatial_transformer: true)"]),
 }
@@ -332,7 +344,7 @@ def check_bad_input(args_or_result, words, folder):
     assert len(lines) == 1 and lines[0].startswith("error: "), args_or_result
     for word in words:
         assert word in lines[0]
-    assert not [p for p in folder.rglob("*") if p.name not in ("file", "bad.ckpt", "x0.yaml", "unet.yaml")]
+    assert not [p for p in folder.rglob("*") if p.name not in ("file", "bad.ckpt", "x0.yaml", "unet.yaml", "edited.yaml")]
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -353,7 +365,8 @@ def test_bad_input(case, tmp_path, capsys):
     check_bad_input(message, words, tmp_path)
 
 
-@pytest.mark.parametrize("case", ["negative seed", "bad checkpoint", "x0 model", "unsupported UNet"])
+@pytest.mark.parametrize("case", ["negative seed", "bad checkpoint", "x0 model", "unsupported UNet",
+                                  "concatenated conditioning"])
 def test_bad_input_command_line(case, tmp_path):
     """As a command: one line, exit status 2, no output folder (a checkpoint that fails to load included)."""
     make_flags, words = BAD_INPUTS.get(case) or (_garbage_checkpoint, ["bad.ckpt", "not a PyTorch checkpoint"])
