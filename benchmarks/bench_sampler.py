@@ -16,6 +16,7 @@ import statistics
 import torch
 
 from common import PeakMemory, build_model, device_name, print_table, timed
+from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import CACHES, SAMPLERS, parse_mode
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
@@ -43,7 +44,7 @@ def main(args, modes):
     torch.set_grad_enabled(False)
     model = optimize_for_inference(build_model(args.config, args.ckpt, args.device), channels_last=args.channels_last)
     if args.compile:  # compiles in the warm-up runs
-        rows = args.batch * (2 if args.scale != 1 else 1)
+        rows = unet_rows(args.batch, args.scale != 1)
         compile_unet(model, mode_buckets([mode for _, mode, _ in modes], args.steps, rows))
     labels = sample_labels(args.seed, range(args.batch), num_classes(model))
     times = {label: [] for label, _, _ in modes}

@@ -25,6 +25,7 @@ from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.cli import on_off
 from ldm.compile import compile_unet, mode_buckets, run_mode_calls, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
+from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import make_mode
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
@@ -170,7 +171,7 @@ class Bench:
         DDIM's batch). Shapes that two modes share compile once."""
         if variant == "eager":
             return self.eager[precision]
-        rows = batch_size * (2 if self.args.scale != 1 else 1)  # the bucket sizes depend on it only with a cap
+        rows = unet_rows(batch_size, self.args.scale != 1)  # the bucket sizes depend on it only with a cap
         buckets = mode_buckets(self.modes.values(), self.args.steps, rows)
         if (precision, buckets) not in self.compiled:
             self.compiled[precision, buckets] = compile_unet(copy.deepcopy(self.eager[precision]), buckets)

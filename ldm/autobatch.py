@@ -13,6 +13,7 @@ import torch
 
 from ldm.compile import decoder_call_steps, run_each_call
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.guidance import unet_rows
 from ldm.sampling import decode_latents
 
 AUTO_BATCH = "auto"
@@ -43,7 +44,7 @@ def largest_batch(fits, limit):
 def largest_calls(model, mode, num_steps, batch_size, guided, precision):
     """Run the mode's most memory-hungry UNet calls and the VQ decoding at this batch size; returns the rows of
     the largest UNet call."""
-    rows = batch_size * (2 if guided else 1)
+    rows = unet_rows(batch_size, guided)
     steps = ()
     if isinstance(mode.cache, FasterDiffusion):
         steps = (max(decoder_call_steps(mode.cache, num_steps, rows)),)

@@ -22,6 +22,7 @@ from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_c
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
+from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import CACHES, MAIN_OPTION, SAMPLERS
 from ldm.models.diffusion.modes import make_mode as make_library_mode
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
@@ -434,7 +435,7 @@ def compile_for(model, args, modes, batch_size):
     if not args.compile:
         return None
     cache = use_compile_cache()
-    rows = batch_size * (2 if args.scale != 1 else 1)
+    rows = unet_rows(batch_size, args.scale != 1)
     buckets = mode_buckets(modes, args.steps, rows)
     compile_unet(model, buckets)
     shapes, seconds = warm_up(model, modes, args.steps, batch_size, args.scale != 1, args.precision, buckets)

@@ -19,6 +19,7 @@ import torch
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.guidance import unet_rows
 from ldm.sampling import unconditional_class
 
 COMPILE_CACHE = "outputs/cache/torch_compile"
@@ -194,7 +195,7 @@ def run_each_call(model, modes, rows, precision, decoder_steps=()):
 def run_mode_calls(model, modes, num_steps, batch_size, guided, precision, buckets=()):
     """Run once each kind of UNet call, at each shape, that sampling with the modes meets at this batch size
     (run_each_call); returns the set of (UNet method, rows) that ran."""
-    rows = batch_size * (2 if guided else 1)
+    rows = unet_rows(batch_size, guided)
     return run_each_call(model, modes, rows, precision, decoder_steps(modes, num_steps, rows, buckets))
 
 

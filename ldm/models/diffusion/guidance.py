@@ -2,6 +2,11 @@
 import torch
 
 
+def unet_rows(batch_size, guided):
+    """UNet rows of one sampling step of batch_size images: twice the images with guidance ([x; x])."""
+    return batch_size * (2 if guided else 1)
+
+
 def cat_cond(uncond, cond):
     """[uncond; cond] along the batch, for tensors or upstream's dicts of lists of tensors."""
     if isinstance(cond, dict):

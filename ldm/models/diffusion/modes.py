@@ -13,6 +13,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 
@@ -86,8 +87,7 @@ class Mode:
         depends on the batch size."""
         if not isinstance(self.cache, FasterDiffusion):
             return self
-        rows = 2 if guided else 1
-        return replace(self, cache=self.cache.at_rows(batch_size * rows, rows))
+        return replace(self, cache=self.cache.at_rows(unet_rows(batch_size, guided), unet_rows(1, guided)))
 
     def sampler_for(self, model):
         return SAMPLERS[self.sampler][0](model)
