@@ -10,6 +10,7 @@ import torch
 import torch._inductor.config
 from omegaconf import OmegaConf
 
+from ldm.cli import on_off
 from ldm.util import instantiate_from_config, load_model
 
 
@@ -115,6 +116,11 @@ def inductor_option(text):
         return name, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a Python literal") from None
+
+
+def add_cudnn_benchmark_argument(parser):
+    parser.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
+                        help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
 
 
 def add_inductor_argument(parser):

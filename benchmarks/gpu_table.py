@@ -20,9 +20,9 @@ import traceback
 
 import torch
 
-from common import add_inductor_argument, build_model, describe_options, inductor_options, synchronize
+from common import (add_cudnn_benchmark_argument, add_inductor_argument, build_model, describe_options,
+                    inductor_options, synchronize)
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
-from ldm.cli import on_off
 from ldm.compile import compile_unet, mode_buckets, run_mode_calls, use_compile_cache, warm_up
 from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.guidance import unet_rows
@@ -289,8 +289,7 @@ def parse_args(argv=None):
     parser.add_argument("--assumed_tflops", type=float, default=None,
                         help="TFLOP/s assumed when planning a precision's first row (default: 40 fp16, 20 fp32)")
     parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in every row")
-    parser.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
-                        help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
+    add_cudnn_benchmark_argument(parser)
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
                         help="auto (as in the scripts): matmul on a GPU for heads wider than flash attention takes, "
                              "else sdpa; sdpa: PyTorch's fused kernel; matmul: scores written out, two matmuls")

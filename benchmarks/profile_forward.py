@@ -20,9 +20,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common import (add_inductor_argument, describe_options, device_name, inductor_options, milliseconds_each,
-                    print_table, synchronize, timed)
-from ldm.cli import first_line, on_off
+from common import (add_cudnn_benchmark_argument, add_inductor_argument, describe_options, device_name,
+                    inductor_options, milliseconds_each, print_table, synchronize, timed)
+from ldm.cli import first_line
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.util import set_tf32
 from roofline import H100_PEAK, add_forward_arguments, unet_forward, unet_operations
@@ -118,8 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile the UNet (CUDA graphs on a GPU)")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")
     add_inductor_argument(parser)
-    parser.add_argument("--cudnn_benchmark", type=on_off, default=True, metavar="on|off",
-                        help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
+    add_cudnn_benchmark_argument(parser)
     parser.add_argument("--peak", type=float, default=None,
                         help="TFLOP/s for the MFU (default on a GPU: H100 SXM dense, TF32 for fp32)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first")
