@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU profile: one cin256-v2 UNet forward (356 rows, fp16 stored weights, random weights) under
 # benchmarks/profile_forward.py, compiled: as the sampling scripts run it (cuDNN's autotuner on, attention "auto":
-# plain matmuls for cin256-v2's wide heads), then with the weights frozen into the graph as constants (freezing:
-# inductor then joins matmuls that share an input, such as attention's q, k and v, and lays out the convolutions'
-# weights once, at compile time) and with inductor tuning its generated kernels' launch settings
-# (coordinate_descent_tuning). MAX_AUTOTUNE=1 adds inductor timing its own matmul and convolution templates
+# plain matmuls for cin256-v2's wide heads), then with inductor tuning its generated kernels' launch settings
+# (coordinate_descent_tuning) and with the weights frozen into the graph as constants (freezing: inductor then
+# joins matmuls that share an input, such as attention's q, k and v, and lays out the convolutions' weights once,
+# at compile time). MAX_AUTOTUNE=1 adds inductor timing its own matmul and convolution templates
 # against the libraries' (max_autotune, the longest compile, last); EAGER=1 adds the eager forward. Each run's
 # table goes to stdout and to $OUT_DIR/<time>/<variant>.txt (OUT_DIR: outputs/gpu_profile); the flags of the
 # fastest compiled forward go to $OUT_DIR/best_flags, for gpu_check.sh. The script stops after LIMIT seconds (300).
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 deadline=$((SECONDS + ${LIMIT:-300}))
 status=0
 table_name() { echo "$1" | tr -d '-' | tr ' =' '__'; }  # "compiled --inductor a=True" -> compiled_inductor_a_True
-variants=("compiled" "compiled --inductor freezing=True" "compiled --inductor coordinate_descent_tuning=True")
+variants=("compiled" "compiled --inductor coordinate_descent_tuning=True" "compiled --inductor freezing=True")
 [ "${MAX_AUTOTUNE:-0}" = 1 ] && variants+=("compiled --inductor max_autotune=True")
 [ "${EAGER:-0}" = 1 ] && variants+=("eager")
 for variant in "${variants[@]}"; do
