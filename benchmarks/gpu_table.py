@@ -1,12 +1,13 @@
 """Images/s and MFU of sampling modes at several batch sizes, in fp32 (TF32) and fp16, eager and compiled: the
 table that gpu_check.sh prints.
 
-MFU is the UNet FLOPs of an image (counted with torch.utils.flop_counter at batch 1, eager, with FasterDiffusion's
-decoder calls holding as many steps as at the row's batch) times images/s, over the GPU's dense tensor peak for the
-dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ decoding). DDIM and DeepCache repeat the same work every step (every N steps), so they are timed over whole
-periods (at least --window image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not
-periodic and runs all S steps. Rows run in order of importance until --budget seconds are spent; the rest are
-listed as not run. Rows are printed as they finish, so a run that is killed still leaves its rows.
+MFU is the UNet FLOPs of an image at the row's batch size (count_flops.py: each kind of UNet call counted once on
+meta tensors with torch.utils.flop_counter, times how often the mode makes it) times images/s, over the GPU's dense
+tensor peak for the dtype (PEAKS; TF32 for fp32). Only sampling is timed (latents, not the VQ decoding). DDIM and
+DeepCache repeat the same work every step (every N steps), so they are timed over whole periods (at least --window
+image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not periodic and runs all S steps.
+Rows run in order of importance until --budget seconds are spent; the rest are listed as not run. Rows are printed
+as they finish, so a run that is killed still leaves its rows.
 
     python benchmarks/gpu_table.py                                  # the GPU table (gpu_check.sh)
     python benchmarks/gpu_table.py --device cpu --steps 2 --config tests/fixtures/tiny/config.yaml \
@@ -20,11 +21,11 @@ import traceback
 
 import torch
 
+import count_flops
 from common import (add_cudnn_benchmark_argument, add_inductor_argument, build_model, describe_options,
                     inductor_options, synchronize)
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.compile import compile_unet, mode_buckets, run_mode_calls, use_compile_cache, warm_up
-from ldm.models.diffusion.cache import flop_counter
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import make_mode
 from ldm.modules.attention import ATTENTION_BACKENDS
@@ -77,9 +78,9 @@ def timed_steps(name, batch_size, args):
     return min(args.steps, -(-wanted // every) * every)
 
 
-def sample(model, mode, batch_size, stop, precision, args, count=False, every=None, min_seconds=0.0):
+def sample(model, mode, batch_size, stop, precision, args, every=None, min_seconds=0.0):
     """Sample the first `stop` of S steps for a batch, or with `every` more whole periods of `every` steps until
-    min_seconds have passed (at most S); returns (seconds, steps run, FLOPs counted or 0)."""
+    min_seconds have passed (at most S); returns (seconds, steps run)."""
     labels = sample_labels(0, range(batch_size), num_classes(model))
     steps_run = 0
 
@@ -93,14 +94,13 @@ def sample(model, mode, batch_size, stop, precision, args, count=False, every=No
 
     synchronize(model.device)
     start = time.perf_counter()
-    with flop_counter(count) as counter:
-        try:
-            sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
-                           generators=sample_generators(0, range(batch_size)), callback=stop_after)
-        except StopSampling:
-            pass
+    try:
+        sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
+                       generators=sample_generators(0, range(batch_size)), callback=stop_after)
+    except StopSampling:
+        pass
     synchronize(model.device)  # the clock ran on the CPU, which queues GPU work ahead: wait for the steps run
-    return time.perf_counter() - start, steps_run, counter.get_total_flops() if counter else 0
+    return time.perf_counter() - start, steps_run
 
 
 def unmeasured(name, batch, precision, variant, why):
@@ -139,22 +139,19 @@ class Bench:
         self.compile_seconds = {}
         self.rate = ({p: args.assumed_tflops * 1e12 for p in FIRST_RATE} if args.assumed_tflops
                      else dict(FIRST_RATE))
-        self.flops = {}  # (mode name, its max_decoder_batch at batch 1) -> UNet FLOPs per image
+        self.meta = build_model(args.config, device="meta")  # the architecture alone, for counting FLOPs
+        self.flops = {}  # (mode name, batch size) -> UNet FLOPs per image
         self.autos = {}
 
     def left(self):
         return self.deadline - time.perf_counter()
 
     def flops_per_image(self, name, batch_size):
-        """UNet FLOPs per image of a mode over S steps at a batch size: counted at batch 1 over its timed window and
-        scaled, with FasterDiffusion's decoder calls holding as many steps as at batch_size (Mode.for_counting)."""
-        mode = self.modes[name].for_counting(batch_size, self.args.scale != 1)
-        key = name, getattr(mode.cache, "max_decoder_batch", None)
-        if key not in self.flops:
-            stop = timed_steps(name, 1, self.args)
-            _, _, flops = sample(self.base, mode, 1, stop, "fp32", self.args, count=True)
-            self.flops[key] = flops * self.args.steps / stop
-        return self.flops[key]
+        """UNet FLOPs per image of a mode over S steps at a batch size (count_flops.py)."""
+        if (name, batch_size) not in self.flops:
+            self.flops[name, batch_size] = count_flops.flops_per_image(self.meta, self.modes[name], self.args.steps,
+                                                                       batch_size, self.args.scale != 1)
+        return self.flops[name, batch_size]
 
     def batch_size(self, name, batch, precision):
         """A number, or for 'auto' the probed largest batch of the mode in the precision (eager)."""
@@ -206,7 +203,7 @@ class Bench:
             run_mode_calls(model, [mode], args.steps, batch_size, args.scale != 1, precision)
         stop = timed_steps(name, batch_size, args)
         sample(model, mode, batch_size, min(stop, args.warmup_steps), precision, args)
-        seconds, stop, _ = sample(model, mode, batch_size, stop, precision, args, every=period(name, args),
+        seconds, stop = sample(model, mode, batch_size, stop, precision, args, every=period(name, args),
                                   min_seconds=args.min_seconds)
         per_image = seconds * args.steps / stop / batch_size
         flops = self.flops_per_image(name, batch_size)
@@ -282,8 +279,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup_steps", type=int, default=5, help="untimed steps before each timed run")
     parser.add_argument("--auto_limit", type=int, default=256, help="largest batch size that auto tries")
     parser.add_argument("--budget", type=float, default=420,
-                        help="seconds from the start, counting the modes' FLOPs at batch 1 included (FasterDiffusion's "
-                             "250 steps: about 30 s on an H100); rows that would not fit are not run")
+                        help="seconds from the start (building the model included); rows that would not fit are not "
+                             "run")
     parser.add_argument("--first_compile", type=float, default=120,
                         help="seconds a first compile is assumed to take when planning the budget")
     parser.add_argument("--assumed_tflops", type=float, default=None,

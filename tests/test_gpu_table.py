@@ -6,6 +6,7 @@ import torch
 
 import ldm.compile
 from conftest import REPO, TINY_CONFIG
+from ldm.sampling import sample_latents
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import common  # noqa: E402
@@ -94,9 +95,9 @@ def test_no_gpu_is_one_line_and_status_2(monkeypatch, capsys):
 def test_timed_window_is_whole_periods_until_min_seconds(stop, every, min_seconds, steps_run):
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG)])
     model = gpu_table.build_model(args.config, device="cpu")
-    seconds, run, flops = gpu_table.sample(model, gpu_table.modes(args)["ddim"], 1, stop, "fp32", args,
-                                           every=every, min_seconds=min_seconds)
-    assert run == steps_run and seconds > 0 and flops == 0
+    seconds, run = gpu_table.sample(model, gpu_table.modes(args)["ddim"], 1, stop, "fp32", args, every=every,
+                                    min_seconds=min_seconds)
+    assert run == steps_run and seconds > 0
 
 
 def test_eager_rows_run_each_call_shape_of_their_mode_before_timing(monkeypatch):
@@ -108,7 +109,6 @@ def test_eager_rows_run_each_call_shape_of_their_mode_before_timing(monkeypatch)
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG), "--precisions", "fp32",
                                  "--key_steps", "0,3,5,7", "--modes", "fd"])
     bench = gpu_table.Bench(args)
-    bench.flops_per_image("fd", 2)  # counted before the row's warm-up (a sampling at batch 1)
     events.clear()
     cells = bench.row("fd", "2", "fp32", "eager", "CPU")
     assert float(cells[4]) > 0
@@ -160,11 +160,13 @@ def test_the_first_row_is_planned_at_the_assumed_rate():
 @pytest.mark.parametrize("cap", [None, 8])
 def test_flops_per_image_are_those_of_the_rows_batch(cap):
     """With a cap of 8 rows, decoder calls hold 4 steps at batch 1 and 2 at batch 2 (4 rows a step), which share
-    fewer convolutions over their skip features: counted at batch 1, the work per image is still batch 2's."""
-    argv = ["--device", "cpu", "--steps", "20", "--config", str(TINY_CONFIG), "--precisions", "fp32", "--modes", "fd",
-            "--key_steps", "0,10"] + (["--max_decoder_batch", str(cap)] if cap else [])
-    args = gpu_table.parse_args(argv)
-    bench = gpu_table.Bench(args)
-    _, _, at_two = gpu_table.sample(bench.base, bench.modes["fd"], 2, 20, "fp32", args, count=True)
-    assert bench.flops_per_image("fd", 2) == at_two / 2
-    assert (bench.flops_per_image("fd", 1) < at_two / 2) if cap else (bench.flops_per_image("fd", 1) == at_two / 2)
+    fewer convolutions over their skip features: each row's FLOPs per image are a sampling run's at its batch."""
+    argv = ["--device", "cpu", "--steps", "20", "--config", str(TINY_CONFIG), "--precisions", "fp32", "--modes",
+            "ddim,fd,deepcache", "--key_steps", "0,10"] + (["--max_decoder_batch", str(cap)] if cap else [])
+    bench = gpu_table.Bench(gpu_table.parse_args(argv))
+    for name, mode in bench.modes.items():
+        for batch_size in (1, 2):
+            _, intermediates = sample_latents(bench.base, torch.arange(batch_size), 20, 1.5, mode=mode,
+                                              count_flops=True)
+            assert bench.flops_per_image(name, batch_size) == intermediates["stats"].flops / batch_size
+    assert (bench.flops_per_image("fd", 1) < bench.flops_per_image("fd", 2)) == bool(cap)
