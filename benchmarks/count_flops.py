@@ -22,11 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import build_model, print_table
 from ldm.cli import first_line
-from ldm.compile import decoder_call_steps
+from ldm.compile import decoder_call_steps, placeholder_inputs
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import make_mode
-from ldm.sampling import unconditional_class
 
 
 def counted(call):
@@ -44,10 +43,7 @@ def flops_per_image(model, mode, num_steps, batch_size, guided):
         raise ValueError(f"FLOPs are counted here for the DDIM solver, not {mode.sampler}")
     rows = unet_rows(batch_size, guided)
     unet, cache = model.model.diffusion_model, mode.cache
-    x = torch.zeros(rows, model.channels, model.image_size, model.image_size, device=model.device)
-    t = torch.full((rows,), model.num_timesteps - 1, device=model.device)
-    labels = torch.full((rows,), unconditional_class(model), device=model.device)
-    context = model.get_learned_conditioning({model.cond_stage_key: labels})
+    x, t, context = placeholder_inputs(model, rows)
     if cache is None:
         total = num_steps * counted(lambda: unet(x, t, context))
     elif isinstance(cache, FasterDiffusion):

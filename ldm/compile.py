@@ -164,15 +164,21 @@ def decoder_steps(modes, num_steps, rows, buckets=()):
             for n in decoder_call_steps(mode.cache, num_steps, rows)}
 
 
+def placeholder_inputs(model, rows):
+    """(x, timesteps, context) of `rows` rows for calls whose values do not matter (compiling, counting FLOPs): zero
+    latents at the last timestep with the unconditional class's context, on the model's device."""
+    x = torch.zeros(rows, model.channels, model.image_size, model.image_size, device=model.device)
+    t = torch.full((rows,), model.num_timesteps - 1, device=model.device)
+    labels = torch.full((rows,), unconditional_class(model), device=model.device)
+    return x, t, model.get_learned_conditioning({model.cond_stage_key: labels})
+
+
 @torch.inference_mode()
 def run_each_call(model, modes, rows, precision, decoder_steps=()):
     """Run once, on `rows` rows, each kind of UNet call that sampling with the modes makes, in the precision: the
     whole UNet (plain solvers, PLMS); with FasterDiffusion its encoder and its decoder at each of decoder_steps;
     with DeepCache its deep and shallow halves. Returns the set of (UNet method, rows) that ran."""
-    x = torch.zeros(rows, model.channels, model.image_size, model.image_size, device=model.device)
-    t = torch.full((rows,), model.num_timesteps - 1, device=model.device)
-    labels = torch.full((rows,), unconditional_class(model), device=model.device)
-    context = model.get_learned_conditioning({model.cond_stage_key: labels})
+    x, t, context = placeholder_inputs(model, rows)
     calls = UNetCalls(model, precision, SamplerStats())
     shapes = set()
     for mode in modes:
