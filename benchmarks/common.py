@@ -31,23 +31,26 @@ def _rss_bytes():
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA's allocator peak on GPU, resident set size (sampled) on CPU."""
+    """Peak memory during a block (and `start`, the memory in use when it began): CUDA's allocator on GPU,
+    resident set size (sampled) on CPU."""
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self.peak = 0
+        self.start = self.peak = 0
 
     @contextmanager
     def track(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
             yield self
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
             return
         done = threading.Event()
-        peak = [_rss_bytes()]
+        self.start = _rss_bytes()
+        peak = [self.start]
 
         def poll():
             while not done.wait(0.002):

@@ -2,8 +2,9 @@
 
 A probe at batch b runs once the calls of the sampling mode that need the most memory (`largest_calls`): the whole
 UNet; with FasterDiffusion its encoder and its largest decoder call (the largest group, or max_decoder_batch rows);
-with DeepCache its deep and shallow halves; then the VQ decoding of b latents. `largest_batch` searches b by
-doubling, then bisection, so a few probes suffice. The probe measures allocated memory; `use_expandable_segments`
+with DeepCache its deep and shallow halves; then the VQ decoding of b latents, which runs in chunks of
+`ldm.sampling.DECODE_BATCH` images, so that the UNet's calls decide. `largest_batch` searches b by doubling, then
+bisection, so a few probes suffice. The probe measures allocated memory; `use_expandable_segments`
 keeps the allocator's fragmentation from eating the difference (on an H100, FasterDiffusion at the probed batch
 ran out of memory with 20 GiB reserved but unallocated before it).
 """

@@ -38,6 +38,7 @@ from ldm.shards import (RunFiles, batch_range, default_output_dir, finished_batc
 from ldm.util import file_sha256
 
 STOPPED_EXIT_CODE = 3
+OUT_OF_MEMORY_EXIT_CODE = 4
 
 
 def check_run(args):
@@ -188,6 +189,11 @@ def collective(comm, step, everywhere=False):
     return result if everywhere else comm.bcast(result)
 
 
+def on_rank(comm):
+    """' on rank R' when there are several processes, else ''."""
+    return f" on rank {comm.rank}" if comm.size > 1 else ""
+
+
 def clock(device):
     """Wall-clock time after the device has finished its queued work."""
     if device.type == "cuda":
@@ -288,6 +294,16 @@ def sample(args, comm):
             print(f"stopped: {saved} of {total} batches are saved in {files.shard_dir}; "
                   "rerun the same command with --resume to continue", file=sys.stderr, flush=True)
         return cli.interrupt_exit_status(interrupt), None
+    except torch.OutOfMemoryError:
+        saved = len(finished_batches(files.shard_dir))
+        when = "before sampling" if args.batch_size == AUTO_BATCH else f"at batches of {args.batch_size} samples"
+        hint = ", or a smaller --max_decoder_batch" if settings["faster_diffusion"] else ""
+        rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun with a smaller --batch_size and " \
+            "--overwrite" if saved else "rerun with a smaller --batch_size"
+        print(f"error: the GPU ran out of memory {when}{on_rank(comm)}; {rerun}{hint}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # the other ranks would wait for this one forever
+            comm.abort(OUT_OF_MEMORY_EXIT_CODE)
+        return OUT_OF_MEMORY_EXIT_CODE, None
     if comm.rank != 0:
         return 0, Outcome(files, already_done=False, mode=mode)
     sample_s, decode_s, made = map(sum, zip(*stats))

@@ -261,6 +261,27 @@ def test_interrupted_merge_keeps_shards_and_leaves_no_temporary(tmp_path, monkey
     assert sorted(os.listdir(files.shard_dir)) == ["batch_000000.npz", "batch_000001.npz"]
 
 
+def test_out_of_memory_is_one_line_and_keeps_finished_batches(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def second_batch_runs_out(*args, **kwargs):
+        calls.append(kwargs["generators"])
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return sample_latents(*args, **kwargs)
+    sample_latents = image_sample.sample_latents
+    monkeypatch.setattr(image_sample, "sample_latents", second_batch_runs_out)
+    status = image_sample.run(command(tmp_path, "--batch_size", "2", "--use_faster_diffusion", "true",
+                                      "--key_steps", "uniform:3")[2:])
+    assert status == image_sample.OUT_OF_MEMORY_EXIT_CODE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: the GPU ran out of memory at batches of 2 samples; 1 finished batches are saved in "), lines
+    assert lines[0].endswith("rerun with a smaller --batch_size and --overwrite, or a smaller --max_decoder_batch")
+    assert sorted(os.listdir(tmp_path / SHARDS)) == ["batch_000000.npz", "settings.json"]
+    assert not (tmp_path / FINAL).exists() and not [p for p in tmp_path.rglob("*.tmp")]
+
+
 def test_ten_class_model_draws_its_own_labels(ten_class_files, tiny_model, tmp_path):
     config, ckpt = ten_class_files
     result = run(tmp_path, "--batch_size", "5", config=config, ckpt=ckpt)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG, rel_err
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.sampling import generate, image_shape, num_classes, unconditional_class
+from ldm.sampling import DECODE_BATCH, decode_latents, generate, image_shape, num_classes, unconditional_class
 from ldm.util import CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, read_state_dict
 
 CIN256_CONFIG = REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml"
@@ -81,6 +81,17 @@ def test_first_stage_decode_matches_golden(tiny_model, golden):
     decoded = tiny_model.decode_first_stage(torch.from_numpy(golden["z"]))
     assert decoded.shape == (2, 3, 64, 64)
     assert rel_err(decoded, golden["decoded"]) < 1e-5
+
+
+def test_latents_are_decoded_in_chunks_with_the_same_images(tiny_model, monkeypatch):
+    torch.manual_seed(0)
+    z = torch.randn(2 * DECODE_BATCH + 3, 3, 16, 16)
+    whole = tiny_model.decode_first_stage(z)
+    sizes = []
+    decode = tiny_model.first_stage_model.decode
+    monkeypatch.setattr(tiny_model.first_stage_model, "decode", lambda h, **kw: sizes.append(len(h)) or decode(h, **kw))
+    assert torch.equal(decode_latents(tiny_model, z), whole)
+    assert sizes == [DECODE_BATCH, DECODE_BATCH, 3]
 
 
 def test_first_stage_encode_shape(tiny_model):

@@ -40,9 +40,27 @@ def test_step_count_that_upstream_would_change_is_an_error(steps):
         make_ddim_timesteps(steps)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 10, 20, 50, 250, 500, 1000])
+@pytest.mark.parametrize("steps", [3, 300, 999, 1000])
+def test_step_count_whose_last_timestep_is_past_the_schedule_is_an_error(steps):
+    with pytest.raises(ValueError, match="its last timestep would be 1000, past the schedule's last, 999"):
+        make_ddim_timesteps(steps)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 10, 20, 50, 250, 500])
 def test_valid_step_counts_give_exactly_that_many_steps(steps):
     assert len(make_ddim_timesteps(steps)) == steps
+
+
+def test_the_accepted_step_counts_are_the_divisors_of_1000_below_1000():
+    accepted = []
+    for steps in range(1, 1001):
+        try:
+            timesteps = make_ddim_timesteps(steps)
+        except ValueError:
+            continue
+        accepted.append(steps)
+        assert len(timesteps) == steps and timesteps.min() == 1 and timesteps.max() <= 999
+    assert accepted == [s for s in range(1, 1000) if 1000 % s == 0]
 
 
 CASES = ["ddim_baseline", "ddim_baseline_seq", "fd_parallel_noinj", "fd_parallel_inj", "fd_sequential",

@@ -13,14 +13,18 @@ def make_ddim_timesteps(num_ddim_timesteps, num_ddpm_timesteps=1000):
     """
     if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"number of DDIM steps must be in 1..{num_ddpm_timesteps}, not {num_ddim_timesteps}")
-    timesteps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_ddim_timesteps) + 1
-    if len(timesteps) != num_ddim_timesteps:
-        valid = [s for s in (10, 20, 25, 40, 50, 100, 125, 200, 250, 500) if s <= num_ddpm_timesteps]
-        raise ValueError(
-            f"{num_ddim_timesteps} DDIM steps do not fit the uniform schedule: upstream would run "
-            f"{len(timesteps)} steps (one every {num_ddpm_timesteps // num_ddim_timesteps} timesteps); "
-            f"choose S with len(range(0, {num_ddpm_timesteps}, {num_ddpm_timesteps}//S)) == S, e.g. {valid}")
-    return timesteps
+    every = num_ddpm_timesteps // num_ddim_timesteps
+    timesteps = np.arange(0, num_ddpm_timesteps, every) + 1
+    if timesteps[-1] >= num_ddpm_timesteps:
+        problem = f"its last timestep would be {timesteps[-1]}, past the schedule's last, {num_ddpm_timesteps - 1} " \
+                  "(upstream fails there)"
+    elif len(timesteps) != num_ddim_timesteps:
+        problem = f"upstream would run {len(timesteps)} steps (one every {every} timesteps)"
+    else:
+        return timesteps
+    valid = [s for s in (10, 20, 25, 40, 50, 100, 125, 200, 250, 500) if s <= num_ddpm_timesteps]
+    raise ValueError(f"{num_ddim_timesteps} DDIM steps do not fit the uniform schedule: {problem}; choose S with "
+                     f"len(range(0, {num_ddpm_timesteps}, {num_ddpm_timesteps}//S)) == S, e.g. {valid}")
 
 
 def ddim_parameters(alphas_cumprod, ddim_timesteps, eta):

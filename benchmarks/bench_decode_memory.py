@@ -1,0 +1,52 @@
+"""Peak memory and time of the VQ decoding of a batch of latents: whole, or in chunks of DECODE_BATCH images.
+
+    python benchmarks/bench_decode_memory.py [--config configs/latent-diffusion/cin256-v2.yaml] [--batches 4,16,32]
+
+Random weights. Peak memory is above what was in use before the decoding: the allocator's peak on a GPU, the
+resident set size (sampled) on the CPU. Both ways decode the same images (checked, exactly).
+"""
+import argparse
+
+import torch
+
+from common import PeakMemory, build_model, device_name, print_table, timed
+from ldm.sampling import DECODE_BATCH, decode_latents, image_shape
+
+
+def decode_peak(model, latents, chunk, device):
+    """(images, peak bytes above the memory in use before, seconds) of one decoding."""
+    tracker = PeakMemory(device)
+    with tracker.track():
+        images, seconds = timed(lambda: decode_latents(model, latents, chunk=chunk), device)
+    return images, tracker.peak - tracker.start, seconds
+
+
+def main(args):
+    model = build_model(args.config, device=args.device)
+    gib = 2**30
+    rows = []
+    for batch in args.batches:
+        torch.manual_seed(batch)
+        latents = torch.randn(batch, model.channels, model.image_size, model.image_size, device=args.device)
+        chunked, chunked_peak, chunked_s = decode_peak(model, latents, args.chunk, args.device)
+        whole, whole_peak, whole_s = decode_peak(model, latents, batch, args.device)
+        if not torch.equal(whole, chunked):
+            raise SystemExit(f"error: at batch {batch}, decoding in chunks of {args.chunk} changed the images "
+                             f"by up to {(whole - chunked).abs().max().item():.3g}")
+        rows.append([batch, f"{whole_peak / gib:.2f}", f"{chunked_peak / gib:.2f}", f"{whole_peak / batch / gib:.3f}",
+                     f"{whole_s / batch:.3f}", f"{chunked_s / batch:.3f}"])
+        del latents, chunked, whole
+    height, width, _ = image_shape(model)
+    print(f"{device_name(args.device)}; {args.config}; VQ decoding of {height}x{width} images, fp32, random weights; "
+          f"chunks of {args.chunk}")
+    print_table(["batch", "whole: peak GiB", "chunked: peak GiB", "whole: GiB/img", "whole: s/img", "chunked: s/img"],
+                rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[4, 16, 32])
+    parser.add_argument("--chunk", type=int, default=DECODE_BATCH)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    main(parser.parse_args())
