@@ -68,7 +68,8 @@ class FasterDiffusion:
 
     key_steps: loop indices where the encoder runs (0 required; the final sentinel S optional), or a
       preset: "ldm250", "ldm250-fast", "uniform:N", or "@FILE.json" (scripts/calibrate.py's choice).
-    parallel: decode all steps of a group as one batch (False: one step at a time; same result).
+    parallel: decode all steps of a group as one batch (False: one step at a time; same result, noise injection
+      included, where the published fork's sequential mode injects none: add noise_injection=False for that).
     noise_injection: after each update at a timestep t < injection_threshold, add injection_scale * x_T.
     context_layout: "paired" decodes each guidance branch with its own class context; "reference"
       reproduces the published fork, whose tiled context mismatches the feature rows in groups of 2+ steps.
