@@ -241,16 +241,22 @@ def check_files(args):
         raise UsageError(str(e)) from None
 
 
-def check_sampling(args):
-    """Step count (for the solver), eta, guidance scale and seed."""
-    order = SAMPLERS[args.sampler][1].get("order")
-    if order is not None and args.steps < order:
-        raise UsageError(f"--steps: DPM-Solver++ of order {order} needs at least {order} steps, not {args.steps}")
+def check_steps(sampler, steps):
+    """The step count suits the solver: DDIM's and PLMS's uniform schedule, or DPM-Solver++'s order; a ValueError
+    otherwise."""
+    order = SAMPLERS[sampler][1].get("order")
     if order is None:
-        try:
-            make_ddim_timesteps(args.steps)
-        except ValueError as e:
-            raise UsageError(f"--steps: {e}") from None
+        make_ddim_timesteps(steps)
+    elif steps < order:
+        raise ValueError(f"DPM-Solver++ of order {order} needs at least {order} steps, not {steps}")
+
+
+def check_sampling(args):
+    """Step count (for the flags' solver), eta, guidance scale and seed."""
+    try:
+        check_steps(args.sampler, args.steps)
+    except ValueError as e:
+        raise UsageError(f"--steps: {e}") from None
     if not (math.isfinite(args.eta) and args.eta >= 0):
         raise UsageError(f"--eta must be a number >= 0, not {args.eta}")
     if not math.isfinite(args.scale):
@@ -327,6 +333,10 @@ def make_mode(args, name=None, context_layout=None, calibrate_on=None):
         sampler, cache, value = args.sampler, args.cache, None
     else:
         sampler, cache, value = split_mode_name(name)
+        try:
+            check_steps(sampler, args.steps)
+        except ValueError as e:
+            raise UsageError(f"mode {name!r}: --steps: {e}") from None
     dpm = "order" in SAMPLERS[sampler][1]
     options = cache_options(args, cache, context_layout)
     if value is not None:

@@ -17,6 +17,9 @@ def unconditional_class(model):
     embedding = getattr(model.cond_stage_model, "embedding", None)
     if not isinstance(embedding, nn.Embedding):
         raise ValueError("the model is not class-conditional: its conditioning stage has no class embedding")
+    if embedding.num_embeddings < 2:
+        raise ValueError(f"the class embedding has {embedding.num_embeddings} entry: it needs the unconditional "
+                         "class (the last) and at least one real class")
     if model.conditioning_key != "crossattn":
         raise ValueError(f"conditioning_key {model.conditioning_key!r} is not supported: the class embedding reaches "
                          "the UNet through cross-attention (crossattn)")

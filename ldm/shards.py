@@ -92,6 +92,9 @@ def differences(old, new, ignore=()):
 def previous_run(files, settings, resume=False, overwrite=False):
     """What output_dir holds for this run: 'done' (the .npz with these settings), 'resume' (shards to continue),
     'restart' (shards to delete: --overwrite) or 'fresh'. Anything else is a UsageError naming what differs."""
+    for path, kind in ((files.samples, "a directory"), (files.record, "a directory"), (files.shard_dir, "a file")):
+        if path.exists() and path.is_dir() == (kind == "a directory"):
+            raise UsageError(f"{path} is {kind}, in the way of this run's files; move it or choose another --output_dir")
     if files.samples.exists() and not overwrite:
         old = read_settings(files.record)
         if old is None:

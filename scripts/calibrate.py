@@ -48,6 +48,8 @@ def check_args(args):
     for path, ext, flag in ((out, ".json", "--out"), (plot, ".png", "--plot")):
         if Path(path).suffix.lower() != ext:
             raise cli.UsageError(f"{flag} {path}: the file name must end in {ext}")
+        if os.path.isdir(path):
+            raise cli.UsageError(f"{flag} {path} is a directory: give a file name")
         cli.check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
     model = cli.inspect_model(args)
     if args.cache == "deepcache":

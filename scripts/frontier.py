@@ -562,7 +562,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.set = "quick"
-    args.num_samples = args.num_samples or (QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES)
+    if args.num_samples is None:
+        args.num_samples = QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES
     args.out = args.out or f"outputs/frontier/{Path(args.config).stem}"
     return args
 

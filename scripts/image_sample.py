@@ -39,6 +39,7 @@ from ldm.util import file_sha256
 
 STOPPED_EXIT_CODE = 3
 OUT_OF_MEMORY_EXIT_CODE = 4
+WRITE_FAILED_EXIT_CODE = 5
 
 
 def check_run(args):
@@ -58,10 +59,12 @@ def check_run(args):
                         ("--stop_after_batches", args.stop_after_batches)):
         if value is not None and value < 1:
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")
+    if args.output_dir == "":
+        raise cli.UsageError("--output_dir is empty: give a folder, or leave the flag out for the default")
     model = cli.inspect_model(args)
     cli.check_mode_fits(mode, model)
     settings = run_settings(args, model, mode)
-    output_dir = args.output_dir or default_output_dir(settings, args.config)
+    output_dir = args.output_dir if args.output_dir is not None else default_output_dir(settings, args.config)
     cli.check_writable_folder(output_dir, "--output_dir")
     files = RunFiles(output_dir, args.num_samples, settings["image_shape"])
     if args.resume:
@@ -189,6 +192,15 @@ def collective(comm, step, everywhere=False):
     return result if everywhere else comm.bcast(result)
 
 
+def fail(comm, message, status):
+    """Print one error line from this rank; under MPI end every rank (the others would wait for this one
+    forever), else return (status, None)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if comm.size > 1:
+        comm.abort(status)
+    return status, None
+
+
 def on_rank(comm):
     """' on rank R' when there are several processes, else ''."""
     return f" on rank {comm.rank}" if comm.size > 1 else ""
@@ -300,10 +312,12 @@ def sample(args, comm):
         hint = ", or a smaller --max_decoder_batch" if settings["faster_diffusion"] else ""
         rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun with a smaller --batch_size and " \
             "--overwrite" if saved else "rerun with a smaller --batch_size"
-        print(f"error: the GPU ran out of memory {when}{on_rank(comm)}; {rerun}{hint}", file=sys.stderr, flush=True)
-        if comm.size > 1:  # the other ranks would wait for this one forever
-            comm.abort(OUT_OF_MEMORY_EXIT_CODE)
-        return OUT_OF_MEMORY_EXIT_CODE, None
+        return fail(comm, f"the GPU ran out of memory {when}{on_rank(comm)}; {rerun}{hint}", OUT_OF_MEMORY_EXIT_CODE)
+    except OSError as e:  # e.g. the disk is full: what is written stays whole, and --resume continues from it
+        saved = len(finished_batches(files.shard_dir))
+        return fail(comm, f"cannot write {e.filename or 'the samples'}{on_rank(comm)}: {e.strerror or e}; {saved} "
+                          f"finished batches are saved in {files.shard_dir}: rerun the same command with --resume",
+                    WRITE_FAILED_EXIT_CODE)
     if comm.rank != 0:
         return 0, Outcome(files, already_done=False, mode=mode)
     sample_s, decode_s, made = map(sum, zip(*stats))

@@ -257,6 +257,13 @@ def test_calibrate_bad_input(case, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_calibrate_out_that_is_a_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "c.json").mkdir()
+    assert calibrate.main([*MODEL, "-K", "3", "--out", str(tmp_path / "c.json")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'c.json'} is a directory: give a file name\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"] and not list((tmp_path / "c.json").iterdir())
+
+
 @pytest.mark.parametrize("case", ["other S", "other model", "other feature"])
 def test_calibration_file_mismatch_is_refused(case, calibrated, ten_class_files, tmp_path, capsys):
     """A file made for another S, model or feature: one line, exit status 2, nothing written."""

@@ -1,5 +1,6 @@
 """scripts/image_sample.py end to end on the tiny model: MPI vs one process, resume, finished runs, the .npz
 format, signals, bad input."""
+import errno
 import json
 import os
 import shutil
@@ -282,6 +283,34 @@ def test_out_of_memory_is_one_line_and_keeps_finished_batches(tmp_path, monkeypa
     assert not (tmp_path / FINAL).exists() and not [p for p in tmp_path.rglob("*.tmp")]
 
 
+def test_full_disk_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    written = []
+
+    def disk_fills_up(path, *args):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        write_shard(path, *args)
+    write_shard = image_sample.write_shard
+    monkeypatch.setattr(image_sample, "write_shard", disk_fills_up)
+    argv = command(tmp_path, "--batch_size", "2")[2:]
+    assert image_sample.run(argv) == image_sample.WRITE_FAILED_EXIT_CODE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: cannot write {tmp_path / SHARDS / 'batch_000001.npz'}: No space left on device; 1 finished "
+                     f"batches are saved in {tmp_path / SHARDS}: rerun the same command with --resume"]
+    monkeypatch.setattr(image_sample, "write_shard", write_shard)
+    assert image_sample.run([*argv, "--resume"]) == 0
+    assert load(tmp_path / FINAL)[0].shape == (N, 64, 64, 3) and not [p for p in tmp_path.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("in_the_way", [FINAL, RECORD, SHARDS])
+def test_a_path_in_the_way_of_the_run_is_refused_before_sampling(in_the_way, tmp_path):
+    path = tmp_path / in_the_way
+    path.mkdir() if in_the_way != SHARDS else path.write_text("x")
+    with pytest.raises(cli.UsageError, match="in the way of this run's files"):
+        image_sample.check_run(image_sample.parse_args(command(tmp_path, "--overwrite")[2:]))
+
+
 def test_ten_class_model_draws_its_own_labels(ten_class_files, tiny_model, tmp_path):
     config, ckpt = ten_class_files
     result = run(tmp_path, "--batch_size", "5", config=config, ckpt=ckpt)
@@ -347,6 +376,10 @@ BAD_INPUTS = {
     "unknown key steps": (lambda p: [*MODES["fd"], "--key_steps", "bogus"], ["key_steps", "unknown", "bogus"]),
     "key steps without 0": (lambda p: [*MODES["fd"], "--key_steps", "3,5"], ["key_steps must start with 0"]),
     "bad step count": (lambda p: ["--ddim_steps", "300"], ["--steps: 300"]),
+    "every timestep": (lambda p: ["--ddim_steps", "1000"], ["--steps: 1000 DDIM steps", "past the schedule's last"]),
+    "empty output dir": (lambda p: ["--output_dir", ""], ["--output_dir is empty"]),
+    "no real class": (_edited_config("n_classes: 1001", "n_classes: 1"),
+                      ["cannot load the model: the class embedding has 1 entry", "at least one real class"]),
     "fp16 on cpu": (lambda p: ["--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA"]),
     "bad boolean": (lambda p: ["--use_faster_diffusion", "maybe"], ["boolean value expected"]),
     "x0 model": (_x0_config, ["cannot load the model: parameterization 'x0' is not supported"]),

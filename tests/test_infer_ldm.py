@@ -205,6 +205,12 @@ BAD_INPUTS = {
     "output folder under a file": (["--out", "{tmp}/file.txt/picture.png"], "cannot create a directory there"),
     "bad checkpoint": (["--ckpt", "{tmp}/file.txt"], "cannot load the model: "),
     "non-integer class": (["--classes", "cat"], "argument --classes: invalid int value: 'cat'"),
+    "compared solver of a higher order than the steps": (
+        ["--steps", "2", "--key_steps", "uniform:2", "--compare", "ddim", "dpmpp3m"],
+        "mode 'dpmpp3m': --steps: DPM-Solver++ of order 3 needs at least 3 steps, not 2"),
+    "compared solver off the uniform schedule": (
+        ["--sampler", "dpmpp2m", "--steps", "7", "--compare", "plms"],
+        "mode 'plms': --steps: 7 DDIM steps do not fit the uniform schedule"),
 }
 
 
