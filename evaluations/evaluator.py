@@ -8,12 +8,15 @@ graph for the float16 pairwise distances of precision and recall. Runs on curren
 (TF1-compat graph mode). Stand-alone: it needs numpy, scipy, tqdm and tensorflow.
 """
 import argparse
+import contextlib
+import http.client
 import json
 import os
 import sys
 import urllib.request
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import scipy
@@ -28,10 +31,21 @@ INCEPTION_SOFTMAX_MATMUL = "softmax/logits/MatMul"
 SPATIAL_CHANNELS = 7  # sFID keeps the first 7 channels of mixed_6/conv
 NHOOD_SIZE = 3  # k of the k-NN manifolds of precision and recall
 STAT_KEYS = (("mu", "sigma"), ("mu_s", "sigma_s"))  # precomputed (pool, spatial) statistics in a batch file
+# What reading a corrupt or cut .npz raises (a bad CRC-32, bad compressed data, a cut member, a bad .npy header).
+NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
 
 
 class InputError(Exception):
     """Bad input or set-up; the message is one line for the user."""
+
+
+@contextlib.contextmanager
+def reading_npz(path):
+    """Within the block, what reading a corrupt or cut .npz raises becomes an InputError naming the file."""
+    try:
+        yield
+    except NPZ_READ_ERRORS as e:
+        raise InputError(f"{path}: unreadable .npz ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,7 +74,7 @@ class NpzArrayReader:
     def read_batches(self, batch_size):
         """Yield consecutive [<=batch_size, ...] slices of the array."""
         if not self.streaming:
-            with np.load(self.path) as npz:
+            with reading_npz(self.path), np.load(self.path) as npz:
                 array = npz[self.name]
             for i in range(0, len(array), batch_size):
                 yield array[i:i + batch_size]
@@ -68,7 +82,8 @@ class NpzArrayReader:
         row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
         for i in range(0, len(self), batch_size):
             rows = min(batch_size, len(self) - i)
-            data = self._file.read(rows * row_bytes)
+            with reading_npz(self.path):
+                data = self._file.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
                 raise InputError(f"{self.path}: {self.name} is truncated")
             yield np.frombuffer(data, dtype=self.dtype).reshape((rows, *self.shape[1:]))
@@ -104,7 +119,7 @@ def check_batch_file(path):
         with NpzArrayReader(path, "arr_0") as reader:
             shape, dtype = reader.shape, reader.dtype
         stats = precomputed_statistics_dims(path)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except NPZ_READ_ERRORS as e:
         raise InputError(f"{path}: unreadable .npz ({e})") from None
     if dtype != np.uint8:
         raise InputError(f"{path}: arr_0 has dtype {dtype}; expected uint8 images (0..255)")
@@ -173,6 +188,7 @@ class InceptionNetwork:
     """The Inception graph in a TF1 session: pool_3 and spatial features of images, softmax of pool features."""
 
     def __init__(self, graph_path, batch_size=64, softmax_batch_size=512, threads=None):
+        check_tf_threads(threads)
         tf = _import_tensorflow()
         self.batch_size, self.softmax_batch_size = batch_size, softmax_batch_size
         graph_def = tf.GraphDef()
@@ -180,7 +196,8 @@ class InceptionNetwork:
             with open(graph_path, "rb") as f:
                 graph_def.ParseFromString(f.read())
         except Exception as e:
-            raise InputError(f"{graph_path}: cannot read the Inception graph ({type(e).__name__})") from None
+            raise InputError(f"{graph_path}: cannot read the Inception graph ({type(e).__name__})"
+                             f"{_refetch_hint(graph_path)}") from None
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.image_input = tf.placeholder(tf.float32, [None, None, None, 3])
@@ -192,7 +209,8 @@ class InceptionNetwork:
             except (ValueError, KeyError) as e:
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise InputError(f"{graph_path}: not an Inception graph with {INCEPTION_INPUT}, {INCEPTION_POOL}, "
-                                 f"{INCEPTION_SPATIAL} and {INCEPTION_SOFTMAX_MATMUL} ({reason})") from None
+                                 f"{INCEPTION_SPATIAL} and {INCEPTION_SOFTMAX_MATMUL} ({reason})"
+                                 f"{_refetch_hint(graph_path)}") from None
             self.pool_features = pool
             self.spatial_features = spatial[..., :SPATIAL_CHANNELS]
             self.softmax_input = tf.placeholder(tf.float32, [None, weights.shape[0]])
@@ -246,29 +264,56 @@ def default_cache_dir():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldm-faster-diffusion")
 
 
+def cached_graph_path(cache_dir=None):
+    """Where fetch_inception_graph keeps the Inception graph."""
+    return os.path.join(cache_dir or default_cache_dir(), os.path.basename(INCEPTION_URL))
+
+
+def _refetch_hint(graph_path):
+    """For the cached download, how to get it again: a damaged cache would otherwise fail every run."""
+    if os.path.abspath(graph_path) != os.path.abspath(cached_graph_path()):
+        return ""
+    return f"; delete {graph_path} and run again to download it again"
+
+
 def fetch_inception_graph(cache_dir=None):
     """Path of the cached Inception graph, downloaded once from the ADM URL."""
-    cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, os.path.basename(INCEPTION_URL))
-    if os.path.isfile(path):
-        return path
+    path = cached_graph_path(cache_dir)
+    if not os.path.isfile(path):
+        download_inception_graph(path)
+    return path
+
+
+def download_inception_graph(path):
+    """Download the Inception graph to path through a temporary file: a failed or cut download leaves nothing."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response, open(tmp, "wb") as f:
             size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc="Inception graph") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+            received = _copy_with_progress(response, f, size)
+        if size is not None and received != size:
+            raise InputError(f"the download of the Inception graph from {INCEPTION_URL} stopped at {received} of "
+                             f"{size} bytes; run again")
         os.replace(tmp, path)
-    except OSError as e:  # urllib's URLError and timeouts are OSErrors
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError and timeouts are OSErrors
         reason = getattr(e, "reason", None) or e
         raise InputError(f"cannot download the Inception graph from {INCEPTION_URL} ({reason}); "
                          f"download it yourself and pass --inception_path") from None
-    return path
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _copy_with_progress(response, f, size):
+    """Copy the response's body into f with a progress bar; returns the number of bytes copied."""
+    received = 0
+    with tqdm(total=size, unit="B", unit_scale=True, desc="Inception graph") as bar:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,7 +461,7 @@ def compute_prec_recall(ref_features, sample_features, estimator=None):
 
 def read_statistics(npz_path, activations):
     """(pool, spatial) FIDStatistics: precomputed in the file if it has mu, else from the activations."""
-    with np.load(npz_path) as obj:
+    with reading_npz(npz_path), np.load(npz_path) as obj:
         if "mu" in obj.files:
             return tuple(FIDStatistics(obj[mean_key], obj[cov_key]) for mean_key, cov_key in STAT_KEYS)
     return tuple(FIDStatistics.from_activations(acts) for acts in activations)
@@ -427,22 +472,55 @@ def read_statistics(npz_path, activations):
 
 
 def write_json(path, data):
+    """Write data to path as JSON through a temporary file, removed if anything fails."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_json_path(path):
+    """--json names a file (not a folder) in a folder that exists."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory; --json needs a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise InputError(f"{path}: its directory does not exist (--json)")
+
+
+def check_inception_path(path):
+    """--inception_path names a file."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not the graph file (--inception_path)")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file (--inception_path)")
+
+
+def check_tf_threads(threads):
+    """--tf_threads: None or 0 leave the choice to TensorFlow; a negative count makes TensorFlow abort."""
+    if threads is not None and threads < 0:
+        raise InputError(f"--tf_threads must be at least 0 (0: TensorFlow's choice), not {threads}")
+
+
+def check_numbers(args):
+    """--batch_size and --tf_threads are counts that TensorFlow accepts."""
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size must be at least 1, not {args.batch_size}")
+    check_tf_threads(args.tf_threads)
 
 
 def prepare(args):
     """Check the batch files, the --json folder and the Inception graph (downloading it once if needed), then
     load the graph and check precomputed statistics against its feature sizes; returns the network."""
     stats_dims = {path: check_batch_file(path) for path in (args.ref_batch, args.sample_batch) if path}
-    json_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else None
-    if json_dir and not os.path.isdir(json_dir):
-        raise InputError(f"{args.json}: its directory does not exist (--json)")
-    if args.inception_path and not os.path.isfile(args.inception_path):
-        raise InputError(f"{args.inception_path}: no such file (--inception_path)")
+    if args.json:
+        check_json_path(args.json)
+    if args.inception_path:
+        check_inception_path(args.inception_path)
     graph_path = args.inception_path or fetch_inception_graph()
     network = InceptionNetwork(graph_path, batch_size=args.batch_size, threads=args.tf_threads)
     try:
@@ -500,16 +578,16 @@ def main(argv=None):
     parser.add_argument("--inception_path", help="local classify_image_graph_def.pb (default: download it once "
                                                  "into $XDG_CACHE_HOME, else ~/.cache, /ldm-faster-diffusion)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception batch")
-    parser.add_argument("--tf_threads", type=int, default=None, help="TensorFlow intra/inter-op threads")
+    parser.add_argument("--tf_threads", type=int, default=None,
+                        help="TensorFlow intra/inter-op threads (default or 0: TensorFlow's choice)")
     parser.add_argument("--json", help="also write the five metrics and the input file names to this JSON file")
     parser.add_argument("--check_only", action="store_true",
                         help="only check the inputs and the Inception graph (fetching it if needed), then exit")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
     if not (args.sample_batch or args.check_only):
         parser.error("the sample batch is required (unless --check_only)")
     try:
+        check_numbers(args)
         if args.check_only:
             prepare(args).close()
             print("evaluator inputs are ready")

@@ -38,11 +38,36 @@ def paired_bootstrap(acts_a, acts_b, ref_stats, resamples=200, seed=0, level=0.9
     return fid_a, fid_b, fid_a - fid_b, (float(low), float(high))
 
 
-def check_paired_labels(path_a, path_b):
-    """Where both batches hold labels (arr_1), they must be the same: else the samples are not paired."""
-    with np.load(path_a) as a, np.load(path_b) as b:
-        if "arr_1" in a.files and "arr_1" in b.files and not np.array_equal(a["arr_1"], b["arr_1"]):
-            raise evaluator.InputError(f"the batches are not paired: {path_a} and {path_b} have different labels")
+def read_labels(path):
+    """The labels of a batch (arr_1), or None."""
+    with evaluator.reading_npz(path), np.load(path) as batch:
+        return batch["arr_1"] if "arr_1" in batch.files else None
+
+
+def sample_count(path):
+    """The number of images in arr_0, from its header."""
+    with evaluator.NpzArrayReader(path, "arr_0") as reader:
+        return len(reader)
+
+
+def check_paired(path_a, path_b):
+    """Paired batches hold as many samples, and the same labels (arr_1) where both hold labels."""
+    count_a, count_b = sample_count(path_a), sample_count(path_b)
+    if count_a != count_b:
+        raise evaluator.InputError(f"the batches are not paired: {path_a} holds {count_a} samples, "
+                                   f"{path_b} {count_b}")
+    labels_a, labels_b = read_labels(path_a), read_labels(path_b)
+    if labels_a is not None and labels_b is not None and not np.array_equal(labels_a, labels_b):
+        raise evaluator.InputError(f"the batches are not paired: {path_a} and {path_b} have different labels")
+
+
+def check_numbers(args):
+    """--resamples, --seed and --tf_threads, before any work."""
+    if args.resamples < 2:
+        raise evaluator.InputError(f"--resamples must be at least 2, not {args.resamples}")
+    if args.seed < 0:
+        raise evaluator.InputError(f"--seed must be at least 0, not {args.seed}")
+    evaluator.check_tf_threads(args.tf_threads)
 
 
 def main(argv=None):
@@ -53,14 +78,14 @@ def main(argv=None):
     parser.add_argument("--inception_path", help="the feature graph (default: the Inception graph, fetched once)")
     parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
-    parser.add_argument("--tf_threads", type=int, default=None, help="TensorFlow intra/inter-op threads")
+    parser.add_argument("--tf_threads", type=int, default=None,
+                        help="TensorFlow intra/inter-op threads (default or 0: TensorFlow's choice)")
     args = parser.parse_args(argv)
-    if args.resamples < 2:
-        parser.error("--resamples must be at least 2")
     try:
+        check_numbers(args)
         for path in (args.batch_a, args.batch_b):
             evaluator.check_batch_file(path)
-        check_paired_labels(args.batch_a, args.batch_b)
+        check_paired(args.batch_a, args.batch_b)
         # the reference batch, the graph (fetched if needed) and the reference statistics' sizes, as the evaluator
         network = evaluator.prepare(argparse.Namespace(ref_batch=args.ref_batch, sample_batch=None, json=None,
                                                        inception_path=args.inception_path, batch_size=64,

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from tqdm.auto import tqdm
@@ -16,17 +17,20 @@ from tqdm.auto import tqdm
 DEFAULT_URL = "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt"
 DEFAULT_OUT = os.path.join("models", "ldm", "cin256-v2", "model.ckpt")
 CHUNK = 1 << 20
+BAD_INPUT = 2
 
 
 class DownloadError(Exception):
     """A download that failed; the message is one line."""
 
 
-def _reason(e):
+def _reason(e, url):
+    """One line on why fetching url failed; the network hint only for a network URL."""
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
-        return f"{e.reason} (is the network reachable?)"
+        local = urllib.parse.urlsplit(url).scheme in ("file", "")
+        return f"{e.reason}" if local else f"{e.reason} (is the network reachable?)"
     return str(e) or type(e).__name__
 
 
@@ -47,39 +51,94 @@ def _open(url, start, timeout):
                             "and run again") from None
 
 
-def download(url, out, timeout=60, progress=True):
-    """Fetch url into out via out + '.partial'; returns the number of bytes in the finished file."""
-    partial = out + ".partial"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        have = os.path.getsize(partial) if os.path.exists(partial) else 0
-        response = _open(url, have, timeout)
-        if response is None:
-            os.replace(partial, out)
-            return have
-        with response:
-            if have and response.status != 206:
-                have = 0  # the server ignored the Range header: start again
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            with open(partial, "ab" if have else "wb") as f, \
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=os.path.basename(out), disable=not progress) as bar:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        size = os.path.getsize(partial)
-        if total is not None and size != total:
-            raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; run again to resume")
+def _announced_size(response, have):
+    """The whole file's size as the response announces it (a 206's Content-Range, else have + Content-Length),
+    or None when it announces none."""
+    whole = re.fullmatch(r"bytes \d+-\d+/(\d+)", response.headers.get("Content-Range", ""))
+    if response.status == 206 and whole:
+        return int(whole.group(1))
+    length = response.headers.get("Content-Length")
+    return have + int(length) if length is not None else None
+
+
+def _server_confirms_end(url, size, timeout):
+    """Whether the server confirms that its file ends at `size` bytes: a Range request from there finds nothing
+    left (416). A server that ignores Range (200) cannot say, and is trusted; one with more bytes (206) is not."""
+    response = _open(url, size, timeout)
+    if response is None:
+        return True
+    with response:
+        return response.status != 206
+
+
+def _make_folders(folder):
+    """Create folder and its missing parents; returns those created, deepest first."""
+    created = []
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(created[0] if created else folder, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders):
+    """Remove the folders (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def _fetch(url, out, partial, timeout, progress):
+    """Fetch url into partial (resuming it), check it is whole, rename it to out; returns its size."""
+    have = os.path.getsize(partial) if os.path.exists(partial) else 0
+    response = _open(url, have, timeout)
+    if response is None:
         os.replace(partial, out)
-        return size
+        return have
+    with response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the Range header: start again
+        total = _announced_size(response, have)
+        with open(partial, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc=os.path.basename(out), disable=not progress) as bar:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = os.path.getsize(partial)
+    # A body of unannounced size ends when the server closes the connection, cut or not: it is whole only if it is
+    # not empty and the server, asked for the bytes after it, has none (or cannot say, ignoring Range requests).
+    if total is None and not (size and _server_confirms_end(url, size, timeout)):
+        raise DownloadError(f"download of {url} stopped at {size} bytes; run again to resume")
+    if total is not None and size != total:
+        raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; run again to resume")
+    os.replace(partial, out)
+    return size
+
+
+def download(url, out, timeout=60, progress=True):
+    """Fetch url into out via out + '.partial'; returns the number of bytes in the finished file. Folders it
+    created are removed again if it fails before saving anything."""
+    partial = out + ".partial"
+    created = []
+    try:
+        created = _make_folders(os.path.dirname(os.path.abspath(out)))
+        return _fetch(url, out, partial, timeout, progress)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         kept = f"; {partial} is kept, run again to resume" if os.path.exists(partial) else ""
-        raise DownloadError(f"cannot download {url}: {_reason(e)}{kept}") from None
+        raise DownloadError(f"cannot download {url}: {_reason(e, url)}{kept}") from None
+    finally:
+        if not os.path.exists(partial) and not os.path.exists(out):
+            _remove_empty(created)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if os.path.isdir(args.out):
+        print(f"error: --out {args.out} is a directory; give the checkpoint's file name", file=sys.stderr)
+        return BAD_INPUT
     if os.path.exists(args.out) and not args.force:
         print(f"{args.out} already exists (use --force to download it again)")
         return 0

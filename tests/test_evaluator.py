@@ -5,10 +5,13 @@ but is tiny: images are resized (nearest) to 4x4 instead of 17x17 and pool_3 has
 that FID's matrix square roots stay fast. Its weights are small integers, so its features are exact in float32 and
 the test recomputes them in NumPy from the same weights.
 """
+import functools
+import http.server
 import importlib.util
 import json
 import subprocess
 import sys
+import threading
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -220,6 +223,20 @@ def test_end_to_end_precomputed_reference_statistics(graphs, precomputed_ref, ca
     assert (metrics["precision"], metrics["recall"]) == brute_force_prec_recall(ref_pool, pool)
 
 
+def test_corrupt_sample_batch_is_one_line_error(graphs, precomputed_ref, capsys):
+    """A damaged image array shows only when read, after the progress lines: one error line, exit status 2."""
+    pb, _ = graphs["dynamic"]
+    ref_path, sample_path = precomputed_ref
+    with np.load(sample_path) as sample:
+        flip_byte_of(sample_path, sample["arr_0"])
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(ref_path), str(sample_path), "--inception_path", str(pb)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {sample_path}: unreadable .npz (Bad CRC-32 for file 'arr_0.npy')"
+    assert not any("Traceback" in line for line in err)
+
+
 def test_cli_prints_adm_lines_and_writes_json(graphs, precomputed_ref, tmp_path):
     pb, _ = graphs["dynamic"]
     ref_path, sample_path = precomputed_ref
@@ -240,6 +257,8 @@ def test_check_only(graphs, precomputed_ref, tmp_path, capsys):
     ref_path, _ = precomputed_ref
     assert ev.main([str(ref_path), "--check_only", "--inception_path", str(pb)]) is None
     assert capsys.readouterr().out == "evaluator inputs are ready\n"
+    assert ev.main([str(ref_path), "--check_only", "--inception_path", str(pb), "--tf_threads", "0"]) is None
+    assert capsys.readouterr().out == "evaluator inputs are ready\n"  # 0: TensorFlow's own choice
     err = run_failing([tmp_path / "absent.npz", "--check_only", "--inception_path", pb], capsys)
     assert "absent.npz: no such file" in err
     with np.load(ref_path) as ref:
@@ -420,6 +439,37 @@ def test_npz_reader_batches(tmp_path, layout):
     np.testing.assert_array_equal(np.concatenate(batches), images)
 
 
+def flip_byte_of(path, array):
+    """Flip one byte in the middle of an array stored (uncompressed) in the .npz at path."""
+    raw = bytearray(path.read_bytes())
+    data = np.ascontiguousarray(array).tobytes()
+    at = raw.find(data) + len(data) // 2
+    assert raw.find(data) > 0
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("layout", ["c", "fortran"])  # streamed, and read whole
+def test_corrupt_batch_is_input_error_naming_the_file(tmp_path, layout):
+    images = random_images(7, 20, size=32)  # larger than what reading the header reads ahead (4 KiB)
+    path = tmp_path / "batch.npz"
+    np.savez(path, np.asfortranarray(images) if layout == "fortran" else images)
+    flip_byte_of(path, np.asfortranarray(images).ravel(order="K") if layout == "fortran" else images)
+    ev.check_batch_file(str(path))  # the header is intact: only reading the images finds the damage
+    with ev.NpzArrayReader(str(path)) as reader, \
+            pytest.raises(ev.InputError, match=f"^{path}: unreadable .npz \\(Bad CRC-32 for file 'arr_0.npy'\\)$"):
+        list(reader.read_batches(7))
+
+
+def test_corrupt_precomputed_statistics_are_input_error(tmp_path):
+    path = tmp_path / "ref.npz"
+    mu, sigma = random_stats(np.random.default_rng(0), 8)
+    np.savez(path, arr_0=random_images(0, 5), mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
+    flip_byte_of(path, sigma)
+    with pytest.raises(ev.InputError, match=f"^{path}: unreadable .npz \\(Bad CRC-32"):
+        ev.read_statistics(str(path), None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -512,9 +562,12 @@ def test_bad_inception_graph(tmp_path, capsys):
     np.savez(batch, random_images(0, 5))
     err = run_failing([batch, batch, "--inception_path", tmp_path / "absent.pb"], capsys)
     assert "absent.pb: no such file" in err
+    err = run_failing([batch, batch, "--inception_path", tmp_path], capsys)
+    assert err == f"error: {tmp_path}: is a directory, not the graph file (--inception_path)"
     junk = tmp_path / "junk.pb"
     junk.write_bytes(b"\xff" * 100)
-    assert "cannot read the Inception graph" in run_failing([batch, batch, "--inception_path", junk], capsys)
+    err = run_failing([batch, batch, "--inception_path", junk], capsys)
+    assert "cannot read the Inception graph" in err and "delete" not in err  # the user's own file
     tf = pytest.importorskip("tensorflow").compat.v1
     with tf.Graph().as_default() as graph:
         tf.identity(tf.placeholder(tf.float32, [None, None, None, 3]), name="ExpandDims")
@@ -524,11 +577,19 @@ def test_bad_inception_graph(tmp_path, capsys):
     assert "not an Inception graph with ExpandDims:0, pool_3:0" in err
 
 
-def test_batch_size_must_be_positive(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ev.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--batch_size", "0"])
-    assert exit_info.value.code == 2
-    assert "--batch_size must be at least 1" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--batch_size", "0", "--batch_size must be at least 1, not 0"),
+    ("--tf_threads", "-1", "--tf_threads must be at least 0 (0: TensorFlow's choice), not -1"),
+])
+def test_counts_checked_first(tmp_path, capsys, no_network, flag, value, expected):
+    err = run_failing([tmp_path / "a.npz", tmp_path / "b.npz", flag, value], capsys)
+    assert err == f"error: {expected}"
+
+
+def test_negative_threads_refused_before_tensorflow(tmp_path):
+    """TensorFlow aborts the process (a C++ stack dump) on a negative thread count: refused before."""
+    with pytest.raises(ev.InputError, match="--tf_threads must be at least 0"):
+        ev.InceptionNetwork(str(tmp_path / "graph.pb"), threads=-1)
 
 
 def test_json_directory_must_exist(tmp_path, capsys, no_network):
@@ -536,6 +597,26 @@ def test_json_directory_must_exist(tmp_path, capsys, no_network):
     np.savez(batch, random_images(0, 5))
     err = run_failing([batch, batch, "--inception_path", batch, "--json", tmp_path / "nowhere" / "m.json"], capsys)
     assert "its directory does not exist" in err
+
+
+def test_json_must_not_be_a_directory(tmp_path, capsys, no_network):
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    (tmp_path / "out").mkdir()
+    err = run_failing([batch, batch, "--inception_path", batch, "--json", tmp_path / "out"], capsys)
+    assert err == f"error: {tmp_path / 'out'}: is a directory; --json needs a file name"
+
+
+@pytest.mark.parametrize("case", ["directory", "unserialisable"])
+def test_write_json_leaves_nothing_when_it_fails(tmp_path, case):
+    path, data = tmp_path / "m.json", {"fid": 1.0}
+    if case == "directory":
+        path.mkdir()
+    else:
+        data["fid"] = object()
+    with pytest.raises((OSError, TypeError)):
+        ev.write_json(str(path), data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m.json"] if case == "directory" else [])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,3 +665,70 @@ def test_download_offline_is_one_line_error(tmp_path, monkeypatch, capsys):
     err = run_failing([batch, batch], capsys)
     assert "cannot download the Inception graph" in err and "no network" in err and "--inception_path" in err
     assert list((tmp_path / "cache" / "ldm-faster-diffusion").iterdir()) == []
+
+
+class _CutHandler(http.server.BaseHTTPRequestHandler):
+    """Announces the whole payload in Content-Length; sends half of it on the first request, then closes."""
+
+    def __init__(self, payload, requests, *args, **kwargs):
+        self.payload, self.requests = payload, requests
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload[:len(self.payload) // 2] if len(self.requests) == 1 else self.payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def cut_server(monkeypatch, tmp_path):
+    """INCEPTION_URL on a local server whose first answer stops halfway; the cache under tmp_path."""
+    payload, requests = b"graph" * 1000, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_CutHandler, payload, requests))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setattr(ev, "INCEPTION_URL", f"http://127.0.0.1:{httpd.server_address[1]}/graph.pb")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield payload, requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_cut_download_is_not_cached(cut_server, tmp_path, capsys):
+    payload, requests = cut_server
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(batch), str(batch)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the download's progress bar
+    assert err == (f"error: the download of the Inception graph from {ev.INCEPTION_URL} stopped at 2500 of 5000 "
+                   "bytes; run again")
+    cache = tmp_path / "cache" / "ldm-faster-diffusion"
+    assert list(cache.iterdir()) == []
+    assert Path(ev.fetch_inception_graph()).read_bytes() == payload and len(requests) == 2  # the next run fetches it
+    assert [p.name for p in cache.iterdir()] == ["graph.pb"]
+
+
+def test_damaged_cached_graph_says_to_delete_it(tmp_path, monkeypatch, capsys, no_download):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = Path(ev.cached_graph_path())
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\xff" * 100)  # as a cut download cached before this was checked
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    err = run_failing([batch, batch], capsys)
+    assert err == (f"error: {cached}: cannot read the Inception graph (DecodeError); delete {cached} and run again "
+                   "to download it again")
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Fail the test if the evaluator downloads anything."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the evaluator downloaded the Inception graph")
+    monkeypatch.setattr(ev.urllib.request, "urlopen", refuse)

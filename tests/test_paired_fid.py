@@ -65,3 +65,66 @@ def test_command_line(tmp_path, capsys):
     assert paired_fid.main([ref, a, other, "--inception_path", str(GRAPH)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not paired" in err and "different labels" in err
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if the feature graph is loaded: bad input must be caught before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the feature graph was loaded before the input was checked")
+    monkeypatch.setattr(evaluator, "InceptionNetwork", refuse)
+
+
+def run_failing(argv, capsys):
+    """main's exit status is 2 with one `error: ...` line and nothing else printed; returns that line."""
+    assert paired_fid.main([str(a) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    return captured.err.strip()
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--seed", "-1", "--seed must be at least 0, not -1"),
+    ("--resamples", "1", "--resamples must be at least 2, not 1"),
+    ("--tf_threads", "-1", "--tf_threads must be at least 0 (0: TensorFlow's choice), not -1"),
+])
+def test_numbers_checked_first(tmp_path, capsys, no_network, flag, value, expected):
+    batch = write_batch(tmp_path / "a.npz", 1, list(range(10)))
+    assert run_failing([batch, batch, batch, flag, value], capsys) == f"error: {expected}"
+
+
+def test_unpaired_counts_found_before_any_features(tmp_path, capsys, no_network):
+    a = write_batch(tmp_path / "a.npz", 1, list(range(10)) * 2)
+    b = write_batch(tmp_path / "b.npz", 2, list(range(8)) * 2)
+    err = run_failing([a, a, b], capsys)
+    assert err == f"error: the batches are not paired: {a} holds 20 samples, {b} 16"
+
+
+def flip_middle_byte(path, array):
+    """Flip one byte in the middle of an array stored (uncompressed) in the .npz at path."""
+    raw = bytearray(open(path, "rb").read())
+    data = array.tobytes()
+    assert raw.find(data) > 0
+    raw[raw.find(data) + len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+def test_damaged_labels_are_one_line_error(tmp_path, capsys, no_network):
+    labels = np.arange(20)
+    a = write_batch(tmp_path / "a.npz", 1, labels)
+    b = write_batch(tmp_path / "b.npz", 2, labels)
+    flip_middle_byte(b, labels)
+    err = run_failing([a, a, b], capsys)
+    assert err == f"error: {b}: unreadable .npz (Bad CRC-32 for file 'arr_1.npy')"
+
+
+def test_damaged_images_are_one_line_error(tmp_path, capsys):
+    ref = write_batch(tmp_path / "ref.npz", 0, [0] * 40)
+    a = write_batch(tmp_path / "a.npz", 1, list(range(10)) * 2)
+    b = write_batch(tmp_path / "b.npz", 2, list(range(10)) * 2)
+    with np.load(b) as batch:
+        flip_middle_byte(b, batch["arr_0"])
+    assert paired_fid.main([ref, a, b, "--inception_path", str(GRAPH), "--resamples", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {b}: unreadable .npz (Bad CRC-32 for file 'arr_0.npy')"
+    assert not any("Traceback" in line for line in err)
