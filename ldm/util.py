@@ -185,7 +185,8 @@ def temporary_name(path):
 
 
 def write_atomic(path, write):
-    """Call write(file) on a temporary name next to path, then rename it to path: no half-written files."""
+    """Call write(file) on a temporary name next to path, then rename it to path: no half-written files.
+    Removing the temporary file never masks what went wrong (a parent path that is a file, say)."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
@@ -193,7 +194,8 @@ def write_atomic(path, write):
             write(f)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -4,17 +4,20 @@
         --out models/digits32/classifier.pb
 
 Prints the accuracy on the held-out set (the reference batch, drawn with a seed disjoint from training).
+Bad input (flags, data sets, an --out that cannot be written) is one `error: ...` line and exit status 2, before
+training.
 """
-import argparse
+import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluations.digit_classifier import DigitClassifier, export_graph, graph_logits, predict
+from ldm import cli
+from ldm.data.digits import read_set
 from ldm.util import write_atomic
 
 
@@ -39,18 +42,42 @@ def train(images, labels, steps, batch_size=64, lr=2e-3, seed=0):
     return classifier.eval()
 
 
+def check_out(path):
+    """--out is a file name in a folder that exists and is writable."""
+    if os.path.isdir(path):
+        raise cli.UsageError(f"--out {path} is a directory; give the file name of the graph (.pb)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        problem = "is a file, not a directory" if os.path.exists(folder) else "does not exist"
+        raise cli.UsageError(f"--out {path}: {folder} {problem}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise cli.UsageError(f"--out {path}: directory {folder} is not writable")
+
+
+def read_data(path, flag):
+    """Images and labels of a digits .npz; one that is not is a UsageError naming the flag."""
+    try:
+        return read_set(path)
+    except (OSError, ValueError) as e:
+        raise cli.UsageError(f"{flag} {e}") from None
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/digits_train.npz")
     parser.add_argument("--held_out", default="data/digits_ref.npz")
     parser.add_argument("--out", default="models/digits32/classifier.pb")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    with np.load(args.data) as d:
-        images, labels = d["arr_0"], d["arr_1"]
-    with np.load(args.held_out) as d:
-        held_images, held_labels = d["arr_0"], d["arr_1"]
+    try:
+        if args.steps < 1:
+            raise cli.UsageError(f"--steps must be at least 1, not {args.steps}")
+        check_out(args.out)
+        images, labels = read_data(args.data, "--data")
+        held_images, held_labels = read_data(args.held_out, "--held_out")
+    except cli.UsageError as e:
+        return cli.report(e)
     start = time.time()
     classifier = train(images, labels, args.steps, seed=args.seed)
     accuracy = (predict(classifier, held_images) == held_labels).mean()

@@ -9,26 +9,28 @@ the latents do not change), keeping an EMA of its weights (--ema_decay); it can 
 `export` takes the latest decoder's EMA weights.
 Each stage saves a checkpoint to --workdir every --save_every steps (and when stopped with Ctrl-C) and resumes
 from it when run again; a stage ends at --steps or after --minutes of training, whichever comes first.
+A stage already at --steps (or run with --minutes 0) says so and exits.
 `export` writes the EMA weights in the upstream state_dict layout as model.safetensors, beside a config.yaml
 that carries the measured latent scale factor; `ldm.util.load_model` reads the pair strictly.
+Bad input (flags, files, a missing earlier stage) is one `error: ...` line and exit status 2, before training.
 """
-import argparse
 import math
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ldm import cli
+from ldm.data.digits import read_set
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.sampling import from_uint8
-from ldm.util import instantiate_from_config, write_atomic
+from ldm.util import check_file, instantiate_from_config, write_atomic
 
 DEFAULT_CONFIG = "configs/latent-diffusion/digits32.yaml"
 
@@ -51,9 +53,12 @@ def build_model(config_path, seed):
 
 
 def load_images(path):
-    """uint8 NHWC images and int64 labels of an ADM-format .npz."""
-    with np.load(path) as data:
-        return torch.from_numpy(data["arr_0"]), torch.from_numpy(data["arr_1"]).long()
+    """uint8 NHWC images and int64 labels of an ADM-format .npz; a file that is not one is a UsageError."""
+    try:
+        images, labels = read_set(path)
+    except (OSError, ValueError) as e:
+        raise cli.UsageError(f"--data {e}") from None
+    return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
 class EMA:
@@ -84,6 +89,8 @@ def optimizer_steps(opt):
 
 
 def save_checkpoint(path, **state):
+    """Write a checkpoint atomically, making its folder (--workdir) if need be."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: torch.save(state, f))
 
 
@@ -117,8 +124,21 @@ def restart_dead_codes(codebook, latents, usage):
     return len(dead)
 
 
+def nothing_to_train(stage, step, args):
+    """The line that says why a stage has no step to run (--steps reached, or --minutes 0); None if it has."""
+    if step >= args.steps:
+        return f"{stage}: already at step {step} of --steps {args.steps}: nothing to train (raise --steps to go on)"
+    if args.minutes <= 0:
+        return f"{stage}: --minutes {args.minutes:g} leaves no time to train; still at step {step}"
+    return None
+
+
+def out_of_time(start, args):
+    """Whether --minutes have passed since start."""
+    return time.time() - start >= args.minutes * 60
+
+
 def train_first_stage(args):
-    images, _ = load_images(args.data)
     model = build_model(args.config, args.seed)
     first_stage = model.first_stage_model.train()
     trained = decoder_parameters(first_stage) if args.decoder_only else list(first_stage.parameters())
@@ -136,8 +156,11 @@ def train_first_stage(args):
         step = state["step"]
         decoder_ema = state.get("decoder_ema")
         print(f"resumed first stage at step {step}" + (" (decoder only)" if args.decoder_only else ""))
-    elif args.decoder_only:
-        raise SystemExit("error: --decoder_only continues a trained first stage, and there is none in --workdir")
+    idle = nothing_to_train("first stage", step, args)
+    if idle:
+        print(idle)
+        return
+    images, _ = load_images(args.data)
     ema = None
     if args.decoder_only:
         first_stage.encoder.requires_grad_(False)
@@ -158,7 +181,7 @@ def train_first_stage(args):
                         **({"decoder_ema": ema.shadow} if ema is not None else {}))
 
     try:
-        while step < args.steps and time.time() - start < args.minutes * 60:
+        while step < args.steps:
             batch = from_uint8(images[torch.randint(len(images), (args.batch_size,), generator=gen)])
             rec, vq, latents, indices = vq_losses(first_stage, batch)
             loss = rec if args.decoder_only else rec + vq
@@ -178,6 +201,8 @@ def train_first_stage(args):
             bar.update()
             if step % args.save_every == 0:
                 save()
+            if out_of_time(start, args):
+                break
     finally:
         bar.close()
         save()
@@ -277,10 +302,14 @@ def train_unet(args):
     elif start_tensors is not None:
         missing, unexpected = model.load_state_dict(start_tensors, strict=False)
         if unexpected or any(not k.startswith("first_stage_model.") for k in missing):
-            raise SystemExit(f"error: {args.init_from} is not a model of {args.config}")
+            raise cli.UsageError(f"--init_from {args.init_from} is not a model of {args.config}")
         ema.shadow = [p.detach().clone() for p in params]
         step = start_step
         print(f"started UNet from {args.init_from} (step {step}, fresh optimizer)")
+    idle = nothing_to_train("unet", step, args)
+    if idle:
+        print(idle)
+        return
     gen = torch.Generator().manual_seed(args.seed + 1 + step)
     model.model.train()
     start, bar = time.time(), tqdm(initial=step, total=args.steps, desc="unet")
@@ -291,7 +320,7 @@ def train_unet(args):
                         scale_factor=scale_factor, first_stage=first["model"], loss=smoothed)
 
     try:
-        while step < args.steps and time.time() - start < args.minutes * 60:
+        while step < args.steps:
             idx = torch.randint(len(latents), (args.batch_size,), generator=gen)
             loss = diffusion_loss(model, latents[idx], labels[idx], gen, uncond_class, args.p_uncond, args.min_snr)
             warmup = min(1.0, (optimizer_steps(opt) + 1) / 500)  # each fresh optimizer warms up over 500 steps
@@ -308,6 +337,8 @@ def train_unet(args):
             bar.update()
             if step % args.save_every == 0:
                 save()
+            if out_of_time(start, args):
+                break
     finally:
         bar.close()
         save()
@@ -323,7 +354,8 @@ def export(args):
     changed = [k for k, v in state["first_stage"].items()
                if not k.startswith(("decoder.", "post_quant_conv.")) and not torch.equal(v, first_stage[k])]
     if changed:
-        raise SystemExit(f"error: the first stage's encoder changed after the UNet was trained on it ({changed[0]}, ...)")
+        raise cli.UsageError(f"the first stage's encoder changed after the UNet was trained on it "
+                             f"({changed[0]}, ...)")
     model = build_model(args.config, args.seed)
     model.first_stage_model.load_state_dict(first_stage)
     if "decoder_ema" in first:  # the decoder's EMA weights, kept by --decoder_only
@@ -348,8 +380,66 @@ def _safetensors_bytes(tensors, metadata):
     return save(tensors, metadata)
 
 
+def check_at_least(args, minimum, *names):
+    """The flags that are given are numbers >= minimum."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:
+            raise cli.UsageError(f"--{name} must be at least {minimum}, not {value}")
+
+
+def check_numbers(args):
+    """Counts, durations, rates and fractions are in range."""
+    check_at_least(args, 1, "batch_size", "save_every", "num_images", "threads")
+    check_at_least(args, 0, "steps", "minutes", "min_snr")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise cli.UsageError(f"--lr must be a number > 0, not {args.lr}")
+    for name in ("ema_decay", "p_uncond"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise cli.UsageError(f"--{name} must be in 0..1, not {getattr(args, name)}")
+
+
+def command(stage, args):
+    """The command that trains a stage in --workdir."""
+    return f"`python scripts/train_digits.py {stage} --workdir {args.workdir}`"
+
+
+def check_stage_inputs(args):
+    """What a stage starts from exists: the earlier stages' checkpoints in --workdir, --init_from, --data."""
+    workdir = Path(args.workdir)
+    has_first_stage, has_unet = (workdir / "first_stage.pt").is_file(), (workdir / "unet.pt").is_file()
+    if args.stage == "first_stage" and args.decoder_only and not has_first_stage:
+        raise cli.UsageError(f"--decoder_only continues a trained first stage, and there is none in {workdir}")
+    from_export = args.stage == "unet" and args.init_from is not None and not has_unet
+    if from_export:
+        try:
+            check_file(Path(args.init_from) / "model.safetensors", "--init_from: exported model")
+        except OSError as e:
+            raise cli.UsageError(str(e)) from None
+    elif args.stage in ("unet", "export") and not has_first_stage:
+        raise cli.UsageError(f"no first stage in {workdir} (first_stage.pt): train it first with "
+                             f"{command('first_stage', args)}")
+    if args.stage == "export" and not has_unet:
+        raise cli.UsageError(f"no UNet in {workdir} (unet.pt): train it first with {command('unet', args)}")
+    if args.stage == "first_stage" or (args.stage == "unet" and not (workdir / "latents.pt").is_file()):
+        try:
+            check_file(args.data, "--data")
+        except OSError as e:
+            raise cli.UsageError(str(e)) from None
+
+
+def check_args(args):
+    """Everything that can be checked before training starts; bad input is a UsageError."""
+    check_numbers(args)
+    cli.check_writable_folder(args.workdir, "--workdir")
+    if args.stage == "export":
+        cli.check_writable_folder(args.out, "--out")
+    check_stage_inputs(args)
+    cli.inspect_model(args)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("first_stage", "unet", "export"))
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--data", default="data/digits_train.npz", help="training set from scripts/make_digits.py")
@@ -372,13 +462,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except cli.UsageError as e:
+        return cli.report(e)
     args.min_snr = args.min_snr or None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: save, then exit
     if args.threads:
         torch.set_num_threads(args.threads)
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     try:
         {"first_stage": train_first_stage, "unet": train_unet, "export": export}[args.stage](args)
+    except cli.UsageError as e:
+        return cli.report(e)
     except KeyboardInterrupt:
         print(f"stopped; the checkpoint in {args.workdir} is saved: run the same command to resume", file=sys.stderr)
         return 130

@@ -110,6 +110,31 @@ def image_rng(seed, index):
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
 
 
+def read_set(path):
+    """Images and labels of an ADM-format .npz (arr_0: uint8 [N, H, W, 3], arr_1: digits 0-9); a file that is
+    not one is an OSError or ValueError whose message starts with the path."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a .npz file")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data = np.load(path)
+    except Exception:  # np.load fails in many ways on files that are not .npy or .npz
+        raise ValueError(f"{path} is not a .npz file (arrays saved by numpy.savez)") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds one array, not a .npz with arr_0 (images) and arr_1 (labels)")
+    with data:
+        missing = [name for name in ("arr_0", "arr_1") if name not in data.files]
+        if missing:
+            raise ValueError(f"{path} has no {' or '.join(missing)}: expected arr_0 (images) and arr_1 (labels)")
+        images, labels = data["arr_0"], data["arr_1"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+        raise ValueError(f"{path}: arr_0 is {images.dtype} {list(images.shape)}, not uint8 RGB images [N, H, W, 3]")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or not np.isin(labels, range(NUM_CLASSES)).all():
+        raise ValueError(f"{path}: arr_1 is not one digit 0-{NUM_CLASSES - 1} per image of arr_0")
+    return images, labels
+
+
 def make_digits(seed, indices):
     """Images and labels for the given indices of the set made with `seed`: (uint8 [N, 32, 32, 3], int64 [N])."""
     fonts = digit_fonts()
