@@ -155,6 +155,7 @@ def check(args):
     """Every check before any model work; returns (jobs, whether to report accuracy)."""
     specs = args.modes or SETS[args.set]
     try:
+        evaluator.check_tf_threads(args.tf_threads)
         args.inception_path = args.inception_path or evaluator.fetch_inception_graph()
     except evaluator.InputError as e:
         raise cli.UsageError(str(e)) from None

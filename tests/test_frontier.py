@@ -218,6 +218,7 @@ BAD = {
                                              "the graph has 1008 logits, the model 10 classes"),
     "calibration file of another S": (["--modes", "ddim+fd:@{folder}/cal.json@4"], "was made for S = 10 steps, not 4"),
     "no samples": (["--num_samples", "0"], "--num_samples must be at least 1, not 0"),
+    "negative threads": (["--tf_threads", "-1"], "error: --tf_threads must be at least 0"),
 }
 
 
