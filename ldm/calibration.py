@@ -61,7 +61,7 @@ def check_loop_indices(steps, name, why_zero):
 def check_count(k, steps):
     """K key steps fit S steps: 1 <= K <= S."""
     if not 1 <= k <= steps:
-        raise CalibrationError(f"cannot choose {k} key steps of {steps} steps: K must be in 1..{steps}")
+        raise CalibrationError(f"cannot choose {k} of {steps} steps: K must be in 1..{steps}")
 
 
 def auto_count(spec, steps):

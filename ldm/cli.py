@@ -354,8 +354,10 @@ def make_mode(args, name=None, context_layout=None, calibrate_on=None):
         elif isinstance(mode.cache, DeepCache):
             mode.cache.full_steps_for(args.steps)
     except (ValueError, TypeError) as e:
-        what = {"fd": "FasterDiffusion", "deepcache": "DeepCache"}.get(cache, "mode")
-        raise UsageError(f"{what}: {first_line(e)}" if name is None else f"mode {name!r}: {first_line(e)}") from None
+        what, why = {"fd": "FasterDiffusion", "deepcache": "DeepCache"}.get(cache, "mode"), first_line(e)
+        if name is not None:
+            raise UsageError(f"mode {name!r}: {why}") from None
+        raise UsageError(why if why.startswith(what) else f"{what}: {why}") from None
     return mode
 
 
