@@ -103,8 +103,12 @@ def previous_run(files, settings, resume=False, overwrite=False):
         changed = differences(old, settings, ignore=SHARD_ONLY_SETTINGS + DERIVED_SETTINGS)
         if not changed:
             return "done"
+        shards = read_settings(files.shard_settings) if finished_batches(files.shard_dir) else None
+        resumable = shards is not None and not differences(shards, settings, ignore=DERIVED_SETTINGS)
+        how = "--overwrite --resume to replace it, continuing the saved batches of an interrupted --overwrite run" \
+            if resumable else "--overwrite to replace it"
         raise UsageError(f"{files.samples} was made with other settings ({'; '.join(changed)}); "
-                         "pass --overwrite to replace it, or choose another --output_dir")
+                         f"pass {how}, or choose another --output_dir")
     done = finished_batches(files.shard_dir)
     if not done:
         return "fresh"
