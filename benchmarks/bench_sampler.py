@@ -1,8 +1,10 @@
 """Time sampling modes (solver x cache) against the first one, alternating modes, and print a table per image.
 
-A mode is SAMPLER[+CACHE[:VALUE]][@PRECISION] (see ldm.models.diffusion.modes.parse_mode): SAMPLER is ddim,
+A mode is SAMPLER[+CACHE[:VALUE]][@PRECISION] (as ldm.cli.make_mode reads it): SAMPLER is ddim,
 plms, dpmpp2m or dpmpp3m; CACHE is fd (VALUE: key steps) or deepcache (VALUE: interval N); the cache options
-below apply to every mode with that cache. Without --modes: plain DDIM, then --sampler with --cache.
+below apply to every mode with that cache, --eta to the DDIM modes. Without --modes: plain DDIM, then --sampler
+with --cache. Each mode is timed once (`ddim` and `ddim+none` are one). Bad flags are one `error:` line and exit
+status 2, before any sampling.
 
 UNet FLOPs are counted (torch.utils.flop_counter) in the warm-up run of each mode, which is not timed.
 
@@ -12,37 +14,71 @@ Example (full cin256-v2 architecture, random weights):
 """
 import argparse
 import statistics
+import sys
 
 import torch
 
-from common import PeakMemory, build_model, device_name, print_table, timed
+from common import PeakMemory, build_model, device_name, print_table, refuse_auto_steps, script_args, timed
+from ldm import cli
+from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS
 from ldm.models.diffusion.guidance import unet_rows
-from ldm.models.diffusion.modes import CACHES, SAMPLERS, parse_mode
+from ldm.models.diffusion.modes import CACHES, SAMPLERS
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 from ldm.compile import compile_unet, mode_buckets
-from ldm.util import PRECISIONS, optimize_for_inference
+from ldm.util import PRECISIONS, check_file, optimize_for_inference
 
 
 def parse_modes(args):
-    """[(label, Mode, precision)] from --modes, or plain DDIM and --sampler/--cache."""
-    specs = args.modes.split(",") if args.modes else ["ddim", f"{args.sampler}+{args.cache}"]
-    options = dict(key_steps=args.key_steps, context_layout=args.context_layout, noise_injection=args.noise_injection,
-                   max_decoder_batch=args.max_decoder_batch, interval=args.cache_interval,
-                   nonuniform=args.nonuniform, pow=args.pow, full_steps=args.full_steps, branch=args.branch)
-    modes = []
-    for spec in dict.fromkeys(specs):
-        spec, _, precision = spec.partition("@")
-        if precision and precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r} in mode {spec!r}; choose one of {', '.join(PRECISIONS)}")
-        mode = parse_mode(spec.replace("+none", ""), eta=args.eta, skip_type=args.skip_type, **options)
-        modes.append((f"{mode.label} {precision or args.precision}", mode, precision or args.precision))
+    """[(label, Mode, precision)] from --modes, or plain DDIM and --sampler/--cache, each mode once (`ddim` and
+    `ddim+none` are one), checked against --steps as the sampling scripts check them (ldm.cli)."""
+    specs = [spec.partition("@") for spec in (args.modes.split(",") if args.modes
+                                              else ["ddim", f"{args.sampler}+{args.cache}"])]
+    flags = script_args(args, ckpt=args.ckpt or "")
+    for sampler in dict.fromkeys(cli.split_mode_name(name)[0] for name, _, _ in specs):
+        cli.check_sampling(script_args(flags, sampler=sampler))  # steps for the solver, eta, scale, seed
+    modes = {}
+    for name, _, precision in specs:
+        precision = precision or args.precision
+        if precision not in PRECISIONS:
+            raise cli.UsageError(f"unknown precision {precision!r} in mode {name!r}; "
+                                 f"choose one of {', '.join(PRECISIONS)}")
+        refuse_auto_steps("--modes", name, "bench_sampler.py")
+        mode = cli.make_mode(flags, name)
+        modes.setdefault((repr(mode), precision), (f"{mode.label} {precision}", mode, precision))
+    return list(modes.values())
+
+
+def check_args(args):
+    """Bad flags as a UsageError, before the model is loaded; returns the modes."""
+    for flag, value, least in (("--batch", args.batch, 1), ("--repeats", args.repeats, 1),
+                               ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise cli.UsageError(f"{flag} must be at least {least}, not {value}")
+    for flag in ("--key_steps", "--full_steps"):
+        refuse_auto_steps(flag, getattr(args, flag[2:]), "bench_sampler.py")
+    modes = parse_modes(args)
+    for precision in dict.fromkeys(precision for _, _, precision in modes):
+        cli.check_device(script_args(args, precision=precision))
+    model = cli.inspect_model(args)
+    for _, mode, _ in modes:
+        cli.check_mode_fits(mode, model)
+    if args.ckpt:
+        try:
+            check_file(args.ckpt, "checkpoint")
+        except OSError as e:
+            raise cli.UsageError(str(e)) from None
     return modes
 
 
-def main(args, modes):
+def bench(args, modes):
+    """Time the modes and print the table."""
     torch.set_grad_enabled(False)
-    model = optimize_for_inference(build_model(args.config, args.ckpt, args.device), channels_last=args.channels_last)
+    try:
+        model = build_model(args.config, args.ckpt, args.device)
+    except cli.LOAD_ERRORS as e:
+        raise cli.UsageError(f"cannot load the model: {cli.first_line(e)}") from None
+    model = optimize_for_inference(model, channels_last=args.channels_last)
     if args.compile:  # compiles in the warm-up runs
         rows = unet_rows(args.batch, args.scale != 1)
         compile_unet(model, mode_buckets([mode for _, mode, _ in modes], args.steps, rows))
@@ -87,12 +123,8 @@ def main(args, modes):
     print_table(header, rows)
 
 
-def str2bool(value):
-    return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--ckpt", default=None, help="checkpoint; random weights when omitted")
     parser.add_argument("--steps", type=int, default=20)
@@ -102,17 +134,17 @@ if __name__ == "__main__":
     parser.add_argument("--cache", choices=list(CACHES), default="fd")
     parser.add_argument("--modes", default=None, help="comma list of SAMPLER[+CACHE[:VALUE]][@PRECISION]; "
                                                       "overrides --sampler/--cache")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (of the DDIM modes)")
     parser.add_argument("--skip_type", choices=DPM_SKIP_TYPES, default="time_uniform", help="DPM-Solver++ spacing")
     parser.add_argument("--key_steps", default="uniform:4", help="FasterDiffusion key steps")
-    parser.add_argument("--context_layout", default="paired", help="FasterDiffusion: paired or reference")
-    parser.add_argument("--noise_injection", type=str2bool, default=True, help="FasterDiffusion")
+    parser.add_argument("--context_layout", choices=CONTEXT_LAYOUTS, default="paired", help="FasterDiffusion")
+    parser.add_argument("--noise_injection", type=cli.str2bool, default=True, help="FasterDiffusion")
     parser.add_argument("--max_decoder_batch", type=int, default=None, help="FasterDiffusion")
     parser.add_argument("--cache_interval", type=int, default=5, help="DeepCache: a full step every N steps")
-    parser.add_argument("--nonuniform", type=str2bool, default=False, help="DeepCache")
+    parser.add_argument("--nonuniform", type=cli.str2bool, default=False, help="DeepCache")
     parser.add_argument("--pow", type=float, default=1.5, help="DeepCache, with --nonuniform")
-    parser.add_argument("--full_steps", type=lambda s: [int(i) for i in s.split(",")], default=None,
-                        help="DeepCache: explicit full steps, e.g. 0,3,8 (instead of an interval)")
+    parser.add_argument("--full_steps", type=cli.step_list, default=None,
+                        help="DeepCache: explicit full steps, e.g. 0,3,8, or @FILE.json (instead of an interval)")
     parser.add_argument("--branch", type=int, default=0, help="DeepCache shallow branch")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--repeats", type=int, default=2)
@@ -121,11 +153,20 @@ if __name__ == "__main__":
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.full_steps is not None:
         args.cache_interval = None
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        modes = parse_modes(args)  # bad modes fail in one line, before the model is built
-    except (ValueError, TypeError) as error:
-        parser.error(str(error))
-    main(args, modes)
+        bench(args, check_args(args))
+    except cli.UsageError as e:
+        return cli.report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 import argparse
 import ast
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ import torch
 import torch._inductor.config
 from omegaconf import OmegaConf
 
+from ldm import cli
 from ldm.cli import on_off
 from ldm.util import instantiate_from_config, load_model
 
@@ -139,3 +141,20 @@ def inductor_options(options):
 
 def describe_options(options):
     return ", ".join(f"{name}={value}" for name, value in options) or "defaults"
+
+
+def script_args(args, **values):
+    """The sampling scripts' flags (ldm.cli's groups) at their defaults, with a benchmark's `args` and then `values`
+    over them: a namespace for ldm.cli's checks (check_sampling, make_mode, check_device)."""
+    parser = argparse.ArgumentParser()
+    for add in (cli.add_model_args, cli.add_sampling_args, cli.add_mode_args, cli.add_device_args):
+        add(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args), **values})
+
+
+def refuse_auto_steps(flag, spec, script):
+    """auto:K steps (alone or as a mode's VALUE) are chosen by calibrating on the weights, which the benchmarks
+    do not do: a UsageError."""
+    if isinstance(spec, str) and re.search(r"(^|:)\s*auto:", spec):
+        raise cli.UsageError(f"{flag} {spec}: {script} needs explicit steps (loop indices, a preset, or the "
+                             "@FILE.json of scripts/calibrate.py): auto:K steps are chosen by calibrating on the weights")

@@ -20,8 +20,8 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import build_model, print_table
-from ldm.cli import first_line
+from common import print_table, refuse_auto_steps
+from ldm import cli
 from ldm.compile import decoder_call_steps, placeholder_inputs
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.guidance import unet_rows
@@ -81,7 +81,8 @@ def main(args):
     guided = args.scale != 1
     rows = []
     try:
-        model = build_model(args.config, device="meta")
+        refuse_auto_steps("--key_steps", args.key_steps, "count_flops.py")
+        model = cli.inspect_model(args).eval()  # the architecture on the meta device
         ddim = flops_per_image(model, make_mode(), args.steps, args.batch, guided)
         for max_rows in args.caps:
             mode = make_mode("ddim", "fd", key_steps=args.key_steps, max_decoder_batch=max_rows)
@@ -90,8 +91,9 @@ def main(args):
             rows.append(["none" if max_rows is None else max_rows, ", ".join(map(str, per_call)),
                          f"{fd / 1e9:,.6g}", f"{ddim / fd:.3f}x"])
     except (OSError, ValueError) as e:
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
+        return cli.report(cli.first_line(e))
+    except cli.UsageError as e:
+        return cli.report(e)
     print(f"{args.config}; FasterDiffusion {args.key_steps}, S={args.steps}, batch {args.batch}, guidance "
           f"{args.scale}; DDIM {ddim / 1e9:,.6g} GFLOP/img")
     print_table(["max_decoder_batch", "steps per decoder call", "GFLOP/img", "fewer than DDIM"], rows)
@@ -99,7 +101,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--key_steps", default="ldm250")
     parser.add_argument("--steps", type=positive, default=250)

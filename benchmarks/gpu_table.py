@@ -7,7 +7,8 @@ tensor peak for the dtype (PEAKS; TF32 for fp32). Only sampling is timed (latent
 DeepCache repeat the same work every step (every N steps), so they are timed over whole periods (at least --window
 image-steps and --min_seconds) and scaled to S steps; FasterDiffusion's plan is not periodic and runs all S steps.
 Rows run in order of importance until --budget seconds are spent; the rest are listed as not run. Rows are printed
-as they finish, so a run that is killed still leaves its rows.
+as they finish, so a run that is killed still leaves its rows. A row that fails (out of memory, a compile error) is
+listed as failed and the others run; the exit status is 1 when no row was measured, 2 for bad flags.
 
     python benchmarks/gpu_table.py                                  # the GPU table (gpu_check.sh)
     python benchmarks/gpu_table.py --device cpu --steps 2 --config tests/fixtures/tiny/config.yaml \
@@ -15,6 +16,7 @@ as they finish, so a run that is killed still leaves its rows.
 """
 import argparse
 import copy
+import os
 import sys
 import time
 import traceback
@@ -23,14 +25,14 @@ import torch
 
 import count_flops
 from common import (add_cudnn_benchmark_argument, add_inductor_argument, build_model, describe_options,
-                    inductor_options, synchronize)
+                    inductor_options, refuse_auto_steps, script_args, synchronize)
+from ldm import cli
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.compile import compile_unet, mode_buckets, run_mode_calls, use_compile_cache, warm_up
 from ldm.models.diffusion.guidance import unet_rows
-from ldm.models.diffusion.modes import make_mode
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
-from ldm.util import optimize_for_inference, set_tf32, store_weights
+from ldm.util import PRECISIONS, check_precision, optimize_for_inference, set_tf32, store_weights
 
 # Dense tensor-core peaks in TFLOP/s (NVIDIA data sheets), by a part of the GPU's name; the first match counts.
 # "fp32" is TF32 (what fp32 matmuls and convolutions run in with TF32 on).
@@ -45,6 +47,8 @@ PEAKS = [
 COLUMNS = [("mode", 16), ("batch", 9), ("precision", 9), ("variant", 8), ("images/s", 9), ("s/img", 8),
            ("GFLOP/img", 9), ("TFLOP/s", 8), ("MFU", 6), ("timed steps", 11), ("compile s", 9)]
 FIRST_RATE = {"fp32": 20e12, "fp16": 40e12, "bf16": 40e12}  # FLOP/s assumed before a precision's first row
+MODE_NAMES = {"ddim": "ddim", "fd": "ddim+fd", "deepcache": "ddim+deepcache"}  # name -> the scripts' mode name
+VARIANTS = ("eager", "compiled")
 
 
 class StopSampling(Exception):
@@ -57,11 +61,11 @@ def peak_tflops(name, precision):
 
 
 def modes(args):
-    """name -> mode: DDIM, FasterDiffusion and DeepCache (all with the DDIM solver)."""
-    table = {"ddim": make_mode("ddim"),
-             "fd": make_mode("ddim", "fd", key_steps=args.key_steps, max_decoder_batch=args.max_decoder_batch),
-             "deepcache": make_mode("ddim", "deepcache", interval=args.cache_interval)}
-    return {name: table[name] for name in args.modes.split(",")}
+    """name -> mode: DDIM, FasterDiffusion and DeepCache (all with the DDIM solver), checked against --steps."""
+    if "fd" in args.modes:
+        refuse_auto_steps("--key_steps", args.key_steps, "gpu_table.py")
+    flags = script_args(args, ckpt="")  # random weights: no checkpoint to check a calibration file against
+    return {name: cli.make_mode(flags, MODE_NAMES[name]) for name in args.modes}
 
 
 def period(name, args):
@@ -220,19 +224,53 @@ def plan(args):
     """The rows in the order they run: half precision before fp32, eager before compiled, FasterDiffusion first."""
     order = sorted(args.precisions, key=lambda p: p == "fp32")
     return [(name, batch, precision, variant) for precision in order for variant in args.variants
-            for batch in args.batches for name in sorted(args.modes.split(","), key=lambda n: n != "fd")]
+            for batch in args.batches for name in sorted(args.modes, key=lambda n: n != "fd")]
+
+
+def check_out(path):
+    """--out names a file that can be written in an existing folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise cli.UsageError(f"--out {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise cli.UsageError(f"--out {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+        raise cli.UsageError(f"--out {path}: not writable")
+
+
+def check_args(args):
+    """Bad flags as a UsageError, before any model is built; returns the device."""
+    device = cli.resolve_device(args.device)
+    for precision in args.precisions:
+        try:
+            check_precision(precision, device)
+        except ValueError as e:
+            raise cli.UsageError(f"--precisions {precision}: {e}") from None
+    if AUTO_BATCH in args.batches and device.type != "cuda":
+        raise cli.UsageError(f"--batches {AUTO_BATCH} fits the batch to a GPU's free memory: give numbers on the CPU")
+    if args.assumed_tflops is not None and not args.assumed_tflops > 0:
+        raise cli.UsageError(f"--assumed_tflops must be positive, not {args.assumed_tflops}")
+    cli.check_sampling(script_args(args))
+    modes(args)
+    if args.out:
+        check_out(args.out)
+    cli.inspect_model(args)
+    return device
 
 
 def main(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device: this table needs an NVIDIA GPU (or --device cpu for a dry run)", file=sys.stderr)
         return 2
+    try:
+        device = check_args(args)
+    except cli.UsageError as e:
+        return cli.report(e)
     use_expandable_segments()
     set_tf32(True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if "compiled" in args.variants:
         use_compile_cache()
-    device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     out = open(args.out, "w") if args.out else None
     bench = Bench(args)
@@ -243,6 +281,7 @@ def main(args):
              f"inductor: {describe_options(args.inductor)}; fp32 with TF32 on CUDA; "
              "sampling only (no VQ decoding), GFLOP/img of the UNet")
     print_header(title, out)
+    measured = 0
     for name, batch, precision, variant in plan(args):
         try:
             with inductor_options(args.inductor):
@@ -253,25 +292,52 @@ def main(args):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print_row(cells, out)
+        measured += cells[5] != ""  # s/img, empty in unmeasured rows
     if out:
         out.close()
+    if not measured:
+        print("error: no row of the table was measured", file=sys.stderr)
+        return 1
     return 0
 
 
+def names(choices):
+    """argparse type of a comma list of some of `choices`."""
+    def parse(text):
+        chosen = list(dict.fromkeys(name.strip() for name in text.split(",")))
+        unknown = [name for name in chosen if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(choices)}")
+        return chosen
+    return parse
+
+
+def batches(text):
+    """argparse type of --batches: a comma list of batch sizes and auto."""
+    sizes = [cli.batch_size_arg(size.strip()) for size in text.split(",")]
+    if any(size != AUTO_BATCH and size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes are at least 1, not {text!r}")
+    return list(dict.fromkeys(map(str, sizes)))
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--scale", type=float, default=1.5)
-    parser.add_argument("--modes", default="ddim,fd,deepcache", help="comma list of ddim, fd, deepcache")
+    parser.add_argument("--modes", type=names(MODE_NAMES), default="ddim,fd,deepcache",
+                        help="comma list of ddim, fd, deepcache")
     parser.add_argument("--key_steps", default="ldm250", help="FasterDiffusion key steps")
     parser.add_argument("--max_decoder_batch", type=int, default=None,
                         help="FasterDiffusion: at most this many rows per decoder call (default: a whole group)")
     parser.add_argument("--cache_interval", type=int, default=5, help="DeepCache: a full UNet pass every N steps")
-    parser.add_argument("--batches", type=lambda s: s.split(","), default="1,4,16,auto")
-    parser.add_argument("--precisions", type=lambda s: s.split(","), default="fp32,fp16")
-    parser.add_argument("--variants", type=lambda s: s.split(","), default="eager,compiled")
+    parser.add_argument("--batches", type=batches, default="1,4,16,auto",
+                        help="comma list of batch sizes and auto (the largest that fits the GPU)")
+    parser.add_argument("--precisions", type=names(PRECISIONS), default="fp32,fp16",
+                        help=f"comma list of {', '.join(PRECISIONS)} (fp16 on a GPU only)")
+    parser.add_argument("--variants", type=names(VARIANTS), default="eager,compiled",
+                        help="comma list of eager, compiled")
     parser.add_argument("--window", type=int, default=100,
                         help="image-steps to time for DDIM and DeepCache (whole periods, at least one)")
     parser.add_argument("--min_seconds", type=float, default=2.0,
@@ -291,7 +357,9 @@ def parse_args(argv=None):
                         help="auto (as in the scripts): matmul on a GPU for heads wider than flash attention takes, "
                              "else sdpa; sdpa: PyTorch's fused kernel; matmul: scores written out, two matmuls")
     add_inductor_argument(parser)
-    parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--out", default=None,
+                        help="also write the table to this file (overwritten), row by row as rows finish: a run "
+                             "stopped early keeps the rows done")
     return parser.parse_args(argv)
 
 

@@ -3,10 +3,12 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_CONFIG
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import sample_latents
+from ldm.util import build_model
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import count_flops  # noqa: E402
@@ -28,7 +30,7 @@ MODES = {"ddim": make_mode(), "fd": make_mode("ddim", "fd", key_steps=KEY_STEPS)
 
 @pytest.fixture(scope="module")
 def meta_model():
-    return count_flops.build_model(str(TINY_CONFIG), device="meta")
+    return build_model(str(TINY_CONFIG))  # on the meta device
 
 
 @pytest.mark.parametrize("name", list(MODES))
@@ -64,12 +66,32 @@ def test_table_has_a_row_a_cap_and_more_work_with_smaller_calls(capsys):
 def test_bad_numbers_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as raised:
         count_flops.parse_args(argv)
-    assert raised.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err.splitlines()[-1]
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.startswith(f"error: argument {argv[0]}") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("argv, message", [(["--key_steps", "bogus"], "error: unknown key_steps preset 'bogus'"),
-                                           (["--config", "missing.yaml"], "error: ")])
-def test_bad_plans_and_configs_are_one_line_errors(argv, message, capsys):
+def unknown_unet_parameter(path):
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.unet_config.params.bogus = 3
+    OmegaConf.save(config, path)
+
+
+BAD_CONFIGS = {"not YAML": lambda path: path.write_text("model: [unclosed\n  a: {"),
+               "no model section": lambda path: path.write_text("foo: 1\n"),
+               "unknown UNet parameter": unknown_unet_parameter}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--key_steps", "bogus"], "error: unknown key_steps preset 'bogus'"),
+    (["--key_steps", "auto:3"], "error: --key_steps auto:3: count_flops.py needs explicit steps"),
+    (["--config", "missing.yaml"], "error: cannot load the model: config not found"),
+    (["--config", "not YAML"], "error: cannot load the model: cannot read config"),
+    (["--config", "no model section"], "error: cannot load the model: config {} has no `model` section"),
+    (["--config", "unknown UNet parameter"], "error: cannot load the model: UNetModel.__init__() got an unexpected")])
+def test_bad_plans_and_configs_are_one_line_errors(argv, message, tmp_path, capsys):
+    if argv[1] in BAD_CONFIGS:
+        BAD_CONFIGS[argv[1]](tmp_path / "config.yaml")
+        argv = ["--config", str(tmp_path / "config.yaml")]
     assert count_flops.main(count_flops.parse_args(argv)) == 2
     err = capsys.readouterr().err
-    assert err.startswith(message) and err.count("\n") == 1
+    assert err.startswith(message.format(argv[1])) and err.count("\n") == 1

@@ -170,3 +170,58 @@ def test_flops_per_image_are_those_of_the_rows_batch(cap):
                                               count_flops=True)
             assert bench.flops_per_image(name, batch_size) == intermediates["stats"].flops / batch_size
     assert (bench.flops_per_image("fd", 1) < bench.flops_per_image("fd", 2)) == bool(cap)
+
+
+DRY_RUN = ["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions", "fp32", "--batches", "1",
+           "--variants", "eager"]
+
+
+def exit_status(argv):
+    """gpu_table.py's exit status for the flags, bad ones included (argparse exits)."""
+    try:
+        return gpu_table.main(gpu_table.parse_args(argv))
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "1,x"], "argument --batches: expected a number of samples or auto, not 'x'"),
+    (["--batches", "0"], "argument --batches: batch sizes are at least 1"),
+    (["--batches", "1,auto"], "--batches auto fits the batch to a GPU's free memory"),
+    (["--steps", "0"], "--steps: number of DDIM steps must be in 1..1000"),
+    (["--steps", "3"], "--steps: 3 DDIM steps do not fit"),
+    (["--modes", "ddim,foo"], "argument --modes: unknown 'foo'"),
+    (["--precisions", "fp64"], "argument --precisions: unknown 'fp64'"),
+    (["--precisions", "fp32,fp16"], "--precisions fp16: fp16 needs a CUDA device"),
+    (["--variants", "bogus"], "argument --variants: unknown 'bogus'"),
+    (["--device", "foo"], "--device 'foo' is not a device name"),
+    (["--out", "{tmp}/missing/table.md"], "no such folder"),
+    (["--out", "{tmp}"], "is a directory"),
+    (["--key_steps", "zz"], "unknown key_steps preset 'zz'"),
+    (["--key_steps", "auto:2"], "--key_steps auto:2: gpu_table.py needs explicit steps"),
+    (["--cache_interval", "0"], "DeepCache interval must be a positive number"),
+    (["--assumed_tflops", "0"], "--assumed_tflops must be positive"),
+    (["--config", "missing.yaml"], "cannot load the model: config not found")])
+def test_bad_flags_are_one_line_errors_before_the_table(argv, message, tmp_path, capsys):
+    assert exit_status(DRY_RUN + [a.format(tmp=tmp_path) for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
+@pytest.mark.parametrize("failing, status", [({"ddim", "fd", "deepcache"}, 1), ({"fd"}, 0)])
+def test_a_table_with_no_measured_row_exits_1(monkeypatch, capsys, failing, status):
+    """Rows that fail at run time (out of GPU memory) are listed; only a table without any measurement fails."""
+    row = gpu_table.Bench.row
+
+    def flaky(bench, name, *rest):
+        if name in failing:
+            raise RuntimeError("CUDA out of memory")
+        return row(bench, name, *rest)
+
+    monkeypatch.setattr(gpu_table.Bench, "row", flaky)
+    assert exit_status(DRY_RUN) == status
+    captured = capsys.readouterr()
+    rows = [line.split("|")[1:-1] for line in captured.out.splitlines()[3:]]
+    assert len(rows) == 3 and sum(cells[4].strip() == "failed: RuntimeError" for cells in rows) == len(failing)
+    assert captured.err.endswith("error: no row of the table was measured\n") == (status == 1)
