@@ -71,9 +71,9 @@ def check_args(args):
     return modes
 
 
+@torch.no_grad()
 def bench(args, modes):
     """Time the modes and print the table."""
-    torch.set_grad_enabled(False)
     try:
         model = build_model(args.config, args.ckpt, args.device)
     except cli.LOAD_ERRORS as e:

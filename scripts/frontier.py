@@ -574,8 +574,7 @@ def run(argv=None):
     args = parse_args(argv)
     comm = Comm()
     share_cpu_threads(comm)
-    torch.set_grad_enabled(False)
-    with cli.sigterm_as_interrupt():
+    with cli.sigterm_as_interrupt(), torch.no_grad():
         try:
             return main(args, comm)
         except Exception:

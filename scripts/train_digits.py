@@ -471,7 +471,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        {"first_stage": train_first_stage, "unet": train_unet, "export": export}[args.stage](args)
+        with torch.enable_grad():  # whatever the caller's mode (a test run in-process after sampling, say)
+            {"first_stage": train_first_stage, "unet": train_unet, "export": export}[args.stage](args)
     except cli.UsageError as e:
         return cli.report(e)
     except KeyboardInterrupt:

@@ -21,6 +21,14 @@ TINY_CONFIG = TINY / "config.yaml"
 TINY_CKPT = TINY / "model.ckpt"
 
 
+@pytest.fixture(autouse=True)
+def gradients_stay_as_they_were():
+    """A script run in-process must not leave gradients turned off (or on) for the tests after it."""
+    enabled = torch.is_grad_enabled()
+    yield
+    assert torch.is_grad_enabled() == enabled, "the test changed torch's global gradient mode"
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return load_model(str(TINY_CONFIG), str(TINY_CKPT))
