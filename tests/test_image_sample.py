@@ -214,19 +214,23 @@ def test_both_spellings_of_each_flag():
         1.5, 0, "ddim", "none", "ldm250")
 
 
-def test_interrupted_overwrite_says_how_to_continue_it(reference, tmp_path):
-    mode, out, images, _ = reference
-    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
-    new = ["--classifier_scale", "2", "--batch_size", "2", *MODES[mode]]
-    stopped = run(tmp_path, *new, "--overwrite", "--stop_after_batches", "1")
-    assert stopped.returncode == image_sample.STOPPED_EXIT_CODE, stopped.stderr
-    refused = run(tmp_path, *new, "--resume")
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+def test_interrupted_overwrite_says_how_to_continue_it(tmp_path, capsys):
+    first = command(tmp_path, "--batch_size", "2")[2:]
+    assert image_sample.run(first) == 0
+    images = load(tmp_path / FINAL)[0]
+    new = [*first, "--classifier_scale", "2"]
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.run([*new, "--overwrite", "--stop_after_batches", "1"])
+    assert stopped.value.code == image_sample.STOPPED_EXIT_CODE
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        image_sample.run([*new, "--resume"])
+    assert refused.value.code == cli.BAD_INPUT
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / FINAL} was made with other settings (scale: 1.5 -> 2.0); pass --overwrite --resume to "
         "replace it, continuing the saved batches of an interrupted --overwrite run, or choose another --output_dir"]
     np.testing.assert_array_equal(load(tmp_path / FINAL)[0], images)
-    continued = run(tmp_path, *new, "--overwrite", "--resume")
-    assert continued.returncode == 0, continued.stderr
+    assert image_sample.run([*new, "--overwrite", "--resume"]) == 0
     assert json.loads((tmp_path / RECORD).read_text())["scale"] == 2.0
 
 
