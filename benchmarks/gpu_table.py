@@ -16,7 +16,6 @@ listed as failed and the others run; the exit status is 1 when no row was measur
 """
 import argparse
 import copy
-import os
 import sys
 import time
 import traceback
@@ -227,17 +226,6 @@ def plan(args):
             for batch in args.batches for name in sorted(args.modes, key=lambda n: n != "fd")]
 
 
-def check_out(path):
-    """--out names a file that can be written in an existing folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise cli.UsageError(f"--out {path} is a directory; give a file name")
-    if not os.path.isdir(folder):
-        raise cli.UsageError(f"--out {path}: no such folder {folder}")
-    if not os.access(folder, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
-        raise cli.UsageError(f"--out {path}: not writable")
-
-
 def check_args(args):
     """Bad flags as a UsageError, before any model is built; returns the device."""
     device = cli.resolve_device(args.device)
@@ -253,7 +241,7 @@ def check_args(args):
     cli.check_sampling(script_args(args))
     modes(args)
     if args.out:
-        check_out(args.out)
+        cli.check_output_file(args.out, "--out")
     cli.inspect_model(args)
     return device
 

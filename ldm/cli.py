@@ -408,6 +408,18 @@ def check_writable_folder(folder, flag):
         raise UsageError(f"{flag} {folder}: directory {existing} is not writable")
 
 
+def check_output_file(path, flag):
+    """An output file's name: not a directory, in a folder that exists and is writable (a file there, writable)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        problem = "is a file, not a directory" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: {folder} {problem}")
+    if not os.access(folder, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
 def inspect_model(args):
     """The model's structure without its weights (fast): a config that cannot be built, or a model without
     class labels, is a UsageError before the checkpoint is read."""

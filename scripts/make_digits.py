@@ -5,7 +5,6 @@
 
 Image i depends only on (seed, i); the reference batch uses its own seed, which a training set may not.
 """
-import os
 import sys
 from multiprocessing import Pool
 
@@ -34,20 +33,6 @@ def draw_set(seed, num, workers=1, chunk=1000):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def check_out(parser, path):
-    """--out names a .npz file in a folder that exists and is writable."""
-    if not path.endswith(".npz"):
-        parser.error(f"--out must end in .npz, not {path!r}")
-    if os.path.isdir(path):
-        parser.error(f"--out {path} is a directory")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        problem = "is a file, not a directory" if os.path.exists(folder) else "does not exist"
-        parser.error(f"--out {path}: {folder} {problem}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        parser.error(f"--out {path}: directory {folder} is not writable")
-
-
 def main(argv=None):
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output .npz")
@@ -68,7 +53,12 @@ def main(argv=None):
             parser.error(f"--seed must be at least 0, not {seed}")
     if num < 1 or args.workers < 1:
         parser.error("--num and --workers must be positive")
-    check_out(parser, args.out)
+    if not args.out.endswith(".npz"):
+        parser.error(f"--out must end in .npz, not {args.out!r}")
+    try:
+        cli.check_output_file(args.out, "--out")
+    except cli.UsageError as e:
+        parser.error(str(e))
     images, labels = draw_set(seed, num, args.workers)
     write_atomic(args.out, lambda f: np.savez(f, arr_0=images, arr_1=labels))
     print(f"wrote {args.out}: {num} images, seed {seed}, class counts {np.bincount(labels, minlength=10).tolist()}")

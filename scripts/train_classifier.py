@@ -7,7 +7,6 @@ Prints the accuracy on the held-out set (the reference batch, drawn with a seed 
 Bad input (flags, data sets, an --out that cannot be written) is one `error: ...` line and exit status 2, before
 training.
 """
-import os
 import sys
 import time
 
@@ -42,18 +41,6 @@ def train(images, labels, steps, batch_size=64, lr=2e-3, seed=0):
     return classifier.eval()
 
 
-def check_out(path):
-    """--out is a file name in a folder that exists and is writable."""
-    if os.path.isdir(path):
-        raise cli.UsageError(f"--out {path} is a directory; give the file name of the graph (.pb)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        problem = "is a file, not a directory" if os.path.exists(folder) else "does not exist"
-        raise cli.UsageError(f"--out {path}: {folder} {problem}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise cli.UsageError(f"--out {path}: directory {folder} is not writable")
-
-
 def read_data(path, flag):
     """Images and labels of a digits .npz; one that is not is a UsageError naming the flag."""
     try:
@@ -73,7 +60,7 @@ def main(argv=None):
     try:
         if args.steps < 1:
             raise cli.UsageError(f"--steps must be at least 1, not {args.steps}")
-        check_out(args.out)
+        cli.check_output_file(args.out, "--out")
         images, labels = read_data(args.data, "--data")
         held_images, held_labels = read_data(args.held_out, "--held_out")
     except cli.UsageError as e:

@@ -195,7 +195,7 @@ def exit_status(argv):
     (["--precisions", "fp32,fp16"], "--precisions fp16: fp16 needs a CUDA device"),
     (["--variants", "bogus"], "argument --variants: unknown 'bogus'"),
     (["--device", "foo"], "--device 'foo' is not a device name"),
-    (["--out", "{tmp}/missing/table.md"], "no such folder"),
+    (["--out", "{tmp}/missing/table.md"], "missing does not exist"),
     (["--out", "{tmp}"], "is a directory"),
     (["--key_steps", "zz"], "unknown key_steps preset 'zz'"),
     (["--key_steps", "auto:2"], "--key_steps auto:2: gpu_table.py needs explicit steps"),
