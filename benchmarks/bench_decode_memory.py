@@ -3,7 +3,8 @@
     python benchmarks/bench_decode_memory.py [--config configs/latent-diffusion/cin256-v2.yaml] [--batches 4,16,32]
 
 Random weights. Peak memory is above what was in use before the decoding: the allocator's peak on a GPU, the
-resident set size (sampled) on the CPU. Both ways decode the same images (checked, exactly).
+resident set size (sampled) on the CPU. Both ways decode the same images, to float rounding (checked: relative L2
+difference under 1e-6; convolution libraries may pick other kernels for other batch sizes).
 """
 import argparse
 
@@ -30,9 +31,10 @@ def main(args):
         latents = torch.randn(batch, model.channels, model.image_size, model.image_size, device=args.device)
         chunked, chunked_peak, chunked_s = decode_peak(model, latents, args.chunk, args.device)
         whole, whole_peak, whole_s = decode_peak(model, latents, batch, args.device)
-        if not torch.equal(whole, chunked):
+        difference = ((whole - chunked).norm() / whole.norm()).item()
+        if difference > 1e-6:
             raise SystemExit(f"error: at batch {batch}, decoding in chunks of {args.chunk} changed the images "
-                             f"by up to {(whole - chunked).abs().max().item():.3g}")
+                             f"by {difference:.3g} (relative L2)")
         rows.append([batch, f"{whole_peak / gib:.2f}", f"{chunked_peak / gib:.2f}", f"{whole_peak / batch / gib:.3f}",
                      f"{whole_s / batch:.3f}", f"{chunked_s / batch:.3f}"])
         del latents, chunked, whole

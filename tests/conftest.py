@@ -3,6 +3,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -19,6 +20,16 @@ FIXTURES = REPO / "tests" / "fixtures"
 TINY = FIXTURES / "tiny"
 TINY_CONFIG = TINY / "config.yaml"
 TINY_CKPT = TINY / "model.ckpt"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers), the workers split the cores: one thread each on 2 cores,
+    for torch here and for the scripts the tests start, unless OMP_NUM_THREADS is set."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -90,7 +90,8 @@ def test_latents_are_decoded_in_chunks_with_the_same_images(tiny_model, monkeypa
     sizes = []
     decode = tiny_model.first_stage_model.decode
     monkeypatch.setattr(tiny_model.first_stage_model, "decode", lambda h, **kw: sizes.append(len(h)) or decode(h, **kw))
-    assert torch.equal(decode_latents(tiny_model, z), whole)
+    # Equal to float rounding: oneDNN may pick other convolution kernels for other batch sizes (on one thread here).
+    assert rel_err(decode_latents(tiny_model, z), whole) < 1e-6
     assert sizes == [DECODE_BATCH, DECODE_BATCH, 3]
 
 
