@@ -32,8 +32,7 @@ from ldm.util import PRECISIONS, check_file, optimize_for_inference
 def parse_modes(args):
     """[(label, Mode, precision)] from --modes, or plain DDIM and --sampler/--cache, each mode once (`ddim` and
     `ddim+none` are one), checked against --steps as the sampling scripts check them (ldm.cli)."""
-    specs = [spec.partition("@") for spec in (args.modes.split(",") if args.modes
-                                              else ["ddim", f"{args.sampler}+{args.cache}"])]
+    specs = [spec.partition("@") for spec in (args.modes or ["ddim", f"{args.sampler}+{args.cache}"])]
     flags = script_args(args, ckpt=args.ckpt or "")
     for sampler in dict.fromkeys(cli.split_mode_name(name)[0] for name, _, _ in specs):
         cli.check_sampling(script_args(flags, sampler=sampler))  # steps for the solver, eta, scale, seed
@@ -132,8 +131,9 @@ def parse_args(argv=None):
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     parser.add_argument("--cache", choices=list(CACHES), default="fd")
-    parser.add_argument("--modes", default=None, help="comma list of SAMPLER[+CACHE[:VALUE]][@PRECISION]; "
-                                                      "overrides --sampler/--cache")
+    parser.add_argument("--modes", nargs="+", default=None, metavar="MODE",
+                        help="SAMPLER[+CACHE[:VALUE]][@PRECISION] ... (e.g. ddim+fd:0,5,10@bf16); "
+                             "overrides --sampler/--cache")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (of the DDIM modes)")
     parser.add_argument("--skip_type", choices=DPM_SKIP_TYPES, default="time_uniform", help="DPM-Solver++ spacing")
     parser.add_argument("--key_steps", default="uniform:4", help="FasterDiffusion key steps")
