@@ -5,8 +5,6 @@ PY := $(VENV)/bin/python
 CKPT := models/ldm/cin256-v2/model.ckpt
 DIGITS := models/digits32
 TORCH ?= torch==2.13.0
-# pytest-xdist workers; each takes its share of the cores (tests/conftest.py). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
 
 .PHONY: test demo venv clean
 
@@ -21,7 +19,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q
 
 # With the cin256-v2 checkpoint: the published demo. Without it: the shipped digits model, offline.
 demo: venv
