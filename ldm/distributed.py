@@ -59,7 +59,12 @@ def first_error(comm, errors):
     return next((e for e in comm.allgather(errors) if e), None)
 
 
+def usable_cpus():
+    """The CPU cores this process may run on (all of the machine's where the OS cannot say, as on macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def share_cpu_threads(comm):
     """Split this node's CPU cores between its processes, unless OMP_NUM_THREADS says otherwise."""
     if comm.size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // comm.local_size()))
+        torch.set_num_threads(max(1, usable_cpus() // comm.local_size()))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.distributed import usable_cpus
 from ldm.util import load_model, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def pytest_configure(config):
     for torch here and for the scripts the tests start, unless OMP_NUM_THREADS is set."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        threads = max(1, usable_cpus() // int(workers))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
