@@ -460,3 +460,29 @@ def test_bad_input_mpi(case, tmp_path):
     result = run(tmp_path / "out", *make_flags(tmp_path), processes=2)
     assert result.returncode == 2
     check_bad_input(result.stderr, words, tmp_path)
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_ranks_on_a_node_share_its_cores(monkeypatch, affinity):
+    """Two ranks on one node take half the cores each; where the OS cannot say which cores a process may use
+    (no os.sched_getaffinity, as on macOS), the machine's count is used."""
+    from ldm import distributed
+
+    class TwoRanks:
+        size = 2
+
+        def local_size(self):
+            return 2
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if affinity:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    else:
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        distributed.share_cpu_threads(TwoRanks())
+        assert torch.get_num_threads() == (3 if affinity else 4)
+    finally:
+        torch.set_num_threads(threads)
