@@ -24,8 +24,8 @@ TINY_CKPT = TINY / "model.ckpt"
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs two workers), the workers split the cores: one thread each on 2 cores,
-    for torch here and for the scripts the tests start, unless OMP_NUM_THREADS is set."""
+    """Under pytest-xdist (two workers by default, pyproject.toml), the workers split the cores: one thread each
+    on 2 cores, for torch here and for the scripts the tests start, unless OMP_NUM_THREADS is set."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, usable_cpus() // int(workers))
