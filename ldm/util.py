@@ -133,6 +133,8 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
              if state_dict[k].shape != v.shape]
     if wrong:
         raise CheckpointError(f"{source} has {len(wrong)} tensors of the wrong shape (checkpoint vs model): {_few(wrong, 2)}")
+    # as upstream, which copies into float32 parameters: a half- or double-precision checkpoint loads as float32
+    state_dict = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 

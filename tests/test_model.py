@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG, rel_err
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.sampling import DECODE_BATCH, decode_latents, generate, image_shape, num_classes, unconditional_class
+from ldm.sampling import (DECODE_BATCH, decode_latents, generate, image_shape, num_classes, sample_latents,
+                          unconditional_class)
 from ldm.util import CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, read_state_dict
 
 CIN256_CONFIG = REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml"
@@ -119,6 +120,24 @@ def test_safetensors_checkpoint_loads(tmp_path, tiny_state_dict, tiny_model):
     model = load_model(str(TINY_CONFIG), str(path))
     for (k, a), b in zip(model.state_dict().items(), tiny_model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_checkpoint_of_another_float_dtype_loads_as_float32(dtype, tmp_path, tiny_state_dict, tiny_model, golden):
+    """As upstream's load_state_dict into float32 parameters: every float tensor becomes float32, equal to the
+    checkpoint's values, and the model samples in fp32 (an fp16 copy of cin256-v2 is a common download)."""
+    path = tmp_path / "cast.ckpt"
+    torch.save({"state_dict": {k: v.to(dtype) if v.is_floating_point() else v
+                               for k, v in tiny_state_dict.items()}}, path)
+    model = load_model(str(TINY_CONFIG), str(path))
+    loaded = model.state_dict()
+    assert {v.dtype for v in loaded.values() if v.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(loaded[k], v.to(dtype).float()) for k, v in tiny_state_dict.items() if v.is_floating_point())
+    labels = torch.tensor([1, 2])
+    x_T = torch.from_numpy(golden["x_T"])[:2]
+    latents, _ = sample_latents(model, labels, 5, 2.0, x_T=x_T)
+    expected, _ = sample_latents(tiny_model, labels, 5, 2.0, x_T=x_T)
+    assert rel_err(latents, expected) < {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-7}[dtype]
 
 
 def test_known_harmless_extras_are_ignored(tmp_path, tiny_state_dict):
