@@ -44,7 +44,7 @@ def run_child(args):
     start = time.perf_counter()
     try:
         sample_latents(model, labels, args.steps, args.scale, faster_diffusion=plan,
-                       generators=sample_generators(0, range(args.batch)), callback=stop)
+                       generators=sample_generators(0, range(args.batch)), step_callback=stop)
     except Stop:
         pass
     synchronize(args.device)

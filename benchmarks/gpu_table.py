@@ -99,7 +99,7 @@ def sample(model, mode, batch_size, stop, precision, args, every=None, min_secon
     start = time.perf_counter()
     try:
         sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
-                       generators=sample_generators(0, range(batch_size)), callback=stop_after)
+                       generators=sample_generators(0, range(batch_size)), step_callback=stop_after)
     except StopSampling:
         pass
     synchronize(model.device)  # the clock ran on the CPU, which queues GPU work ahead: wait for the steps run

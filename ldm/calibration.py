@@ -151,7 +151,7 @@ def feature_changes(model, mode, steps, scale, feature, num_samples=CALIBRATION_
         after.append((x, timestep))
 
     _, intermediates = sample_latents(model, labels, steps, scale, generators=sample_generators(seed, indices),
-                                      precision=precision, mode=plain, callback=record)
+                                      precision=precision, mode=plain, step_callback=record)
     xs = [intermediates["x_inter"][0]] + [x for x, _ in after[:-1]]  # the input of every step, x_T first
     ts = [t for _, t in after]
     context = model.get_learned_conditioning({model.cond_stage_key: labels})

@@ -73,7 +73,7 @@ def test_feature_changes_match_a_direct_computation(tiny_model, feature):
     inputs = []
     labels = sample_labels(3, range(2), 1000)
     _, inter = sample_latents(tiny_model, labels, steps, scale, generators=sample_generators(3, range(2)),
-                              callback=lambda i, t, x, x0: inputs.append((x, t)))
+                              step_callback=lambda i, t, x, x0: inputs.append((x, t)))
     x1, t1 = inputs[0][0], inputs[1][1]
     x0, t0 = inter["x_inter"][0], inputs[0][1]
     context = tiny_model.get_learned_conditioning({"class_label": labels})

@@ -38,7 +38,7 @@ def test_golden_case(name, tiny_model, solver_golden, golden, conds):
     case = spec["cases"][name]
     timesteps = []
     latent, inter = run(tiny_model, golden, conds, "plms" if case["sampler"] == "plms" else "dpmpp2m",
-                        case["S"], case["guidance_scale"], callback=lambda i, t, x, x0: timesteps.append(t))
+                        case["S"], case["guidance_scale"], step_callback=lambda i, t, x, x0: timesteps.append(t))
     assert rel_err(latent, arrays[case["latent"]]) < 1e-5
     assert rel_err(tiny_model.decode_first_stage(latent), arrays[case["image"]]) < 1e-5
     assert inter["stats"].full_passes == case["nfe"]
@@ -58,7 +58,7 @@ def test_dpm_solver_continuous_times(tiny_model, solver_golden, golden, conds):
     times = {}
     for skip_type in ("time_uniform", "logSNR"):
         seen = []
-        run(tiny_model, golden, conds, "dpmpp2m", 10, skip_type=skip_type, callback=lambda i, t, x, x0: seen.append(t))
+        run(tiny_model, golden, conds, "dpmpp2m", 10, skip_type=skip_type, step_callback=lambda i, t, x, x0: seen.append(t))
         times[skip_type] = np.array(seen) / 1000 + 1e-3
     np.testing.assert_allclose(times["time_uniform"], spec["cases"]["dpmpp2m_S10_g2.5"]["t_continuous"][:-1],
                                rtol=1e-6)
@@ -91,7 +91,7 @@ def test_dpm_solver_steps_by_hand(order, steps, skip_type, lower_order_final, or
     seen = []
     latent, _ = run(tiny_model, golden, conds, "dpmpp2m", steps, scale=4.0, rows=slice(1, 2), skip_type=skip_type,
                     order=order, lower_order_final=lower_order_final,
-                    callback=lambda i, t, x, x0: seen.append((t / 1000 + 1e-3, x.double(), x0.double())))
+                    step_callback=lambda i, t, x, x0: seen.append((t / 1000 + 1e-3, x.double(), x0.double())))
     t = np.array([s[0] for s in seen] + [1e-3])
     lam, la = log_snr(tiny_model, t), log_alpha(tiny_model, t)
     sigma = np.sqrt(1 - np.exp(2 * la))
@@ -276,12 +276,25 @@ def test_flop_counts_follow_the_cache(tiny_model, golden, conds):
 def test_callback_sees_every_step(solver, tiny_model, golden, conds):
     seen = []
     latent, inter = run(tiny_model, golden, conds, solver, steps=10,
-                        callback=lambda i, t, x, x0: seen.append((i, t, x.clone(), x0)))
+                        step_callback=lambda i, t, x, x0: seen.append((i, t, x.clone(), x0)))
     assert [s[0] for s in seen] == list(range(10))
     assert all(a[1] > b[1] for a, b in zip(seen, seen[1:]))
     assert torch.equal(seen[-1][2], latent)
     assert inter["stats"].steps == 10
     assert torch.equal(inter["x_inter"][-1], latent) and len(inter["pred_x0"]) == len(inter["x_inter"])
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_upstream_callbacks(solver, tiny_model, golden, conds):
+    """Upstream's callback(step) and img_callback(pred_x0, step), callback the fifth positional argument as
+    upstream; pred_x0 is the one step_callback sees."""
+    cls, options = SOLVERS[solver]
+    steps, images, seen = [], [], []
+    cls(tiny_model).sample(10, 2, SHAPE, conds[0][:2], steps.append, x_T=torch.from_numpy(golden["x_T"])[:2],
+                           img_callback=lambda x0, i: images.append((i, x0)),
+                           step_callback=lambda i, t, x, x0: seen.append(x0), **options)
+    assert steps == list(range(10)) and [i for i, _ in images] == steps
+    assert all(x0 is other for (_, x0), other in zip(images, seen))
 
 
 # --- options that must fail before any model work --------------------------------------------------
@@ -298,7 +311,7 @@ def test_callback_sees_every_step(solver, tiny_model, golden, conds):
     ("dpmpp2m", dict(cache=FasterDiffusion([0, 12])), ValueError, "go past the last loop index 9"),
     ("plms", dict(cache=DeepCache(full_steps=[0, 10])), ValueError, "go past the last loop index 9"),
     ("dpmpp2m", dict(precision="fp16"), ValueError, "fp16 needs a CUDA device"),
-    ("plms", dict(img_callback=print), NotImplementedError, "img_callback=None only"),
+    ("plms", dict(quantize_x0=True), NotImplementedError, "quantize_x0=False only"),
 ])
 def test_bad_options_fail_in_one_line_before_model_work(solver, kwargs, error, message, tiny_model, golden, conds):
     calls = []

@@ -26,14 +26,15 @@ class DDIMSampler(Sampler):
             print(f"Selected timesteps for ddim sampler: {self.ddim_timesteps}")
 
     @torch.inference_mode()
-    def sample(self, S, batch_size, shape, conditioning=None, callback=None, eta=0.0, x_T=None, log_every_t=100,
-               unconditional_guidance_scale=1.0, unconditional_conditioning=None, verbose=False,
-               faster_diffusion=None, cache=None, generator=None, precision="fp32", progress=False,
-               count_flops=False, **kwargs):
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, eta=0.0, x_T=None,
+               log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None, verbose=False,
+               faster_diffusion=None, cache=None, step_callback=None, generator=None, precision="fp32",
+               progress=False, count_flops=False, **kwargs):
         """Sample a batch; returns (x_0 latents, intermediates with 'x_inter', 'pred_x0' and 'stats').
 
         cache: None, a FasterDiffusion or a DeepCache plan; faster_diffusion= is the older name for a
-        FasterDiffusion cache. callback(step, timestep, x, pred_x0) runs after every step.
+        FasterDiffusion cache. After every step: callback(step) and img_callback(pred_x0, step) as upstream,
+        step_callback(step, timestep, x, pred_x0).
         """
         check_upstream_arguments("DDIMSampler", kwargs)
         if faster_diffusion is not None:
@@ -52,6 +53,7 @@ class DDIMSampler(Sampler):
         return self.run(solve, loop_order(self.ddim_timesteps), batch_size, shape, conditioning, x_T=x_T,
                         unconditional_guidance_scale=unconditional_guidance_scale,
                         unconditional_conditioning=unconditional_conditioning, cache=cache, callback=callback,
+                        img_callback=img_callback, step_callback=step_callback,
                         log_every_t=log_every_t, generator=generator, precision=precision, progress=progress,
                         count_flops=count_flops)
 

@@ -19,13 +19,14 @@ class DPMSolverSampler(Sampler):
     name = "DPM-Solver++"
 
     @torch.inference_mode()
-    def sample(self, S, batch_size, shape, conditioning=None, x_T=None, unconditional_guidance_scale=1.0,
-               unconditional_conditioning=None, order=2, skip_type="time_uniform", lower_order_final=True,
-               cache=None, callback=None, eta=0.0, log_every_t=100, verbose=False, generator=None, precision="fp32",
-               progress=False, count_flops=False, **kwargs):
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, eta=0.0, x_T=None,
+               log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None, verbose=False,
+               order=2, skip_type="time_uniform", lower_order_final=True, cache=None, step_callback=None,
+               generator=None, precision="fp32", progress=False, count_flops=False, **kwargs):
         """Sample a batch; returns (x_0 latents, intermediates with 'x_inter', 'pred_x0' and 'stats').
 
         order: 1, 2 or 3 (multistep). skip_type: "time_uniform", "logSNR" or "time_quadratic" spacing.
+        The callbacks are DDIMSampler.sample's.
         """
         check_upstream_arguments("DPMSolverSampler", kwargs)
         if eta != 0:
@@ -44,5 +45,6 @@ class DPMSolverSampler(Sampler):
         return self.run(solve, ns.model_time(times[:-1]), batch_size, shape, conditioning, x_T=x_T,
                         unconditional_guidance_scale=unconditional_guidance_scale,
                         unconditional_conditioning=unconditional_conditioning, cache=cache, callback=callback,
+                        img_callback=img_callback, step_callback=step_callback,
                         log_every_t=log_every_t, generator=generator, precision=precision, progress=progress,
                         count_flops=count_flops)

@@ -20,10 +20,13 @@ class PLMSSampler(DDIMSampler):
     name = "PLMS"
 
     @torch.inference_mode()
-    def sample(self, S, batch_size, shape, conditioning=None, eta=0.0, x_T=None, unconditional_guidance_scale=1.0,
-               unconditional_conditioning=None, verbose=False, cache=None, callback=None, log_every_t=100,
-               generator=None, precision="fp32", progress=False, count_flops=False, **kwargs):
-        """Sample a batch; returns (x_0 latents, intermediates with 'x_inter', 'pred_x0' and 'stats')."""
+    def sample(self, S, batch_size, shape, conditioning=None, callback=None, img_callback=None, eta=0.0, x_T=None,
+               log_every_t=100, unconditional_guidance_scale=1.0, unconditional_conditioning=None, verbose=False,
+               cache=None, step_callback=None, generator=None, precision="fp32", progress=False, count_flops=False,
+               **kwargs):
+        """Sample a batch; returns (x_0 latents, intermediates with 'x_inter', 'pred_x0' and 'stats').
+
+        The callbacks are DDIMSampler.sample's."""
         check_upstream_arguments("PLMSSampler", kwargs)
         if eta != 0:
             raise ValueError(f"PLMS is deterministic: eta must be 0, not {eta}")
@@ -34,5 +37,6 @@ class PLMSSampler(DDIMSampler):
         return self.run(solve, loop_order(self.ddim_timesteps), batch_size, shape, conditioning, x_T=x_T,
                         unconditional_guidance_scale=unconditional_guidance_scale,
                         unconditional_conditioning=unconditional_conditioning, cache=cache, callback=callback,
+                        img_callback=img_callback, step_callback=step_callback,
                         log_every_t=log_every_t, generator=generator, precision=precision, progress=progress,
                         count_flops=count_flops)

@@ -8,7 +8,7 @@ from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 
 # Upstream sample() arguments that are accepted at their default values only.
 UPSTREAM_DEFAULTS = {"normals_sequence": None, "quantize_x0": False, "mask": None, "x0": None, "temperature": 1.0,
-                     "noise_dropout": 0.0, "score_corrector": None, "corrector_kwargs": None, "img_callback": None}
+                     "noise_dropout": 0.0, "score_corrector": None, "corrector_kwargs": None}
 
 
 def check_upstream_arguments(sampler, kwargs):
@@ -62,12 +62,13 @@ class Sampler:
         self.ddpm_num_timesteps = model.num_timesteps
 
     def run(self, solve, timesteps, batch_size, shape, conditioning, x_T=None, unconditional_guidance_scale=1.0,
-            unconditional_conditioning=None, cache=None, callback=None, log_every_t=100, generator=None,
-            precision="fp32", progress=False, count_flops=False):
+            unconditional_conditioning=None, cache=None, callback=None, img_callback=None, step_callback=None,
+            log_every_t=100, generator=None, precision="fp32", progress=False, count_flops=False):
         """Sample with solve(denoiser, x_T) -> x_0; returns (x_0, intermediates with 'x_inter', 'pred_x0', 'stats').
 
         timesteps: what the UNet receives at each loop step (a 1-D tensor, noisiest first).
-        callback(step, timestep, x, pred_x0) is called after every step with the state the next step starts from.
+        After every step, with the state the next step starts from: upstream's callback(step) and
+        img_callback(pred_x0, step), and step_callback(step, timestep, x, pred_x0).
         """
         model = self.model
         if conditioning is not None:
@@ -95,7 +96,11 @@ class Sampler:
                 intermediates["x_inter"].append(x)
                 intermediates["pred_x0"].append(pred_x0)
             if callback is not None:
-                callback(i, timesteps[i].item(), x, pred_x0)
+                callback(i)
+            if img_callback is not None:
+                img_callback(pred_x0, i)
+            if step_callback is not None:
+                step_callback(i, timesteps[i].item(), x, pred_x0)
             bar.update(1)
 
         with flop_counter(count_flops) as counter:
