@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 CKPT := models/ldm/cin256-v2/model.ckpt
 DIGITS := models/digits32
 TORCH ?= torch==2.13.0
+# An index for torch alone, e.g. https://download.pytorch.org/whl/cpu (PyPI's Linux wheel is the CUDA build).
+TORCH_INDEX ?=
 
 .PHONY: test demo venv clean
 
@@ -12,8 +14,8 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# A torch already in .venv (e.g. a CUDA build installed first) is kept; else the pinned CPU wheel.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	# A torch already in .venv (e.g. a CUDA build installed first) is kept; else the pinned version.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

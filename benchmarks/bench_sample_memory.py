@@ -69,7 +69,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_samples", default="16,64,256,1024", help="comma-separated sample counts")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--ddim_steps", type=int, default=2)

@@ -71,7 +71,7 @@ def check_numbers(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch .npz")
     parser.add_argument("batch_a", help="sample batch A .npz")
     parser.add_argument("batch_b", help="sample batch B .npz, from the same seeds as A")

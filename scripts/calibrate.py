@@ -119,7 +119,7 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
     cli.add_model_args(parser)
     cli.add_sampling_args(parser)
     cli.add_device_args(parser)

@@ -155,7 +155,7 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=DEFAULT_URL, help="where to download from")
     p.add_argument("--out", default=DEFAULT_OUT, help="where to save the checkpoint")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the server")

@@ -532,7 +532,7 @@ def main(args, comm):
 
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser)
     group = parser.add_argument_group("frontier")
     group.add_argument("--modes", nargs="+", default=None, metavar="MODE",

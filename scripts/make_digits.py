@@ -1,5 +1,6 @@
 """Draw a set of class-conditional 32x32 digit images into an ADM-format .npz (arr_0 uint8 NHWC, arr_1 labels).
 
+    mkdir -p data
     python scripts/make_digits.py --num 200000 --seed 0 --out data/digits_train.npz   # a training set
     python scripts/make_digits.py --reference --out data/digits_ref.npz              # the held-out reference batch
 
@@ -34,7 +35,7 @@ def draw_set(seed, num, workers=1, chunk=1000):
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--num", type=int, default=None, help=f"number of images (reference: {REFERENCE_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="seed of a training set")

@@ -50,7 +50,7 @@ def read_data(path, flag):
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/digits_train.npz")
     parser.add_argument("--held_out", default="data/digits_ref.npz")
     parser.add_argument("--out", default="models/digits32/classifier.pb")

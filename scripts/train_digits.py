@@ -439,7 +439,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=("first_stage", "unet", "export"))
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--data", default="data/digits_train.npz", help="training set from scripts/make_digits.py")

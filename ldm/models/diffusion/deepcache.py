@@ -24,8 +24,9 @@ class DeepCache:
     """Which steps run the whole UNet, and how much of it the other steps rerun.
 
     interval: N, full steps range(0, S, N); None (and no full_steps): every step is a full step.
-    nonuniform: with interval N, ceil(S / N) full steps packed towards the start as in DeepCache's LDM code:
-      np.unique(np.int32(np.linspace(0, S ** (1 / pow), ceil(S / N) + 1) ** pow))[:-1].
+    nonuniform: with interval N, at most ceil(S / N) full steps packed towards the start as in DeepCache's LDM
+      code: np.unique(np.int32(np.linspace(0, S ** (1 / pow), ceil(S / N) + 1) ** pow))[:-1] (points that
+      round to the same step count once).
     full_steps: an explicit list of full steps (loop indices, starting with 0) instead of an interval, or
       "@FILE.json" (scripts/calibrate.py's choice).
     branch: the shallow branch reruns input blocks 0..branch and the last branch + 1 output blocks; 0 is
@@ -40,7 +41,7 @@ class DeepCache:
             if full_steps is not None:
                 raise ValueError("DeepCache takes an interval or full_steps, not both")
         if nonuniform and interval is None:
-            raise ValueError("DeepCache nonuniform needs an interval (it places ceil(S / interval) full steps)")
+            raise ValueError("DeepCache nonuniform needs an interval (it places up to ceil(S / interval) full steps)")
         if not (isinstance(pow, (int, float)) and pow > 0):
             raise ValueError(f"DeepCache pow must be a positive number, not {pow!r}")
         if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or branch < 0:
