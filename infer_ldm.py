@@ -80,7 +80,8 @@ def sampling_modes(args, calibrate_on=None):
         raise cli.UsageError(f"--compare_reference adds a FasterDiffusion row: it needs --cache fd, not {args.cache}")
     names = args.compare or (["ddim"] if args.compare is not None or args.compare_reference else [])
     modes = [cli.make_mode(args, name, calibrate_on=calibrate_on) for name in names]
-    modes.append(cli.make_mode(args, calibrate_on=calibrate_on))
+    rows = [cli.split_mode_name(name)[:2] for name in names]
+    modes.append(cli.make_mode(args, calibrate_on=calibrate_on, rows=rows))
     if args.compare_reference:
         modes.append(cli.make_mode(args, context_layout="reference", calibrate_on=calibrate_on))
     return list({repr(mode): mode for mode in modes}.values())

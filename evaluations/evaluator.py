@@ -39,6 +39,13 @@ class InputError(Exception):
     """Bad input or set-up; the message is one line for the user."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error:` line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 @contextlib.contextmanager
 def reading_npz(path):
     """Within the block, what reading a corrupt or cut .npz raises becomes an InputError naming the file."""
@@ -131,6 +138,20 @@ def check_batch_file(path):
         raise InputError(f"{path}: arr_0 holds {shape[0]} images; precision/recall need at least "
                          f"{NHOOD_SIZE + 1} (k+1 for k={NHOOD_SIZE} nearest neighbours)")
     return stats
+
+
+def image_size(path):
+    """(height, width) of the images in a checked batch file."""
+    with NpzArrayReader(path, "arr_0") as reader:
+        return tuple(reader.shape[1:3])
+
+
+def warn_if_sizes_differ(ref_batch, sample_batch):
+    """One warning line on stderr when the reference images and the samples differ in size (ADM does not check)."""
+    (h, w), (sh, sw) = image_size(ref_batch), image_size(sample_batch)
+    if (h, w) != (sh, sw):
+        print(f"warning: the reference images are {h}x{w} and the samples {sh}x{sw}; the graph resizes both, but "
+              "scores are comparable only between sample batches of one size", file=sys.stderr)
 
 
 def precomputed_statistics_dims(path):
@@ -485,11 +506,14 @@ def write_json(path, data):
 
 
 def check_json_path(path):
-    """--json names a file (not a folder) in a folder that exists."""
+    """--json names a writable file (not a folder) in a writable folder that exists."""
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory; --json needs a file name")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
         raise InputError(f"{path}: its directory does not exist (--json)")
+    if not os.access(folder, os.W_OK | os.X_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+        raise InputError(f"{path}: not writable (--json)")
 
 
 def check_inception_path(path):
@@ -517,6 +541,8 @@ def prepare(args):
     """Check the batch files, the --json folder and the Inception graph (downloading it once if needed), then
     load the graph and check precomputed statistics against its feature sizes; returns the network."""
     stats_dims = {path: check_batch_file(path) for path in (args.ref_batch, args.sample_batch) if path}
+    if args.sample_batch:
+        warn_if_sizes_differ(args.ref_batch, args.sample_batch)
     if args.json:
         check_json_path(args.json)
     if args.inception_path:
@@ -572,7 +598,7 @@ def score(network, ref_acts, ref_stats, sample_acts, sample_stats, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="ADM-compatible Inception Score, FID, sFID, precision and recall.")
+    parser = ArgumentParser(description="ADM-compatible Inception Score, FID, sFID, precision and recall.")
     parser.add_argument("ref_batch", help="reference batch .npz (arr_0: uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
     parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (arr_0: uint8 NHWC images)")
     parser.add_argument("--inception_path", help="local classify_image_graph_def.pb (default: download it once "

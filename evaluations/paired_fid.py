@@ -51,11 +51,15 @@ def sample_count(path):
 
 
 def check_paired(path_a, path_b):
-    """Paired batches hold as many samples, and the same labels (arr_1) where both hold labels."""
+    """Paired batches hold as many samples of one size, and the same labels (arr_1) where both hold labels."""
     count_a, count_b = sample_count(path_a), sample_count(path_b)
     if count_a != count_b:
         raise evaluator.InputError(f"the batches are not paired: {path_a} holds {count_a} samples, "
                                    f"{path_b} {count_b}")
+    size_a, size_b = evaluator.image_size(path_a), evaluator.image_size(path_b)
+    if size_a != size_b:
+        raise evaluator.InputError(f"the batches are not paired: {path_a} holds {size_a[0]}x{size_a[1]} images, "
+                                   f"{path_b} {size_b[0]}x{size_b[1]}")
     labels_a, labels_b = read_labels(path_a), read_labels(path_b)
     if labels_a is not None and labels_b is not None and not np.array_equal(labels_a, labels_b):
         raise evaluator.InputError(f"the batches are not paired: {path_a} and {path_b} have different labels")
@@ -71,7 +75,7 @@ def check_numbers(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = evaluator.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch .npz")
     parser.add_argument("batch_a", help="sample batch A .npz")
     parser.add_argument("batch_b", help="sample batch B .npz, from the same seeds as A")
@@ -86,6 +90,8 @@ def main(argv=None):
         for path in (args.batch_a, args.batch_b):
             evaluator.check_batch_file(path)
         check_paired(args.batch_a, args.batch_b)
+        evaluator.check_batch_file(args.ref_batch)
+        evaluator.warn_if_sizes_differ(args.ref_batch, args.batch_a)
         # the reference batch, the graph (fetched if needed) and the reference statistics' sizes, as the evaluator
         network = evaluator.prepare(argparse.Namespace(ref_batch=args.ref_batch, sample_batch=None, json=None,
                                                        inception_path=args.inception_path, batch_size=64,

@@ -45,13 +45,22 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse without abbreviated flags that reports bad flags as one line with exit status BAD_INPUT."""
+    """argparse without abbreviated flags that reports bad flags as one line with exit status BAD_INPUT, and
+    records in `args.given` the destinations the command line set (a flag at its default value included)."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(BAD_INPUT, f"error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        unset = object()
+        # argparse fills in a default only where the namespace has no value: what stays unset was not given
+        probe = super().parse_args(args, argparse.Namespace(**{a.dest: unset for a in self._actions}))
+        parsed.given = frozenset(dest for dest, value in vars(probe).items() if value is not unset)
+        return parsed
 
 
 def report(error):
@@ -149,6 +158,7 @@ def step_list(value):
                                          f"not {value!r}") from None
 
 
+FD_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_batch")
 # DeepCache and DPM-Solver++ flags -> the option they set; None means not given.
 DEEPCACHE_FLAGS = {"cache_interval": "interval", "nonuniform": "nonuniform", "pow": "pow",
                    "full_steps": "full_steps", "branch": "branch"}
@@ -265,16 +275,22 @@ def check_sampling(args):
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, not {args.seed}")
 
 
-def check_flags_fit(args):
-    """DeepCache flags need --cache deepcache, DPM-Solver++ flags a DPM-Solver++ sampler, eta > 0 DDIM."""
+def check_flags_fit(args, rows=()):
+    """Each cache's flags need that cache, DPM-Solver++ flags a DPM-Solver++ sampler, eta > 0 DDIM: in the
+    flags' mode or in one of rows, more (sampler, cache) pairs that take their options from the flags."""
+    samplers = {args.sampler, *(sampler for sampler, _ in rows)}
+    caches = {args.cache, *(cache for _, cache in rows)}
+    for flag in FD_FLAGS:
+        if flag in args.given and "fd" not in caches:
+            raise UsageError(f"--{flag} is a FasterDiffusion option: add --cache fd (the cache is {args.cache})")
     for flag in DEEPCACHE_FLAGS:
-        if getattr(args, flag) is not None and args.cache != "deepcache":
+        if getattr(args, flag) is not None and "deepcache" not in caches:
             raise UsageError(f"--{flag} is a DeepCache option: add --cache deepcache (the cache is {args.cache})")
     for flag in DPM_FLAGS:
-        if getattr(args, flag) is not None and "order" not in SAMPLERS[args.sampler][1]:
+        if getattr(args, flag) is not None and not any("order" in SAMPLERS[s][1] for s in samplers):
             raise UsageError(f"--{flag} is a DPM-Solver++ option (--sampler dpmpp2m or dpmpp3m), "
                              f"not one of {args.sampler}")
-    if args.eta != 0 and args.sampler != "ddim":
+    if args.eta != 0 and "ddim" not in samplers:
         raise UsageError(f"--eta {args.eta:g} needs --sampler ddim; {args.sampler} is deterministic (eta 0)")
 
 
@@ -322,14 +338,15 @@ def resolve_steps(options, cache, args, mode, calibrate_on):
     return {**{k: v for k, v in options.items() if k != "interval"}, key: steps}
 
 
-def make_mode(args, name=None, context_layout=None, calibrate_on=None):
+def make_mode(args, name=None, context_layout=None, calibrate_on=None, rows=()):
     """The sampling mode of the flags, or of a mode name SAMPLER[+CACHE[:VALUE]] (VALUE: fd key steps, DeepCache
     interval or calibrated full steps) with the flags' cache options, checked against --steps before any model work.
 
     calibrate_on: the loaded model, on which 'auto:K' steps are calibrated (see resolve_steps).
+    rows: (sampler, cache) of the other modes sampled with these flags (see check_flags_fit).
     """
     if name is None:
-        check_flags_fit(args)
+        check_flags_fit(args, rows)
         sampler, cache, value = args.sampler, args.cache, None
     else:
         sampler, cache, value = split_mode_name(name)

@@ -561,10 +561,15 @@ def parse_args(argv=None):
                               "graph's logits are exactly the model's classes)")
     scoring.add_argument("--tf_threads", type=int, default=None, help="TensorFlow threads of the evaluator")
     args = parser.parse_args(argv)
+    if args.modes is not None and ("set" in args.given or args.quick):
+        parser.error("--modes replaces --set and --quick: give one of them")
     if args.quick:
         args.set = "quick"
     if args.num_samples is None:
         args.num_samples = QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES
+    if args.num_samples < evaluator.NHOOD_SIZE + 1:
+        parser.error(f"--num_samples must be at least {evaluator.NHOOD_SIZE + 1} (precision and recall compare each "
+                     f"sample with its {evaluator.NHOOD_SIZE} nearest neighbours), not {args.num_samples}")
     args.out = args.out or f"outputs/frontier/{Path(args.config).stem}"
     return args
 

@@ -111,7 +111,8 @@ def test_modes_have_their_own_folders_and_records(tmp_path, capsys, monkeypatch)
 
 # --- infer_ldm.py --compare with a list of modes ----------------------------------------------------------------
 
-PICTURE = [*MODEL, "--classes", "25", "187", "--steps", str(STEPS), "--scale", "3", "--key_steps", "uniform:3"]
+BARE_PICTURE = [*MODEL, "--classes", "25", "187", "--steps", str(STEPS), "--scale", "3"]
+PICTURE = [*BARE_PICTURE, "--key_steps", "uniform:3"]
 
 
 def tile_rows(path, count):
@@ -154,11 +155,26 @@ def test_bare_compare_and_compare_reference_rows(tmp_path, capsys):
         assert [line.split("  ")[0] for line in table[1:-2]] == labels
 
 
+def test_cache_flags_serve_compare_rows(tmp_path, capsys):
+    """A cache's or a solver's flags are accepted when a --compare row takes them, and that row uses them."""
+    for flags, labels in ((["--cache", "none", "--compare", "ddim+fd", "--key_steps", "0,2"], ["DDIM + FD 0,2", "DDIM"]),
+                          (["--compare", "plms+deepcache", "--cache_interval", "2", "--branch", "1"],
+                           ["PLMS + DeepCache N=2 branch 1", "DDIM + FD uniform:3"])):
+        assert infer_ldm.main([*PICTURE, "--classes", "1", "--steps", "4", *flags, "--out", str(tmp_path / "p.png")]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert [line.split("  ")[0] for line in table[1:-2]] == labels
+
+
 # --- bad combinations: one line, exit status 2, before any model work -----------------------------------------
 
 BAD = {
     "DeepCache flag without DeepCache": (["--cache_interval", "3"], "--cache_interval is a DeepCache option"),
     "DeepCache flag with fd": (["--cache", "fd", "--nonuniform"], "--nonuniform is a DeepCache option"),
+    "fd flag without fd": (["--cache", "none", "--key_steps", "0,3"], "--key_steps is a FasterDiffusion option"),
+    "fd flag at its default with DeepCache": (["--cache", "deepcache", "--cache_interval", "2", "--noise_injection"],
+                                              "--noise_injection is a FasterDiffusion option"),
+    "fd flag, fd off by the published flag": (["--faster_diffusion", "False", "--max_decoder_batch", "8"],
+                                              "--max_decoder_batch is a FasterDiffusion option"),
     "DPM flag with DDIM": (["--skip_type", "logSNR"], "--skip_type is a DPM-Solver++ option"),
     "lower_order_final with PLMS": (["--sampler", "plms", "--lower_order_final", "no"],
                                     "--lower_order_final is a DPM-Solver++ option"),
@@ -184,7 +200,7 @@ def run_bad(script, flags, tmp_path, capsys):
         if script is image_sample:
             status = image_sample.run([*MODEL, "--steps", str(STEPS), "--output_dir", str(tmp_path / "out"), *flags])
         else:
-            status = infer_ldm.main([*PICTURE, "--out", str(tmp_path / "out" / "p.png"), *flags])
+            status = infer_ldm.main([*BARE_PICTURE, "--out", str(tmp_path / "out" / "p.png"), *flags])
     except SystemExit as e:
         status = e.code
     err = capsys.readouterr().err

@@ -607,6 +607,36 @@ def test_json_must_not_be_a_directory(tmp_path, capsys, no_network):
     assert err == f"error: {tmp_path / 'out'}: is a directory; --json needs a file name"
 
 
+def test_json_must_be_writable(tmp_path, capsys, no_network, monkeypatch):
+    """Checked before any TensorFlow work (root may write anywhere, so os.access stands in for a read-only folder)."""
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, random_images(0, 5))
+    monkeypatch.setattr(ev.os, "access", lambda path, mode: False)
+    err = run_failing([batch, batch, "--inception_path", batch, "--json", tmp_path / "m.json"], capsys)
+    assert err == f"error: {tmp_path / 'm.json'}: not writable (--json)"
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "the following arguments are required: ref_batch"),
+    (["ref.npz"], "the sample batch is required (unless --check_only)"),
+    (["ref.npz", "s.npz", "--batch_size", "abc"], "argument --batch_size: invalid int value: 'abc'"),
+    (["ref.npz", "s.npz", "--colour"], "unrecognized arguments: --colour"),
+])
+def test_malformed_command_line_is_one_line(argv, words, capsys):
+    err = run_failing(argv, capsys)
+    assert words in err and err.endswith("(see --help)")
+
+
+def test_images_of_another_size_than_the_reference_are_a_warning(tmp_path, capsys):
+    for name, size in (("ref", 8), ("same", 8), ("big", 16)):
+        np.savez(tmp_path / f"{name}.npz", random_images(0, 5, size))
+    ev.warn_if_sizes_differ(tmp_path / "ref.npz", tmp_path / "same.npz")
+    assert capsys.readouterr().err == ""
+    ev.warn_if_sizes_differ(tmp_path / "ref.npz", tmp_path / "big.npz")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: the reference images are 8x8 and the samples 16x16;")
+
+
 @pytest.mark.parametrize("case", ["directory", "unserialisable"])
 def test_write_json_leaves_nothing_when_it_fails(tmp_path, case):
     path, data = tmp_path / "m.json", {"fid": 1.0}

@@ -217,7 +217,10 @@ BAD = {
     "accuracy of a graph of other classes": (["--inception_path", "{folder}/wide.pb", "--classifier_accuracy"],
                                              "the graph has 1008 logits, the model 10 classes"),
     "calibration file of another S": (["--modes", "ddim+fd:@{folder}/cal.json@4"], "was made for S = 10 steps, not 4"),
-    "no samples": (["--num_samples", "0"], "--num_samples must be at least 1, not 0"),
+    "no samples": (["--num_samples", "0"], "--num_samples must be at least 4"),
+    "too few samples to score": (["--num_samples", "3"], "--num_samples must be at least 4 (precision and recall"),
+    "a set and modes": (["--set", "quick"], "--modes replaces --set and --quick: give one of them"),
+    "quick and modes": (["--quick"], "--modes replaces --set and --quick"),
     "negative threads": (["--tf_threads", "-1"], "error: --tf_threads must be at least 0"),
 }
 

@@ -100,6 +100,22 @@ def test_unpaired_counts_found_before_any_features(tmp_path, capsys, no_network)
     assert err == f"error: the batches are not paired: {a} holds 20 samples, {b} 16"
 
 
+def test_unpaired_image_sizes_found_before_any_features(tmp_path, capsys, no_network):
+    a = write_batch(tmp_path / "a.npz", 1, list(range(10)))
+    b = str(tmp_path / "b.npz")
+    np.savez(b, np.zeros((10, 16, 16, 3), np.uint8), np.arange(10))
+    err = run_failing([a, a, b], capsys)
+    assert err == f"error: the batches are not paired: {a} holds 32x32 images, {b} 16x16"
+
+
+def test_malformed_command_line_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        paired_fid.main([str(tmp_path / "ref.npz"), str(tmp_path / "a.npz")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: the following arguments are required: batch_b")
+
+
 def flip_middle_byte(path, array):
     """Flip one byte in the middle of an array stored (uncompressed) in the .npz at path."""
     raw = bytearray(open(path, "rb").read())
