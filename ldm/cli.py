@@ -8,6 +8,7 @@ does for malformed flags.
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -89,6 +90,24 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def one_line_failures(main):
+    """Decorates a script's main(argv): an OSError (a full disk, a folder that is not writable) and Ctrl-C or
+    SIGTERM end it with one line on stderr and a non-zero exit status instead of a traceback."""
+    @functools.wraps(main)
+    def guarded(argv=None):
+        try:
+            with sigterm_as_interrupt():
+                return main(argv)
+        except KeyboardInterrupt as interrupt:
+            print("stopped", file=sys.stderr, flush=True)
+            return interrupt_exit_status(interrupt)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            print(f"error: {e.strerror or first_line(e)}{where}", file=sys.stderr, flush=True)
+            return 1
+    return guarded
 
 
 def first_line(error):

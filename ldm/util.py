@@ -195,6 +195,8 @@ def write_atomic(path, write):
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:  # name the file the caller asked for, not the temporary one
+        raise type(e)(e.errno, e.strerror, str(path)) from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -84,6 +84,7 @@ def plot_changes(record, path):
     plt.close(fig)
 
 
+@cli.one_line_failures
 def main(argv=None):
     args = parse_args(argv)
     try:

@@ -34,6 +34,7 @@ def draw_set(seed, num, workers=1, chunk=1000):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+@cli.one_line_failures
 def main(argv=None):
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output .npz")

@@ -49,6 +49,7 @@ def read_data(path, flag):
         raise cli.UsageError(f"{flag} {e}") from None
 
 
+@cli.one_line_failures
 def main(argv=None):
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/digits_train.npz")
@@ -60,6 +61,8 @@ def main(argv=None):
     try:
         if args.steps < 1:
             raise cli.UsageError(f"--steps must be at least 1, not {args.steps}")
+        if args.seed < 0:
+            raise cli.UsageError(f"--seed must be at least 0, not {args.seed}")
         cli.check_output_file(args.out, "--out")
         images, labels = read_data(args.data, "--data")
         held_images, held_labels = read_data(args.held_out, "--held_out")

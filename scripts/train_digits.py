@@ -438,6 +438,7 @@ def check_args(args):
     cli.inspect_model(args)
 
 
+@cli.one_line_failures
 def main(argv=None):
     parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=("first_stage", "unet", "export"))

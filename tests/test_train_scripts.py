@@ -1,12 +1,13 @@
 """Bad input to the digits scripts (make_digits, train_digits, train_classifier): one `error:` line and exit
 status 2 before any long work, nothing left behind; a finished training stage rerun; write_atomic's cleanup."""
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_main
+from conftest import REPO, load_script, run_main
 from ldm.util import write_atomic
 
 CONFIG = REPO / "configs" / "latent-diffusion" / "digits32.yaml"
@@ -41,6 +42,21 @@ def files(tmp_path):
 # make_digits.py
 
 
+@pytest.mark.parametrize("failure, status, line", [
+    (OSError(28, "No space left on device", "d.npz"), 1, "error: No space left on device: d.npz"),
+    (KeyboardInterrupt(), 130, "stopped"),
+])
+def test_make_digits_ends_a_failed_write_or_ctrl_c_in_one_line(tmp_path, monkeypatch, capsys, failure, status, line):
+    def fail(*args):
+        raise failure
+
+    make_digits = load_script("scripts/make_digits.py")
+    monkeypatch.setattr(make_digits, "write_atomic", fail)
+    assert make_digits.main(["--num", "3", "--workers", "1", "--out", str(tmp_path / "d.npz")]) == status
+    assert capsys.readouterr().err == line + "\n"
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("out, flags, message", [
     ("missing/d.npz", [], "does not exist"),
     ("notes.txt/d.npz", [], "is a file, not a directory"),
@@ -59,7 +75,9 @@ def test_write_atomic_cleanup_never_masks_the_error(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     with pytest.raises(NotADirectoryError) as caught:  # opening the temporary file fails, and so would its removal
         write_atomic(tmp_path / "afile" / "d.npz", lambda f: None)
-    assert caught.value.__context__ is None  # the error of open, not one of the cleanup raised while handling it
+    assert caught.value.filename == str(tmp_path / "afile" / "d.npz")  # the file asked for, not the temporary one
+    opening = caught.value.__cause__
+    assert isinstance(opening, NotADirectoryError) and opening.__context__ is None  # open's error, not the cleanup's
 
     def failing_unlink(self, missing_ok=False):
         raise PermissionError(f"cannot remove {self}")
@@ -82,6 +100,7 @@ def test_write_atomic_cleanup_never_masks_the_error(tmp_path, monkeypatch):
     (["--data", "other.npz"], "has no arr_0 or arr_1"),
     (["--held_out", "notes.txt"], "--held_out notes.txt is not a .npz file"),
     (["--steps", 0], "--steps must be at least 1, not 0"),
+    (["--seed", -1], "--seed must be at least 0, not -1"),
     (["--out", "missing/classifier.pb"], "does not exist"),
     (["--out", "."], "is a directory"),
 ])
