@@ -273,8 +273,13 @@ def read_steps(path, steps, feature, checkpoint_sha256=None):
         model = record["model"]
     except OSError as e:
         raise CalibrationError(f"cannot read calibration file {path}: {e.strerror or e}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except KeyError as e:
+        raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py (no {e.args[0]!r})") from None
+    except (ValueError, TypeError) as e:
         raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py ({e})") from None
+    if isinstance(made_for, bool) or not isinstance(made_for, int) or not isinstance(model, dict):
+        raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py (S must be a number of "
+                               f"steps and model a record, not {made_for!r} and {type(model).__name__})")
     if made_for != steps:
         raise CalibrationError(f"calibration file {path} was made for S = {made_for} steps, not {steps}")
     if kind != feature:

@@ -145,7 +145,8 @@ def add_model_args(parser):
 
 def add_sampling_args(parser):
     group = parser.add_argument_group("sampling")
-    group.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=250, help="DDIM steps")
+    group.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=250,
+                       help="sampling steps S (DDIM and PLMS: a uniform schedule over the 1000 timesteps)")
     group.add_argument("--eta", "--ddim_eta", dest="eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     group.add_argument("--scale", "--classifier_scale", dest="scale", type=float, default=1.5,
                        help="classifier-free guidance scale (1 = no guidance)")

@@ -172,7 +172,10 @@ def check(args):
                     "--output_dir", str(folder), "--resume", "--tqdm_disable", "--precision", args.precision,
                     *(["--device", args.device] if args.device else []), *flags]
             job = Job(spec, guidance, sample_args(argv, spec), cache)
-            image_sample.check_run(job.args)  # the mode, its steps, calibration files, the folder
+            try:
+                image_sample.check_run(job.args)  # the mode, its steps, calibration files, the folder
+            except cli.UsageError as e:
+                raise cli.UsageError(f"mode {spec!r}: {e}") from None
             jobs.append(job)
     model = cli.inspect_model(jobs[0].args)
     for path, flag in ((args.ref, "--ref"), (args.real, "--real")):

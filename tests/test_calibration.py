@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY_CKPT, TINY_CONFIG, load_script
 from ldm import calibration
+from ldm.calibration import CalibrationError, read_steps
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.modes import make_mode
@@ -280,3 +281,35 @@ def test_calibration_file_mismatch_is_refused(case, calibrated, ten_class_files,
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and words in err, err
     assert not list(tmp_path.iterdir())
+
+
+GOOD_RECORD = {"S": 10, "steps": [0, 4, 7], "feature": "encoder", "model": {"checkpoint_sha256": "ab"}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"S": "10"}, "(S must be a number of steps and model a record, not '10' and dict)"),
+    ({"S": None}, "not None and dict"),
+    ({"model": []}, "not 10 and list"),
+    ({"S": 20}, "was made for S = 20 steps, not 10"),
+    ({"feature": "deep"}, "holds steps for the deep feature, not the encoder feature"),
+    ({"steps": [0, 4, 4]}, "steps must rise from 0 to at most 9, not [0, 4, 4]"),
+    ({"steps": [0, 10]}, "steps must rise from 0 to at most 9"),
+    ({"steps": "0,4"}, "steps must be a list of loop indices"),
+    ({"model": {"checkpoint_sha256": "cd"}}, "was made for another model"),
+])
+def test_bad_calibration_files_are_one_line_errors(tmp_path, change, message):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({**GOOD_RECORD, **change}))
+    with pytest.raises(CalibrationError) as caught:
+        read_steps(str(path), 10, "encoder", "ab")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("missing", ["S", "steps", "feature", "model"])
+def test_calibration_file_without_a_key_names_it(tmp_path, missing):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({k: v for k, v in GOOD_RECORD.items() if k != missing}))
+    with pytest.raises(CalibrationError, match=f"is not a calibration file of scripts/calibrate.py \\(no '{missing}'\\)"):
+        read_steps(str(path), 10, "encoder")
+    path.write_text(json.dumps(GOOD_RECORD))
+    assert read_steps(str(path), 10, "encoder", "ab") == [0, 4, 7]

@@ -211,6 +211,7 @@ BAD = {
     "unknown option": (["--modes", "ddim,colour=red@2"], "unknown option 'colour'"),
     "bad option value": (["--modes", "ddim+fd:uniform:2,context_layout=diagonal@4"], "invalid choice: 'diagonal'"),
     "K larger than S": (["--modes", "ddim+fd:auto:9@4"], "K must be in 1..4"),
+    "steps off the schedule": (["--modes", "ddim@4", "ddim@7"], "mode 'ddim@7': --steps: 7 DDIM steps do not fit"),
     "reference of another size": (["--ref", "{folder}/small.npz"], "holds 32x32 images; the model makes 64x64"),
     "graph without the tensors": (["--inception_path", "{folder}/plain.pb"], "not an Inception graph"),
     "missing graph": (["--inception_path", "{folder}/none.pb"], "no such file"),
