@@ -29,7 +29,7 @@ from ldm import cli
 from ldm.data.digits import read_set
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
-from ldm.sampling import from_uint8
+from ldm.sampling import from_uint8, image_shape
 from ldm.util import check_file, instantiate_from_config, write_atomic
 
 DEFAULT_CONFIG = "configs/latent-diffusion/digits32.yaml"
@@ -52,12 +52,16 @@ def build_model(config_path, seed):
     return model
 
 
-def load_images(path):
-    """uint8 NHWC images and int64 labels of an ADM-format .npz; a file that is not one is a UsageError."""
+def load_images(path, shape):
+    """uint8 NHWC images of shape (height, width, channels) and int64 labels of an ADM-format .npz; a file that
+    is not one is a UsageError."""
     try:
         images, labels = read_set(path)
     except (OSError, ValueError) as e:
         raise cli.UsageError(f"--data {e}") from None
+    if images.shape[1:] != shape:
+        raise cli.UsageError(f"--data {path} holds {'x'.join(map(str, images.shape[1:]))} images; the config's model "
+                             f"takes {'x'.join(map(str, shape))}")
     return torch.from_numpy(images), torch.from_numpy(labels).long()
 
 
@@ -160,7 +164,7 @@ def train_first_stage(args):
     if idle:
         print(idle)
         return
-    images, _ = load_images(args.data)
+    images, _ = load_images(args.data, image_shape(model))
     ema = None
     if args.decoder_only:
         first_stage.encoder.requires_grad_(False)
@@ -216,15 +220,16 @@ def encode_dataset(first_stage, images, batch_size=1000):
                       for i in tqdm(range(0, len(images), batch_size), desc="encoding")])
 
 
-def cached_latents(first_stage, args, path):
-    """Latents and labels of the first --num_images training images, encoded once and kept in --workdir."""
+def cached_latents(first_stage, args, path, shape):
+    """Latents and labels of the first --num_images training images (of shape (height, width, channels)),
+    encoded once and kept in --workdir."""
     key = {"data": args.data, "num_images": args.num_images, "quant_conv": first_stage.quant_conv.weight}
     if path.exists():
         cache = torch.load(path, weights_only=True)
         if (cache["data"], cache["num_images"]) == (args.data, args.num_images) and \
                 torch.equal(cache["quant_conv"], key["quant_conv"]):
             return cache["latents"], cache["labels"]
-    images, labels = load_images(args.data)
+    images, labels = load_images(args.data, shape)
     images, labels = images[:args.num_images], labels[:args.num_images]
     latents = encode_dataset(first_stage, images)
     save_checkpoint(path, latents=latents, labels=labels, **key)
@@ -282,7 +287,7 @@ def train_unet(args):
     model = build_model(args.config, args.seed)
     model.first_stage_model.load_state_dict(first["model"])
     model.first_stage_model.eval().requires_grad_(False)
-    latents, labels = cached_latents(model.first_stage_model, args, workdir / "latents.pt")
+    latents, labels = cached_latents(model.first_stage_model, args, workdir / "latents.pt", image_shape(model))
     scale_factor = 1.0 / latents.flatten().std().item()
     latents = latents * scale_factor
     uncond_class = model.cond_stage_model.embedding.num_embeddings - 1

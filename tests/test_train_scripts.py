@@ -32,6 +32,7 @@ def write_set(path, count=8):
 def files(tmp_path):
     """A data set, a file that is no data set, a non-YAML config and a plain file, in tmp_path."""
     (tmp_path / "notes.txt").write_text("not a data set\n")
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((4, 64, 64, 3), np.uint8), arr_1=np.arange(4))
     (tmp_path / "config.yaml").write_text("model: [unclosed\n")
     np.savez(tmp_path / "other.npz", images=np.zeros(3))
     return {"data": write_set(tmp_path / "data.npz"), "text": tmp_path / "notes.txt", "other": tmp_path / "other.npz",
@@ -131,6 +132,7 @@ def train(tmp_path, *args):
     (["first_stage", "--data", "{tmp}/missing.npz"], "--data not found"),
     (["first_stage", "--data", "{tmp}/notes.txt"], "is not a .npz file"),
     (["first_stage", "--data", "{tmp}/other.npz"], "has no arr_0 or arr_1"),
+    (["first_stage", "--data", "{tmp}/big.npz"], "--data {tmp}/big.npz holds 64x64x3 images; the config's model takes 32x32x3"),
     (["first_stage", "--config", "{tmp}/config.yaml"], "cannot read config"),
     (["first_stage", "--workdir", "{tmp}/notes.txt"], "--workdir {tmp}/notes.txt: cannot create a directory there"),
     (["unet"], "no first stage in {tmp}/work (first_stage.pt): train it first with `python scripts/train_digits.py "
