@@ -24,6 +24,21 @@ class DownloadError(Exception):
     """A download that failed; the message is one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error:` line (no usage block), exit status BAD_INPUT."""
+
+    def error(self, message):
+        self.exit(BAD_INPUT, f"error: {message} (see --help)\n")
+
+
+def is_checkpoint(path):
+    """Whether path starts as a PyTorch checkpoint does (a zip archive or a pickle) or a .safetensors file (an
+    8-byte header size, then its JSON header): not an HTML page or other text a server sent instead."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head.startswith((b"PK\x03\x04", b"\x80")) or head[8:9] == b"{"
+
+
 def _reason(e, url):
     """One line on why fetching url failed; the network hint only for a network URL."""
     if isinstance(e, urllib.error.HTTPError):
@@ -114,6 +129,10 @@ def _fetch(url, out, partial, timeout, progress):
         raise DownloadError(f"download of {url} stopped at {size} bytes; run again to resume")
     if total is not None and size != total:
         raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; run again to resume")
+    if not is_checkpoint(partial):
+        os.remove(partial)
+        raise DownloadError(f"{url} sent {size} bytes that are not a PyTorch checkpoint (a zip, pickle or "
+                            ".safetensors file); nothing was saved")
     os.replace(partial, out)
     return size
 
@@ -136,10 +155,15 @@ def download(url, out, timeout=60, progress=True):
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.path.isdir(args.out):
-        print(f"error: --out {args.out} is a directory; give the checkpoint's file name", file=sys.stderr)
+    problem = bad_out(args.out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return BAD_INPUT
     if os.path.exists(args.out) and not args.force:
+        if not is_checkpoint(args.out):
+            print(f"error: {args.out} exists but is not a PyTorch checkpoint; --force downloads it again",
+                  file=sys.stderr)
+            return BAD_INPUT
         print(f"{args.out} already exists (use --force to download it again)")
         return 0
     try:
@@ -154,13 +178,26 @@ def main(argv=None):
     return 0
 
 
+def bad_out(out):
+    """Why --out cannot be written (a directory, or a file where a folder on its path should be), or None."""
+    if os.path.isdir(out):
+        return f"--out {out} is a directory; give the checkpoint's file name"
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else f"--out {out}: {folder} is a file, not a folder"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=DEFAULT_URL, help="where to download from")
     p.add_argument("--out", default=DEFAULT_OUT, help="where to save the checkpoint")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the server")
     p.add_argument("--force", action="store_true", help="download even if --out exists")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.timeout < float("inf"):
+        p.error(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    return args
 
 
 if __name__ == "__main__":

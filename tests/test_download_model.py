@@ -8,7 +8,7 @@ import pytest
 from conftest import load_script
 
 download_model = load_script("scripts/download_model.py")
-PAYLOAD = bytes(range(256)) * 40
+PAYLOAD = b"PK\x03\x04" + bytes(range(256)) * 40  # begins as a zip archive, as a PyTorch checkpoint does
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -157,3 +157,56 @@ def test_missing_local_file_has_no_network_hint(tmp_path, capsys):
 def test_unreachable_server_keeps_the_network_hint(tmp_path):
     with pytest.raises(download_model.DownloadError, match=r"\(is the network reachable\?\)"):
         download_model.download("http://127.0.0.1:9/model.ckpt", str(tmp_path / "model.ckpt"), progress=False)
+
+
+@pytest.mark.parametrize("head", [b"<!DOCTYPE html><html>sign in first</html>", b"\x00" * 64])
+def test_a_download_that_is_no_checkpoint_is_not_saved(tmp_path, capsys, head):
+    """A server (or a proxy's login page) that sends something else: an error, and nothing saved or kept."""
+    source = tmp_path / "page.html"
+    source.write_bytes(head)
+    out = tmp_path / "out" / "model.ckpt"
+    assert download_model.main(["--url", source.as_uri(), "--out", str(out)]) == 1
+    assert last_error(capsys) == (f"error: {source.as_uri()} sent {len(head)} bytes that are not a PyTorch checkpoint "
+                                  "(a zip, pickle or .safetensors file); nothing was saved")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("head, saved", [(b"\x80\x02}q\x00", True), (b"\x08\x00\x00\x00\x00\x00\x00\x00{}", True),
+                                         (b"PK\x03\x04rest", True), (b"hello", False)])
+def test_checkpoint_formats_are_recognised(tmp_path, head, saved):
+    """A pickle (PyTorch before its zip format), a .safetensors header, a zip: saved; other bytes: refused."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(head)
+    if saved:
+        assert download_model.download(source.as_uri(), str(tmp_path / "m.ckpt"), progress=False) == len(head)
+    else:
+        with pytest.raises(download_model.DownloadError, match="not a PyTorch checkpoint"):
+            download_model.download(source.as_uri(), str(tmp_path / "m.ckpt"), progress=False)
+
+
+def test_existing_out_that_is_no_checkpoint_is_bad_input(server, tmp_path, capsys):
+    url, starts = server()
+    out = tmp_path / "model.ckpt"
+    out.write_text("not a checkpoint")
+    assert download_model.main(["--url", url, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out} exists but is not a PyTorch checkpoint; --force downloads it again\n"
+    assert starts == []
+    assert download_model.main(["--url", url, "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "0"], "error: --timeout must be a positive number of seconds, not 0.0 (see --help)"),
+    (["--timeout", "nan"], "error: --timeout must be a positive number of seconds, not nan (see --help)"),
+    (["--timeout", "x"], "error: argument --timeout: invalid float value: 'x' (see --help)"),
+    (["--out", "{tmp}/afile/model.ckpt"], "error: --out {tmp}/afile/model.ckpt: {tmp}/afile is a file, not a folder"),
+])
+def test_bad_flags_are_one_line(server, tmp_path, capsys, flags, message):
+    url, starts = server()
+    (tmp_path / "afile").write_text("")
+    try:
+        status = download_model.main(["--url", url, *[f.format(tmp=tmp_path) for f in flags]])
+    except SystemExit as e:
+        status = e.code
+    assert status == 2 and capsys.readouterr().err == message.format(tmp=tmp_path) + "\n"
+    assert starts == [] and [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -284,7 +284,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    payload, starts = np.random.default_rng(0).bytes(3 * download_model.CHUNK + 123), []
+    payload, starts = b"PK\x03\x04" + np.random.default_rng(0).bytes(3 * download_model.CHUNK + 123), []  # zip-like
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_RangeHandler, payload, starts))
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
