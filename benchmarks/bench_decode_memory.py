@@ -7,10 +7,12 @@ resident set size (sampled) on the CPU. Both ways decode the same images, to flo
 difference under 1e-6; convolution libraries may pick other kernels for other batch sizes).
 """
 import argparse
+import sys
 
 import torch
 
-from common import PeakMemory, build_model, device_name, print_table, timed
+from common import PeakMemory, at_least, build_model, check_model, device_name, print_table, timed, whole_numbers
+from ldm import cli
 from ldm.sampling import DECODE_BATCH, decode_latents, image_shape
 
 
@@ -22,7 +24,7 @@ def decode_peak(model, latents, chunk, device):
     return images, tracker.peak - tracker.start, seconds
 
 
-def main(args):
+def run(args):
     model = build_model(args.config, device=args.device)
     gib = 2**30
     rows = []
@@ -45,10 +47,24 @@ def main(args):
                 rows)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
-    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[4, 16, 32])
-    parser.add_argument("--chunk", type=int, default=DECODE_BATCH)
+    parser.add_argument("--batches", type=whole_numbers(1), default=[4, 16, 32])
+    parser.add_argument("--chunk", type=at_least(1), default=DECODE_BATCH)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def main(args):
+    try:
+        cli.resolve_device(args.device)
+        check_model(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

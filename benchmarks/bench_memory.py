@@ -16,7 +16,9 @@ import time
 
 import torch
 
-from common import build_model, device_name, print_table, synchronize
+from common import (at_least, build_model, check_model, check_steps, device_name, print_table, script_args, synchronize,
+                    whole_numbers)
+from ldm import cli
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 
@@ -53,14 +55,30 @@ def run_child(args):
     print(json.dumps({"peak": peak, "seconds_per_step": seconds / args.stop_after}))
 
 
-def main(args):
-    modes = ["ddim"] + [str(c) for c in args.chunks.split(",")]
+def check_args(args):
+    """Bad flags as a UsageError, before any child starts."""
+    cli.check_sampling(script_args(args))  # --steps, --scale
+    check_steps(args.steps, key_steps=args.key_steps, script="bench_memory.py")
+    if args.stop_after is None:
+        args.stop_after = min(55, args.steps)
+    elif args.stop_after > args.steps:
+        raise cli.UsageError(f"--stop_after must be at most --steps ({args.steps}), not {args.stop_after}")
+    cli.resolve_device(args.device)
+    check_model(args)
+
+
+def table(args):
+    modes = ["ddim"] + [str(c) for c in args.chunks]
     results = {}
     for mode in modes:
         command = [sys.executable, __file__, "--child", mode] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "chunks") and v is not None]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "chunks", "given") and v is not None]
+        child = subprocess.run(command, capture_output=True, text=True)
+        if child.returncode:  # its last line on stderr says why: an error line, or a traceback's last line
+            why = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+            print(why if why.startswith("error: ") else f"error: mode {mode}: {why}", file=sys.stderr)
+            return max(child.returncode, 1)
+        results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
     base = results["ddim"]
     rows = []
     for mode in modes:
@@ -71,19 +89,36 @@ def main(args):
     print(f"{device_name(args.device)}; {args.config}; S={args.steps}, batch {args.batch}, guidance {args.scale}; "
           f"first {args.stop_after} steps; fp32")
     print_table(["mode", "peak GiB", "vs DDIM", "s/step", "speed-up"], rows)
+    return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--stop_after", type=int, default=55)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--stop_after", type=at_least(1), default=None, help="steps run (default: 55, at most S)")
+    parser.add_argument("--batch", type=at_least(1), default=1)
     parser.add_argument("--scale", type=float, default=1.5)
     parser.add_argument("--key_steps", default="ldm250")
-    parser.add_argument("--chunks", default="0,8,4", help="max_decoder_batch values to try (0: no chunking)")
+    parser.add_argument("--chunks", type=whole_numbers(0), default="0,8,4",
+                        help="max_decoder_batch values to try (0: no chunking)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    run_child(args) if args.child else main(args)
+    return parser.parse_args(argv)
+
+
+def main(args):
+    """The table (checked flags), or with --child one of its modes."""
+    try:
+        if args.child:
+            run_child(args)
+            return 0
+        check_args(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    return table(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -5,11 +5,13 @@ Example (full cin256-v2 architecture, random weights, one image with guidance = 
 """
 import argparse
 import os
+import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import build_model, device_name, print_table, timed
+from common import at_least, build_model, check_model, check_steps, device_name, print_table, timed
+from ldm import cli
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import (decode_latents, num_classes, sample_generators, sample_labels, sample_latents,
                           unconditional_class)
@@ -50,8 +52,18 @@ def quality_rows(name, model, steps, key_steps, fast, batch=2):
     return rows
 
 
+def check_args(args):
+    """Bad flags as a UsageError, before any model work."""
+    if args.quality_steps:
+        check_steps(args.quality_steps, "--quality_steps", key_steps="uniform:4", script="bench_precision.py")
+    cli.resolve_device(args.device)
+    check_model(args)
+    if args.tiny_config and (os.path.isfile(args.tiny_config) or "tiny_config" in args.given):
+        check_model(argparse.Namespace(config=args.tiny_config, ckpt=args.tiny_ckpt))
+
+
 @torch.inference_mode()
-def main(args):
+def run(args):
     device = args.device
     fast = "fp16" if torch.device(device).type == "cuda" else "bf16"
     fast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fast]
@@ -93,13 +105,28 @@ def main(args):
         print_table(["model", "sampler", "precision", "latents", "images", "images (fp32 decoding)"], quality)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--ckpt", default=None, help="checkpoint; random weights when omitted")
-    parser.add_argument("--tiny_config", default="tests/fixtures/tiny/config.yaml")
+    parser.add_argument("--tiny_config", default="tests/fixtures/tiny/config.yaml",
+                        help="a small model's deviation rows too ('': none; the default is skipped where missing)")
     parser.add_argument("--tiny_ckpt", default="tests/fixtures/tiny/model.ckpt")
-    parser.add_argument("--quality_steps", type=int, default=20, help="DDIM steps of the full-model deviation runs (0: skip)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quality_steps", type=at_least(0), default=20,
+                        help="DDIM steps of the full-model deviation runs (0: skip)")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def main(args):
+    try:
+        check_args(args)
+        run(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

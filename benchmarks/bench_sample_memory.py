@@ -19,6 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from common import at_least, check_model, check_steps, whole_numbers
+from ldm import cli
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "tiny"
 MIB = 2**20
@@ -40,7 +43,7 @@ def measure(args, n, config_path, tmp):
            "--num_samples", str(n), "--batch_size", str(args.batch_size), "--ddim_steps", str(args.ddim_steps),
            "--tqdm_disable", "true", "--output_dir", str(out_dir)]
     if args.processes > 1:
-        cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(args.processes), *cmd]
+        cmd = [str(mpiexec()), "-n", str(args.processes), *cmd]
     with open(Path(tmp) / "log.txt", "w+") as log:
         status, rss, seconds = peak_rss(cmd, log)
         if status != 0:
@@ -52,7 +55,19 @@ def measure(args, n, config_path, tmp):
             f"| {rss / MIB:.0f} | {seconds:.1f} |")
 
 
-def main(args):
+def mpiexec():
+    return Path(sys.executable).parent / "mpiexec"
+
+
+def check_args(args):
+    """Bad flags as a UsageError, before any sampling run (which runs from the repo root)."""
+    check_steps(args.ddim_steps, "--ddim_steps")
+    check_model(argparse.Namespace(config=str(REPO / args.config_path), ckpt=str(REPO / args.model_path)))
+    if args.processes > 1 and not mpiexec().is_file():
+        raise cli.UsageError(f"--processes {args.processes} runs under {mpiexec()}, which is not installed")
+
+
+def run(args):
     print(f"image_sample.py, {args.processes} process(es), batch {args.batch_size}, {args.ddim_steps} DDIM steps, "
           f"model {Path(args.model_path).name}, latent size {args.latent_size or 'as configured'}")
     print("| num_samples | image | images (MiB) | output .npz (MiB) | peak RSS (MiB) | wall (s) |")
@@ -64,17 +79,31 @@ def main(args):
             config.model.params.image_size = args.latent_size
             config_path = str(Path(tmp) / "config.yaml")
             OmegaConf.save(config, config_path)
-        for n in map(int, args.num_samples.split(",")):
+        for n in args.num_samples:
             print(measure(args, n, config_path, tmp), flush=True)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_samples", default="16,64,256,1024", help="comma-separated sample counts")
-    parser.add_argument("--batch_size", type=int, default=4)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num_samples", type=whole_numbers(1), default="16,64,256,1024",
+                        help="comma-separated sample counts")
+    parser.add_argument("--batch_size", type=at_least(1), default=4)
     parser.add_argument("--ddim_steps", type=int, default=2)
-    parser.add_argument("--processes", type=int, default=1, help="run under mpiexec -n with this many processes")
-    parser.add_argument("--latent_size", type=int, default=None, help="override the config's latent image_size")
+    parser.add_argument("--processes", type=at_least(1), default=1, help="run under mpiexec -n with this many processes")
+    parser.add_argument("--latent_size", type=at_least(1), default=None, help="override the config's latent image_size")
     parser.add_argument("--config_path", default=str(TINY / "config.yaml"))
     parser.add_argument("--model_path", default=str(TINY / "model.ckpt"))
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def main(args):
+    try:
+        check_args(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-from common import PeakMemory, build_model, device_name, print_table, refuse_auto_steps, script_args, timed
+from common import (PeakMemory, build_model, check_model, device_name, print_table, refuse_auto_steps, script_args,
+                    timed)
 from ldm import cli
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS
 from ldm.models.diffusion.guidance import unet_rows
@@ -26,7 +27,7 @@ from ldm.models.diffusion.modes import CACHES, SAMPLERS
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 from ldm.compile import compile_unet, mode_buckets
-from ldm.util import PRECISIONS, check_file, optimize_for_inference
+from ldm.util import PRECISIONS, optimize_for_inference
 
 
 def parse_modes(args):
@@ -59,24 +60,16 @@ def check_args(args):
     modes = parse_modes(args)
     for precision in dict.fromkeys(precision for _, _, precision in modes):
         cli.check_device(script_args(args, precision=precision))
-    model = cli.inspect_model(args)
+    model = check_model(args)
     for _, mode, _ in modes:
         cli.check_mode_fits(mode, model)
-    if args.ckpt:
-        try:
-            check_file(args.ckpt, "checkpoint")
-        except OSError as e:
-            raise cli.UsageError(str(e)) from None
     return modes
 
 
 @torch.no_grad()
 def bench(args, modes):
     """Time the modes and print the table."""
-    try:
-        model = build_model(args.config, args.ckpt, args.device)
-    except cli.LOAD_ERRORS as e:
-        raise cli.UsageError(f"cannot load the model: {cli.first_line(e)}") from None
+    model = build_model(args.config, args.ckpt, args.device)  # a checkpoint that does not load: a UsageError
     model = optimize_for_inference(model, channels_last=args.channels_last)
     if args.compile:  # compiles in the warm-up runs
         rows = unet_rows(args.batch, args.scale != 1)

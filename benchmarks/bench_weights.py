@@ -6,10 +6,12 @@ Example (full cin256-v2 architecture, random weights, one image with guidance = 
 """
 import argparse
 import copy
+import sys
 
 import torch
 
-from common import build_model, device_name, print_table, timed
+from common import at_least, build_model, check_model, check_steps, device_name, on_off, print_table, timed
+from ldm import cli
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents, unconditional_class
 from ldm.util import optimize_for_inference, store_weights
@@ -31,8 +33,15 @@ def rel_dev(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def check_args(args):
+    """Bad flags as a UsageError, before any model work."""
+    check_steps(args.steps)
+    cli.resolve_device(args.device)
+    check_model(args)
+
+
 @torch.inference_mode()
-def main(args):
+def run(args):
     device = torch.device(args.device)
     half = "fp16" if device.type == "cuda" else "bf16"
     base = build_model(args.config, args.ckpt, device)
@@ -76,13 +85,26 @@ def main(args):
                  "latents equal to autocast"], result)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--ckpt", default=None, help="checkpoint; random weights when omitted")
-    parser.add_argument("--batch", type=int, default=1, help="images (UNet rows: twice as many, with guidance)")
+    parser.add_argument("--batch", type=at_least(1), default=1, help="images (UNet rows: twice as many, with guidance)")
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps of the sampling runs")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--channels_last", type=lambda s: s == "on", default=True, help="on|off: NHWC variants too")
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--channels_last", type=on_off, default=True, metavar="on|off", help="NHWC variants too")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def main(args):
+    try:
+        check_args(args)
+        run(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -7,18 +7,27 @@ Example (GPU):
 """
 import argparse
 import copy
+import sys
 
 import torch
 
-from common import (add_inductor_argument, build_model, describe_options, device_name, inductor_options, print_table,
-                    timed)
+from common import (add_inductor_argument, at_least, build_model, check_model, check_steps, describe_options,
+                    device_name, inductor_options, print_table, timed)
+from ldm import cli
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 from ldm.util import optimize_for_inference
 
 
-def main(args):
+def check_args(args):
+    """Bad flags as a UsageError, before any model work."""
+    check_steps(args.steps, key_steps=args.key_steps, script="check_compile.py")
+    cli.resolve_device(args.device)
+    check_model(args)
+
+
+def run(args):
     cache = use_compile_cache()
     eager = build_model(args.config, args.ckpt, args.device)
     labels = sample_labels(0, range(args.batch), num_classes(eager))
@@ -47,13 +56,26 @@ def main(args):
     print_table(["variant", "compile s", "first call s", "second call s", "latents vs eager (rel. L2)"], rows)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=at_least(1), default=4)
     parser.add_argument("--key_steps", default="uniform:5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_inductor_argument(parser)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def main(args):
+    try:
+        check_args(args)
+        run(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

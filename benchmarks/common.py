@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: model construction, peak-memory tracking, tables, inductor options."""
 import argparse
 import ast
+import math
 import os
 import re
 import threading
@@ -13,14 +14,18 @@ from omegaconf import OmegaConf
 
 from ldm import cli
 from ldm.cli import on_off
-from ldm.util import instantiate_from_config, load_model
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.util import check_file, instantiate_from_config, load_model
 
 
 def build_model(config, ckpt=None, device="cpu", seed=0):
     """The model of a config, with a checkpoint's weights or random ones (seeded, made on the device: no copy
-    through the CPU, and on the meta device no memory at all)."""
+    through the CPU, and on the meta device no memory at all). A checkpoint that does not load is a UsageError."""
     if ckpt:
-        return load_model(config, ckpt, device=device)
+        try:
+            return load_model(config, ckpt, device=device)
+        except cli.LOAD_ERRORS as e:
+            raise cli.UsageError(f"cannot load the model: {cli.first_line(e)}") from None
     torch.manual_seed(seed)
     with torch.device(device):
         model = instantiate_from_config(OmegaConf.load(config).model)
@@ -128,8 +133,17 @@ def add_cudnn_benchmark_argument(parser):
                         help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
 
 
+class Append(argparse.Action):
+    """action="append", also under cli.Parser, whose probe for the flags given starts every destination at a
+    placeholder that argparse's append cannot extend."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, (items if isinstance(items, list) else []) + [value])
+
+
 def add_inductor_argument(parser):
-    parser.add_argument("--inductor", type=inductor_option, action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--inductor", type=inductor_option, action=Append, default=[], metavar="NAME=VALUE",
                         help="set an option of torch._inductor.config before compiling (repeatable), e.g. "
                              "coordinate_descent_tuning=True")
 
@@ -158,3 +172,73 @@ def refuse_auto_steps(flag, spec, script):
     if isinstance(spec, str) and re.search(r"(^|:)\s*auto:", spec):
         raise cli.UsageError(f"{flag} {spec}: {script} needs explicit steps (loop indices, a preset, or the "
                              "@FILE.json of scripts/calibrate.py): auto:K steps are chosen by calibrating on the weights")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks of the benchmarks' flags, before any model work: argparse types (one-line errors with cli.Parser) and
+# UsageErrors (cli.report)
+
+
+def at_least(least):
+    """argparse type: a whole number of at least `least`."""
+    def whole(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+    return whole
+
+
+def whole_numbers(least=1):
+    """argparse type: a comma list of whole numbers of at least `least`, '4,16' -> [4, 16]."""
+    def parse(text):
+        try:
+            values = [int(value) for value in text.split(",")]
+        except ValueError:
+            values = [least - 1]
+        if min(values) < least:
+            raise argparse.ArgumentTypeError(f"expected a comma list of whole numbers of at least {least}, "
+                                             f"not {text!r}")
+        return values
+    return parse
+
+
+def positive(text):
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
+def check_model(args):
+    """The config builds (on the meta device) and --ckpt, when given, is a file; returns the model on the meta
+    device."""
+    model = cli.inspect_model(args)
+    if getattr(args, "ckpt", None):
+        try:
+            check_file(args.ckpt, "checkpoint")
+        except OSError as e:
+            raise cli.UsageError(str(e)) from None
+    return model
+
+
+def check_steps(steps, flag="--steps", key_steps=None, script=None):
+    """A DDIM step count as the sampling scripts take it (ldm.cli.check_steps) and, if given, FasterDiffusion key
+    steps (of `script`'s --key_steps) that fit it."""
+    try:
+        cli.check_steps("ddim", steps)
+    except ValueError as e:
+        raise cli.UsageError(f"{flag}: {e}") from None
+    if key_steps is not None:
+        refuse_auto_steps("--key_steps", key_steps, script)
+        try:
+            FasterDiffusion(key_steps).groups(steps)
+        except ValueError as e:
+            raise cli.UsageError(cli.first_line(e)) from None

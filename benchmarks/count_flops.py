@@ -20,7 +20,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import print_table, refuse_auto_steps
+from common import at_least, check_steps, print_table, script_args
 from ldm import cli
 from ldm.compile import decoder_call_steps, placeholder_inputs
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
@@ -59,13 +59,6 @@ def flops_per_image(model, mode, num_steps, batch_size, guided):
     return total / batch_size
 
 
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def caps(text):
     """'none,512,1024' -> [None, 512, 1024]: decoder caps in rows, 'none' for whole groups."""
     try:
@@ -81,7 +74,8 @@ def main(args):
     guided = args.scale != 1
     rows = []
     try:
-        refuse_auto_steps("--key_steps", args.key_steps, "count_flops.py")
+        cli.check_sampling(script_args(args))  # --steps, --scale
+        check_steps(args.steps, key_steps=args.key_steps, script="count_flops.py")
         model = cli.inspect_model(args).eval()  # the architecture on the meta device
         ddim = flops_per_image(model, make_mode(), args.steps, args.batch, guided)
         for max_rows in args.caps:
@@ -104,8 +98,8 @@ def parse_args(argv=None):
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
     parser.add_argument("--key_steps", default="ldm250")
-    parser.add_argument("--steps", type=positive, default=250)
-    parser.add_argument("--batch", type=positive, default=178)
+    parser.add_argument("--steps", type=at_least(1), default=250)
+    parser.add_argument("--batch", type=at_least(1), default=178)
     parser.add_argument("--scale", type=float, default=1.5, help="guidance scale (1: no guidance, one row an image)")
     parser.add_argument("--caps", type=caps, default="none,512,1024,2048",
                         help="comma list of max_decoder_batch values ('none': whole groups)")

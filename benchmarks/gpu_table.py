@@ -23,8 +23,8 @@ import traceback
 import torch
 
 import count_flops
-from common import (add_cudnn_benchmark_argument, add_inductor_argument, build_model, describe_options,
-                    inductor_options, refuse_auto_steps, script_args, synchronize)
+from common import (add_cudnn_benchmark_argument, add_inductor_argument, at_least, build_model, describe_options,
+                    inductor_options, positive, refuse_auto_steps, script_args, synchronize)
 from ldm import cli
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.compile import compile_unet, mode_buckets, run_mode_calls, use_compile_cache, warm_up
@@ -326,13 +326,13 @@ def parse_args(argv=None):
                         help=f"comma list of {', '.join(PRECISIONS)} (fp16 on a GPU only)")
     parser.add_argument("--variants", type=names(VARIANTS), default="eager,compiled",
                         help="comma list of eager, compiled")
-    parser.add_argument("--window", type=int, default=100,
+    parser.add_argument("--window", type=at_least(1), default=100,
                         help="image-steps to time for DDIM and DeepCache (whole periods, at least one)")
     parser.add_argument("--min_seconds", type=float, default=2.0,
                         help="time DDIM and DeepCache for more whole periods until this long has passed (at most S)")
-    parser.add_argument("--warmup_steps", type=int, default=5, help="untimed steps before each timed run")
-    parser.add_argument("--auto_limit", type=int, default=256, help="largest batch size that auto tries")
-    parser.add_argument("--budget", type=float, default=420,
+    parser.add_argument("--warmup_steps", type=at_least(0), default=5, help="untimed steps before each timed run")
+    parser.add_argument("--auto_limit", type=at_least(1), default=256, help="largest batch size that auto tries")
+    parser.add_argument("--budget", type=positive, default=420,
                         help="seconds from the start (building the model included); rows that would not fit are not "
                              "run")
     parser.add_argument("--first_compile", type=float, default=120,

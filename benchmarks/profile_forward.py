@@ -20,8 +20,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common import (add_cudnn_benchmark_argument, add_inductor_argument, describe_options, device_name,
-                    inductor_options, milliseconds_each, print_table, synchronize, timed)
+from common import (add_cudnn_benchmark_argument, add_inductor_argument, at_least, describe_options, device_name,
+                    inductor_options, milliseconds_each, positive, print_table, synchronize, timed)
+from ldm import cli
 from ldm.cli import first_line
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.util import set_tf32
@@ -61,10 +62,14 @@ def kernel_times(forward, device, repeats):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device: profile on the CPU (--device cpu)", file=sys.stderr)
         return 2
+    try:
+        device = cli.resolve_device(args.device)
+        cli.inspect_model(args)
+    except cli.UsageError as e:
+        return cli.report(e)
     if device.type == "cuda":
         set_tf32(True)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -112,19 +117,19 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_forward_arguments(parser, ATTENTION_BACKENDS)  # auto by default, as in the scripts
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="compile the UNet (CUDA graphs on a GPU)")
     parser.add_argument("--no_cuda_graphs", action="store_true", help="with --compile on a GPU: no CUDA graphs")
     add_inductor_argument(parser)
     add_cudnn_benchmark_argument(parser)
-    parser.add_argument("--peak", type=float, default=None,
+    parser.add_argument("--peak", type=positive, default=None,
                         help="TFLOP/s for the MFU (default on a GPU: H100 SXM dense, TF32 for fp32)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first")
-    parser.add_argument("--repeats", type=int, default=3, help="forwards timed, then profiled")
-    parser.add_argument("--top", type=int, default=25, help="kernels listed")
-    parser.add_argument("--name_width", type=int, default=100, help="characters of a kernel's name shown")
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed forwards first")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="forwards timed, then profiled")
+    parser.add_argument("--top", type=at_least(1), default=25, help="kernels listed")
+    parser.add_argument("--name_width", type=at_least(1), default=100, help="characters of a kernel's name shown")
     return parser.parse_args(argv)
 
 

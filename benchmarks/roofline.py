@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from common import build_model, device_name, milliseconds_each, print_table, synchronize
+from common import at_least, build_model, device_name, milliseconds_each, positive, print_table, synchronize
+from ldm import cli
 from ldm.cli import first_line
 from ldm.compile import compile_unet
 from ldm.util import check_precision, optimize_for_inference, set_tf32
@@ -150,11 +151,24 @@ def roofline(ops, peak, bandwidth):
     return dict(kinds)
 
 
+def check_args(args):
+    """Bad flags as a UsageError, before any model work. The device is --measure's: without it only its name."""
+    if args.measure:
+        cli.resolve_device(args.device)
+    elif args.device.partition(":")[0] not in cli.DEVICE_TYPES:
+        raise cli.UsageError(f"--device {args.device}: only cpu and cuda devices are supported")
+    cli.inspect_model(args)
+
+
 def main(args):
-    device = torch.device(args.device)
-    if args.measure and device.type == "cuda" and not torch.cuda.is_available():
+    if args.measure and args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device: measure on the CPU (--device cpu) or leave out --measure", file=sys.stderr)
         return 2
+    try:
+        check_args(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    device = torch.device(args.device)
     try:
         ops = unet_operations(args.config, args.rows, args.precision, args.attention)
         if args.measure:
@@ -193,7 +207,7 @@ def add_forward_arguments(parser, backends=("sdpa", "matmul")):
     """The options of unet_forward: config, rows, precision, attention backend (of `backends`, the first the
     default; "auto" chooses by the device, which the operations counted on meta tensors do not know)."""
     parser.add_argument("--config", default="configs/latent-diffusion/cin256-v2.yaml")
-    parser.add_argument("--rows", type=int, default=356, help="UNet batch: twice the images with guidance")
+    parser.add_argument("--rows", type=at_least(1), default=356, help="UNet batch: twice the images with guidance")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16",
                         help="fp16/bf16: weights stored in it (store_weights), normalization in float32")
     parser.add_argument("--attention", choices=backends, default=backends[0],
@@ -202,13 +216,13 @@ def add_forward_arguments(parser, backends=("sdpa", "matmul")):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_forward_arguments(parser)
-    parser.add_argument("--peak", type=float, default=None, help="TFLOP/s (default: H100 SXM dense, TF32 for fp32)")
-    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH, help="memory bandwidth in TB/s")
+    parser.add_argument("--peak", type=positive, default=None, help="TFLOP/s (default: H100 SXM dense, TF32 for fp32)")
+    parser.add_argument("--bandwidth", type=positive, default=H100_BANDWIDTH, help="memory bandwidth in TB/s")
     parser.add_argument("--measure", action="store_true", help="also time the forward on --device (random weights)")
     parser.add_argument("--device", default="cuda", help="with --measure")
-    parser.add_argument("--repeats", type=int, default=3, help="with --measure: forwards timed and profiled")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="with --measure: forwards timed and profiled")
     return parser.parse_args(argv)
 
 

@@ -84,6 +84,10 @@ BAD_CONFIGS = {"not YAML": lambda path: path.write_text("model: [unclosed\n  a: 
 @pytest.mark.parametrize("argv, message", [
     (["--key_steps", "bogus"], "error: unknown key_steps preset 'bogus'"),
     (["--key_steps", "auto:3"], "error: --key_steps auto:3: count_flops.py needs explicit steps"),
+    (["--key_steps", "0,3,3"], "error: key_steps must be strictly increasing without repeats"),
+    (["--steps", "7"], "error: --steps: 7 DDIM steps do not fit the uniform schedule"),
+    (["--steps", "1001"], "error: --steps: number of DDIM steps must be in 1..1000"),
+    (["--scale", "nan"], "error: --scale must be a finite number, not nan"),
     (["--config", "missing.yaml"], "error: cannot load the model: config not found"),
     (["--config", "not YAML"], "error: cannot load the model: cannot read config"),
     (["--config", "no model section"], "error: cannot load the model: config {} has no `model` section"),
@@ -93,5 +97,5 @@ def test_bad_plans_and_configs_are_one_line_errors(argv, message, tmp_path, caps
         BAD_CONFIGS[argv[1]](tmp_path / "config.yaml")
         argv = ["--config", str(tmp_path / "config.yaml")]
     assert count_flops.main(count_flops.parse_args(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(message.format(argv[1])) and err.count("\n") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(message.format(argv[1])) and err.count("\n") == 1

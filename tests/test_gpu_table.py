@@ -201,6 +201,11 @@ def exit_status(argv):
     (["--key_steps", "auto:2"], "--key_steps auto:2: gpu_table.py needs explicit steps"),
     (["--cache_interval", "0"], "DeepCache interval must be a positive number"),
     (["--assumed_tflops", "0"], "--assumed_tflops must be positive"),
+    (["--budget", "-1"], "argument --budget: expected a positive number, not '-1'"),
+    (["--budget", "nan"], "argument --budget: expected a positive number, not 'nan'"),
+    (["--window", "0"], "argument --window: must be at least 1, not 0"),
+    (["--warmup_steps", "-1"], "argument --warmup_steps: must be at least 0, not -1"),
+    (["--auto_limit", "0"], "argument --auto_limit: must be at least 1, not 0"),
     (["--config", "missing.yaml"], "cannot load the model: config not found")])
 def test_bad_flags_are_one_line_errors_before_the_table(argv, message, tmp_path, capsys):
     assert exit_status(DRY_RUN + [a.format(tmp=tmp_path) for a in argv]) == 2

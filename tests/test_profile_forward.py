@@ -59,6 +59,35 @@ def test_no_cuda_is_one_line_and_status_2(capsys):
     assert err.startswith("error:") and err.count("\n") == 1
 
 
+def exit_status(argv):
+    """profile_forward.py's exit status for the flags, bad ones included (argparse exits)."""
+    try:
+        return profile_forward.main(profile_forward.parse_args(argv))
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "0"], "argument --rows: must be at least 1, not 0"),
+    (["--rows", "-2"], "argument --rows: must be at least 1, not -2"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
+    (["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
+    (["--top", "0"], "argument --top: must be at least 1, not 0"),
+    (["--peak", "-1"], "argument --peak: expected a positive number, not '-1'"),
+    (["--inductor", "bogus=1"], "argument --inductor: torch._inductor.config has no option 'bogus'"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name"),
+    (["--config", "missing.yaml"], "cannot load the model: config not found"),
+    (["--config", "malformed"], "cannot load the model: cannot read config")])
+def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
+    if argv[-1] == "malformed":
+        (tmp_path / "config.yaml").write_text("model: [unclosed\n  a: {")
+        argv = ["--config", str(tmp_path / "config.yaml")]
+    assert exit_status(["--device", "cpu", "--config", str(TINY_CONFIG), "--rows", "2"] + argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
 def test_matmul_attention_profiles_its_matmuls(capsys):
     assert profile_forward.main(profile_forward.parse_args(
         ["--device", "cpu", "--config", str(TINY_CONFIG), "--rows", "2", "--precision", "fp32",

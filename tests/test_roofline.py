@@ -84,6 +84,35 @@ def test_missing_config_is_one_line_and_status_2(capsys):
     assert err.startswith("error:") and err.count("\n") == 1
 
 
+def exit_status(argv):
+    """roofline.py's exit status for the flags, bad ones included (argparse exits)."""
+    try:
+        return roofline.main(roofline.parse_args(argv))
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "0"], "argument --rows: must be at least 1, not 0"),
+    (["--rows", "-2"], "argument --rows: must be at least 1, not -2"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
+    (["--bandwidth", "-1"], "argument --bandwidth: expected a positive number, not '-1'"),
+    (["--bandwidth", "inf"], "argument --bandwidth: expected a positive number, not 'inf'"),
+    (["--peak", "0"], "argument --peak: expected a positive number, not '0'"),
+    (["--device", "tpu"], "--device tpu: only cpu and cuda devices are supported"),
+    (["--measure", "--device", "tpu"], "--device 'tpu' is not a device name"),
+    (["--inductor", "bogus=1"], "unrecognized arguments: --inductor bogus=1"),
+    (["--config", "malformed"], "cannot load the model: cannot read config")])
+def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
+    if argv[-1] == "malformed":
+        (tmp_path / "config.yaml").write_text("model: [unclosed\n  a: {")
+        argv = ["--config", str(tmp_path / "config.yaml")]
+    assert exit_status(["--config", str(TINY_CONFIG), "--rows", "2"] + argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+
+
 @pytest.mark.parametrize("name, kind", [
     ("convolution", "convolution"), ("aten::cudnn_convolution", "convolution"), ("aten::mkldnn_convolution", "convolution"),
     ("addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bmm", "matmul"),
