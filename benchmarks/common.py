@@ -133,17 +133,8 @@ def add_cudnn_benchmark_argument(parser):
                         help="cuDNN's autotuner (torch.backends.cudnn.benchmark), on by default as in the scripts")
 
 
-class Append(argparse.Action):
-    """action="append", also under cli.Parser, whose probe for the flags given starts every destination at a
-    placeholder that argparse's append cannot extend."""
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        items = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, (items if isinstance(items, list) else []) + [value])
-
-
 def add_inductor_argument(parser):
-    parser.add_argument("--inductor", type=inductor_option, action=Append, default=[], metavar="NAME=VALUE",
+    parser.add_argument("--inductor", type=inductor_option, action="append", default=[], metavar="NAME=VALUE",
                         help="set an option of torch._inductor.config before compiling (repeatable), e.g. "
                              "coordinate_descent_tuning=True")
 

@@ -47,7 +47,8 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """argparse without abbreviated flags that reports bad flags as one line with exit status BAD_INPUT, and
-    records in `args.given` the destinations the command line set (a flag at its default value included)."""
+    records in `args.given` the destinations the command line set (a flag at its default value included; an
+    optional positional argument always counts, as argparse sets it even when absent)."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
@@ -57,11 +58,20 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        unset = object()
-        # argparse fills in a default only where the namespace has no value: what stays unset was not given
-        probe = super().parse_args(args, argparse.Namespace(**{a.dest: unset for a in self._actions}))
-        parsed.given = frozenset(dest for dest, value in vars(probe).items() if value is not unset)
+        probe = super().parse_args(args, _NoDefaults())
+        parsed.given = frozenset(vars(probe))
         return parsed
+
+
+class _NoDefaults(argparse.Namespace):
+    """A namespace that seems to hold every attribute (None), so that argparse, which fills in a default only
+    where an attribute is missing, fills in none: after parsing, it holds what the command line set (an append
+    flag starts from None, as in a fresh namespace). argparse's own attributes start with '_' and stay missing."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
 
 
 def report(error):

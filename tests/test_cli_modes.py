@@ -155,6 +155,20 @@ def test_bare_compare_and_compare_reference_rows(tmp_path, capsys):
         assert [line.split("  ")[0] for line in table[1:-2]] == labels
 
 
+def test_parser_records_the_flags_given():
+    """args.given: what the command line set, under any alias, a value equal to the default included; appending
+    and counting flags work as in plain argparse."""
+    parser = cli.Parser()
+    cli.add_sampling_args(parser)
+    cli.add_mode_args(parser)
+    parser.add_argument("--tag", action="append", default=[])
+    parser.add_argument("-v", action="count", default=0)
+    args = parser.parse_args(["--ddim_steps", "250", "--use_faster_diffusion", "--tag", "a", "--tag", "b", "-vv"])
+    assert args.given == {"steps", "cache", "tag", "v"}
+    assert (args.steps, args.cache, args.tag, args.v, args.key_steps) == (250, "fd", ["a", "b"], 2, "ldm250")
+    assert parser.parse_args([]).given == frozenset() and parser.parse_args([]).tag == []
+
+
 def test_cache_flags_serve_compare_rows(tmp_path, capsys):
     """A cache's or a solver's flags are accepted when a --compare row takes them, and that row uses them."""
     for flags, labels in ((["--cache", "none", "--compare", "ddim+fd", "--key_steps", "0,2"], ["DDIM + FD 0,2", "DDIM"]),
