@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from common import PeakMemory, at_least, build_model, check_model, device_name, print_table, timed, whole_numbers
+from common import (PeakMemory, at_least, build_model, check_model, device_name, print_table, run_checked, timed,
+                    whole_numbers)
 from ldm import cli
 from ldm.sampling import DECODE_BATCH, decode_latents, image_shape
 
@@ -56,14 +57,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_args(args):
+    """Bad flags as a UsageError, before any model work."""
+    cli.resolve_device(args.device)
+    check_model(args)
+
+
 def main(args):
-    try:
-        cli.resolve_device(args.device)
-        check_model(args)
-    except cli.UsageError as e:
-        return cli.report(e)
-    run(args)
-    return 0
+    return run_checked(args, check_args, run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import at_least, build_model, check_model, check_steps, device_name, print_table, timed
+from common import at_least, build_model, check_model, check_steps, device_name, print_table, run_checked, timed
 from ldm import cli
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import (decode_latents, num_classes, sample_generators, sample_labels, sample_latents,
@@ -120,12 +120,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    try:
-        check_args(args)
-        run(args)
-    except cli.UsageError as e:
-        return cli.report(e)
-    return 0
+    return run_checked(args, check_args, run)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from common import at_least, check_model, check_steps, whole_numbers
+from common import at_least, check_model, check_steps, run_checked, whole_numbers
 from ldm import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,12 +97,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    try:
-        check_args(args)
-    except cli.UsageError as e:
-        return cli.report(e)
-    run(args)
-    return 0
+    return run_checked(args, check_args, run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from common import at_least, build_model, check_model, check_steps, device_name, on_off, print_table, timed
+from common import (at_least, build_model, check_model, check_steps, device_name, on_off, print_table, run_checked,
+                    timed)
 from ldm import cli
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents, unconditional_class
@@ -98,12 +99,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    try:
-        check_args(args)
-        run(args)
-    except cli.UsageError as e:
-        return cli.report(e)
-    return 0
+    return run_checked(args, check_args, run)
 
 
 if __name__ == "__main__":

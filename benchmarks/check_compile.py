@@ -12,7 +12,7 @@ import sys
 import torch
 
 from common import (add_inductor_argument, at_least, build_model, check_model, check_steps, describe_options,
-                    device_name, inductor_options, print_table, timed)
+                    device_name, inductor_options, print_table, run_checked, timed)
 from ldm import cli
 from ldm.compile import compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.modes import make_mode
@@ -69,12 +69,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    try:
-        check_args(args)
-        run(args)
-    except cli.UsageError as e:
-        return cli.report(e)
-    return 0
+    return run_checked(args, check_args, run)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,17 @@ def positive(text):
     return value
 
 
+def run_checked(args, check, run):
+    """A benchmark's exit status: check(args), then run(args); bad input (a UsageError) is one `error:` line and
+    exit status 2."""
+    try:
+        check(args)
+        run(args)
+    except cli.UsageError as e:
+        return cli.report(e)
+    return 0
+
+
 def check_model(args):
     """The config builds (on the meta device) and --ckpt, when given, is a file; returns the model on the meta
     device."""
