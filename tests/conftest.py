@@ -101,6 +101,14 @@ def load_script(relative_path):
     return module
 
 
+def exit_status(script, argv):
+    """A benchmark module's exit status for argv, bad flags included (argparse exits): main(parse_args(argv))."""
+    try:
+        return script.main(script.parse_args([str(a) for a in argv]))
+    except SystemExit as stop:
+        return stop.code
+
+
 def run_main(relative_path, *args):
     """Run a script's main(argv) in this process, as a subprocess would (no interpreter to start): a
     CompletedProcess with its exit status and what it printed. Restores the torch threads, the SIGTERM handler

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG
+from conftest import REPO, TINY_CKPT, TINY_CONFIG, exit_status
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -15,13 +15,9 @@ BASE = {"bench_decode_memory": TINY, "bench_memory": TINY + ["--steps", "10", "-
         "bench_sample_memory": []}
 
 
-def exit_status(script, argv):
-    """The script's exit status for the flags, bad ones included (argparse exits)."""
-    module = importlib.import_module(script)
-    try:
-        return module.main(module.parse_args(BASE[script] + argv))
-    except SystemExit as stop:
-        return stop.code
+def status(script, argv):
+    """The script's exit status for its base flags and argv."""
+    return exit_status(importlib.import_module(script), BASE[script] + argv)
 
 
 def malformed(path):
@@ -108,7 +104,7 @@ CASES = {
                          [(script, argv, message) for script, cases in CASES.items() for argv, message in cases])
 def test_bad_flags_are_one_line_errors(script, argv, message, tmp_path, capsys):
     argv = [str(FILES[a](tmp_path / a)) if a in FILES else a for a in argv]
-    assert exit_status(script, argv) == 2
+    assert status(script, argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert message in captured.err
@@ -117,13 +113,13 @@ def test_bad_flags_are_one_line_errors(script, argv, message, tmp_path, capsys):
 
 def test_a_failed_child_is_its_last_line(tmp_path, capsys):
     """bench_memory.py measures each mode in a child process: a checkpoint that does not load fails there."""
-    assert exit_status("bench_memory", ["--ckpt", str(truncated(tmp_path / "model.ckpt"))]) == 2
+    assert status("bench_memory", ["--ckpt", str(truncated(tmp_path / "model.ckpt"))]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("error: cannot load the model: ") and "is not a PyTorch checkpoint" in captured.err
 
 
 def test_decode_memory_table(capsys):
-    assert exit_status("bench_decode_memory", ["--batches", "1,2", "--chunk", "2"]) == 0
+    assert status("bench_decode_memory", ["--batches", "1,2", "--chunk", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows] == ["batch", "1", "2"]

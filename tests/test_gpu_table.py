@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ldm.compile
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, exit_status
 from ldm.sampling import sample_latents
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -176,14 +176,6 @@ DRY_RUN = ["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--p
            "--variants", "eager"]
 
 
-def exit_status(argv):
-    """gpu_table.py's exit status for the flags, bad ones included (argparse exits)."""
-    try:
-        return gpu_table.main(gpu_table.parse_args(argv))
-    except SystemExit as stop:
-        return stop.code
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--batches", "1,x"], "argument --batches: expected a number of samples or auto, not 'x'"),
     (["--batches", "0"], "argument --batches: batch sizes are at least 1"),
@@ -208,7 +200,7 @@ def exit_status(argv):
     (["--auto_limit", "0"], "argument --auto_limit: must be at least 1, not 0"),
     (["--config", "missing.yaml"], "cannot load the model: config not found")])
 def test_bad_flags_are_one_line_errors_before_the_table(argv, message, tmp_path, capsys):
-    assert exit_status(DRY_RUN + [a.format(tmp=tmp_path) for a in argv]) == 2
+    assert exit_status(gpu_table, DRY_RUN + [a.format(tmp=tmp_path) for a in argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert message in captured.err
@@ -225,7 +217,7 @@ def test_a_table_with_no_measured_row_exits_1(monkeypatch, capsys, failing, stat
         return row(bench, name, *rest)
 
     monkeypatch.setattr(gpu_table.Bench, "row", flaky)
-    assert exit_status(DRY_RUN) == status
+    assert exit_status(gpu_table, DRY_RUN) == status
     captured = capsys.readouterr()
     rows = [line.split("|")[1:-1] for line in captured.out.splitlines()[3:]]
     assert len(rows) == 3 and sum(cells[4].strip() == "failed: RuntimeError" for cells in rows) == len(failing)

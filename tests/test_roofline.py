@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, exit_status
 from ldm.models.diffusion.cache import flop_counter
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -84,14 +84,6 @@ def test_missing_config_is_one_line_and_status_2(capsys):
     assert err.startswith("error:") and err.count("\n") == 1
 
 
-def exit_status(argv):
-    """roofline.py's exit status for the flags, bad ones included (argparse exits)."""
-    try:
-        return roofline.main(roofline.parse_args(argv))
-    except SystemExit as stop:
-        return stop.code
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--rows", "0"], "argument --rows: must be at least 1, not 0"),
     (["--rows", "-2"], "argument --rows: must be at least 1, not -2"),
@@ -107,7 +99,7 @@ def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
     if argv[-1] == "malformed":
         (tmp_path / "config.yaml").write_text("model: [unclosed\n  a: {")
         argv = ["--config", str(tmp_path / "config.yaml")]
-    assert exit_status(["--config", str(TINY_CONFIG), "--rows", "2"] + argv) == 2
+    assert exit_status(roofline, ["--config", str(TINY_CONFIG), "--rows", "2"] + argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert message in captured.err
