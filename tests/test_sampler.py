@@ -5,7 +5,9 @@ import torch
 
 from conftest import rel_err
 from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.faster_diffusion import PRESETS, FasterDiffusion
+from ldm.models.diffusion.plms import PLMSSampler
 from ldm.sampling import sample_generators
 
 SHAPE = [3, 16, 16]
@@ -243,9 +245,16 @@ def test_invalid_plan_options(kwargs, message):
         FasterDiffusion([0], **kwargs)
 
 
-def test_conditioning_batch_must_match(tiny_model, conds):
-    with pytest.raises(ValueError, match="2 conditionings for batch size 3"):
-        DDIMSampler(tiny_model).sample(10, 3, SHAPE, conds[0])
+@pytest.mark.parametrize("solver", [DDIMSampler, PLMSSampler, DPMSolverSampler])
+def test_batch_rows_must_match(solver, tiny_model, conds):
+    """Conditionings and x_T of another batch size: one clear error before any model work."""
+    c, uc = conds[0][:2], conds[1][:2]
+    with pytest.raises(ValueError, match="got 2 conditionings for batch size 3"):
+        solver(tiny_model).sample(10, 3, SHAPE, c)
+    with pytest.raises(ValueError, match="got 1 unconditional conditionings for batch size 2"):
+        solver(tiny_model).sample(10, 2, SHAPE, c, unconditional_guidance_scale=2.0, unconditional_conditioning=uc[:1])
+    with pytest.raises(ValueError, match="got 3 rows of x_T for batch size 2"):
+        solver(tiny_model).sample(10, 2, SHAPE, c, x_T=torch.randn(3, *SHAPE))
 
 
 def test_channels_last_keeps_fp32_results(golden, golden_cases, conds):

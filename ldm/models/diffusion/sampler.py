@@ -31,6 +31,11 @@ def randn(shape, generator=None, device="cpu"):
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
+def row_count(value):
+    """The batch rows of a tensor, or of the first tensor in a dict (a conditioning of several keys)."""
+    return len(next(iter(value.values()))) if isinstance(value, dict) else value.shape[0]
+
+
 class Denoiser:
     """The model as a solver sees it (see `ldm.models.diffusion.solvers`): the cache strategy's prediction
     at each step, an uncached whole-UNet prediction, and the end of each step."""
@@ -71,10 +76,10 @@ class Sampler:
         img_callback(pred_x0, step), and step_callback(step, timestep, x, pred_x0).
         """
         model = self.model
-        if conditioning is not None:
-            rows = len(next(iter(conditioning.values()))) if isinstance(conditioning, dict) else conditioning.shape[0]
-            if rows != batch_size:
-                raise ValueError(f"got {rows} conditionings for batch size {batch_size}")
+        for what, value in (("conditionings", conditioning), ("unconditional conditionings", unconditional_conditioning),
+                            ("rows of x_T", x_T)):
+            if value is not None and row_count(value) != batch_size:
+                raise ValueError(f"got {row_count(value)} {what} for batch size {batch_size}")
         device = model.device
         guidance = ClassifierFreeGuidance(conditioning, unconditional_conditioning, unconditional_guidance_scale)
         stats = SamplerStats()
