@@ -48,6 +48,17 @@ def test_conditioning_matches_golden(tiny_model, golden):
     np.testing.assert_array_equal(uncond.numpy(), golden["uncond"])
 
 
+@pytest.mark.parametrize("labels, message", [
+    ([1001], "class labels must be in 0..1000 (the last is the unconditional class), not 1001"),
+    ([3, -1], "class labels must be in 0..1000 (the last is the unconditional class), not -1"),
+    ([1.0], "class labels must be integers, not torch.float32"),
+])
+def test_labels_outside_the_embedder_are_one_clear_error(tiny_model, labels, message):
+    with pytest.raises(ValueError) as caught:
+        tiny_model.get_learned_conditioning({"class_label": torch.tensor(labels)})
+    assert str(caught.value) == message
+
+
 def test_unet_matches_golden(tiny_model, golden):
     x, t, cond = (torch.from_numpy(golden[k]) for k in ("x", "t", "cond"))
     with torch.no_grad():

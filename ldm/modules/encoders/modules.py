@@ -11,4 +11,12 @@ class ClassEmbedder(nn.Module):
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
     def forward(self, batch, key=None):
-        return self.embedding(batch[key or self.key][:, None])
+        labels, count = batch[key or self.key], self.embedding.num_embeddings
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"class labels must be integers, not {labels.dtype}")
+        if labels.numel() and labels.device.type != "meta":  # meta tensors (FLOP counting) hold no values
+            low, high = labels.min().item(), labels.max().item()
+            if low < 0 or high >= count:
+                raise ValueError(f"class labels must be in 0..{count - 1} (the last is the unconditional class), "
+                                 f"not {low if low < 0 else high}")
+        return self.embedding(labels[:, None])
