@@ -314,10 +314,10 @@ def check_flags_fit(args, rows=()):
         if flag in args.given and "fd" not in caches:
             raise UsageError(f"--{flag} is a FasterDiffusion option: add --cache fd (the cache is {args.cache})")
     for flag in DEEPCACHE_FLAGS:
-        if getattr(args, flag) is not None and "deepcache" not in caches:
+        if flag in args.given and "deepcache" not in caches:
             raise UsageError(f"--{flag} is a DeepCache option: add --cache deepcache (the cache is {args.cache})")
     for flag in DPM_FLAGS:
-        if getattr(args, flag) is not None and not any("order" in SAMPLERS[s][1] for s in samplers):
+        if flag in args.given and not any("order" in SAMPLERS[s][1] for s in samplers):
             raise UsageError(f"--{flag} is a DPM-Solver++ option (--sampler dpmpp2m or dpmpp3m), "
                              f"not one of {args.sampler}")
     if args.eta != 0 and "ddim" not in samplers:

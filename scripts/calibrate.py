@@ -34,6 +34,8 @@ def check_args(args):
     """Everything that needs no weights; returns (mode, JSON path, PNG path)."""
     cli.check_files(args)
     cli.check_sampling(args)
+    if "branch" in args.given and args.cache != "deepcache":
+        raise cli.UsageError(f"--branch is a DeepCache option: add --cache deepcache (the cache is {args.cache})")
     try:
         mode = make_mode(args.sampler, eta=args.eta)
         check_count(args.K, args.steps)

@@ -241,6 +241,7 @@ BAD = {
     "bad step count": (["--steps", "300", "-K", "3"], "--steps: 300"),
     "not a json name": (["-K", "3", "--out", "{tmp}/x.txt"], "--out {tmp}/x.txt: the file name must end in .json"),
     "branch too deep": (["-K", "3", "--cache", "deepcache", "--branch", "99"], "--branch: DeepCache branch must be"),
+    "branch without DeepCache": (["-K", "3", "--branch", "1"], "--branch is a DeepCache option: add --cache deepcache"),
 }
 
 
