@@ -90,13 +90,12 @@ def main(argv=None):
         for path in (args.batch_a, args.batch_b):
             evaluator.check_batch_file(path)
         check_paired(args.batch_a, args.batch_b)
-        evaluator.check_batch_file(args.ref_batch)
-        evaluator.warn_if_sizes_differ(args.ref_batch, args.batch_a)
         # the reference batch, the graph (fetched if needed) and the reference statistics' sizes, as the evaluator
         network = evaluator.prepare(argparse.Namespace(ref_batch=args.ref_batch, sample_batch=None, json=None,
                                                        inception_path=args.inception_path, batch_size=64,
                                                        tf_threads=args.tf_threads))
         try:
+            evaluator.warn_if_sizes_differ(args.ref_batch, args.batch_a)  # both checked by now
             ref_acts = network.read_activations(args.ref_batch)
             ref_stats = evaluator.read_statistics(args.ref_batch, ref_acts)[0]
             acts_a, acts_b = (network.read_activations(path)[0] for path in (args.batch_a, args.batch_b))

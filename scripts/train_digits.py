@@ -15,7 +15,6 @@ that carries the measured latent scale factor; `ldm.util.load_model` reads the p
 Bad input (flags, files, a missing earlier stage) is one `error: ...` line and exit status 2, before training.
 """
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -473,7 +472,6 @@ def main(argv=None):
     except cli.UsageError as e:
         return cli.report(e)
     args.min_snr = args.min_snr or None
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: save, then exit
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
