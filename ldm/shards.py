@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm.cli import UsageError
-from ldm.util import write_atomic
+from ldm.util import model_name, write_atomic
 
 SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
 # Temporary files of write_atomic for the files above: `.NAME.HOST.PID.tmp` (older versions: `.NAME.PID.tmp`).
@@ -52,7 +52,7 @@ def default_output_dir(settings, config_path, root="outputs/samples"):
     images = {k: v for k, v in settings.items() if k not in SHARD_ONLY_SETTINGS + DERIVED_SETTINGS}
     digest = hashlib.sha256(json.dumps(images, sort_keys=True).encode()).hexdigest()[:10]
     mode = mode_name(settings)
-    name = f"{Path(config_path).stem}_{mode}{settings['steps']}_scale{settings['scale']:g}_seed{settings['seed']}"
+    name = f"{model_name(config_path)}_{mode}{settings['steps']}_scale{settings['scale']:g}_seed{settings['seed']}"
     return str(Path(root) / f"{name}_{digest}")
 
 

@@ -74,6 +74,15 @@ def _model_config(config_path):
     return config.model
 
 
+def model_name(config_path):
+    """A short name for the model in output paths: the config's file name, or its folder's name when the file
+    is a generic `config.yaml` (models/digits32/config.yaml -> digits32)."""
+    path = Path(config_path)
+    if path.stem == "config":
+        return path.parent.resolve().name or path.stem
+    return path.stem
+
+
 def check_file(path, what):
     """Raise FileNotFoundError for a missing path, IsADirectoryError for a folder: `what` names the file."""
     if os.path.isdir(path):

@@ -27,7 +27,7 @@ from ldm import cli  # noqa: E402
 from ldm.calibration import (CALIBRATION_SAMPLES, FEATURES, SEARCH_SAMPLES, STEP_OPTIONS,  # noqa: E402
                              CalibrationError, cached_at, calibrate, check_count, group_costs)
 from ldm.models.diffusion.modes import SAMPLERS, make_mode  # noqa: E402
-from ldm.util import file_sha256, write_atomic  # noqa: E402
+from ldm.util import file_sha256, model_name, write_atomic  # noqa: E402
 
 
 def check_args(args):
@@ -44,7 +44,7 @@ def check_args(args):
     for flag, value in (("--num_samples", args.num_samples), ("--search_samples", args.search_samples)):
         if value < 1:
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")
-    out = args.out or (f"outputs/calibration/{Path(args.config).stem}_{args.cache}_S{args.steps}_K{args.K}"
+    out = args.out or (f"outputs/calibration/{model_name(args.config)}_{args.cache}_S{args.steps}_K{args.K}"
                        f"_scale{args.scale:g}.json")
     plot = args.plot or str(Path(out).with_suffix(".png"))
     for path, ext, flag in ((out, ".json", "--out"), (plot, ".png", "--plot")):

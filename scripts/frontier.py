@@ -48,7 +48,7 @@ from ldm import cli  # noqa: E402
 from ldm.distributed import Comm, share_cpu_threads  # noqa: E402
 from ldm.sampling import (image_shape, num_classes, reconstruct, sample_generators, sample_labels,  # noqa: E402
                           sample_latents)
-from ldm.util import PRECISIONS, file_sha256, write_atomic  # noqa: E402
+from ldm.util import PRECISIONS, file_sha256, model_name, write_atomic  # noqa: E402
 
 MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_batch", "cache_interval", "nonuniform",
               "pow", "full_steps", "branch", "skip_type", "lower_order_final", "eta", "precision")
@@ -573,7 +573,7 @@ def parse_args(argv=None):
     if args.num_samples < evaluator.NHOOD_SIZE + 1:
         parser.error(f"--num_samples must be at least {evaluator.NHOOD_SIZE + 1} (precision and recall compare each "
                      f"sample with its {evaluator.NHOOD_SIZE} nearest neighbours), not {args.num_samples}")
-    args.out = args.out or f"outputs/frontier/{Path(args.config).stem}"
+    args.out = args.out or f"outputs/frontier/{model_name(args.config)}"
     return args
 
 

@@ -242,12 +242,13 @@ def test_npz_without_record_is_not_overwritten(tmp_path):
 
 
 def test_default_output_dir_depends_on_the_settings(tmp_path):
-    """Without --output_dir, runs with other settings write to other folders (under ./outputs/samples)."""
+    """Without --output_dir, runs with other settings write to other folders (under ./outputs/samples), named
+    after the model: tests/fixtures/tiny/config.yaml is 'tiny'."""
     for seed in ("0", "1"):
         result = run(None, "--num_samples", "2", "--steps", "1", "--seed", seed, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     written = sorted((tmp_path / "outputs" / "samples").glob("*/samples_2x64x64x3.npz"))
-    assert [p.parent.name.split("_")[:4] for p in written] == [["config", "ddim1", "scale1.5", f"seed{s}"]
+    assert [p.parent.name.split("_")[:4] for p in written] == [["tiny", "ddim1", "scale1.5", f"seed{s}"]
                                                                for s in "01"]
 
 

@@ -11,7 +11,8 @@ from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG, rel_err
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.sampling import (DECODE_BATCH, decode_latents, generate, image_shape, num_classes, sample_latents,
                           unconditional_class)
-from ldm.util import CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, read_state_dict
+from ldm.util import (CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, model_name,
+                      read_state_dict)
 
 CIN256_CONFIG = REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml"
 
@@ -319,3 +320,15 @@ def test_only_two_dimensional_unets_are_built():
     with pytest.raises(NotImplementedError, match="only 2-D UNets"):
         UNetModel(**{**params, "dims": 3})
     assert isinstance(UNetModel(**params).input_blocks[3][0].op, torch.nn.Conv2d)  # the downsampling convolution
+
+
+@pytest.mark.parametrize("config, name", [
+    ("configs/latent-diffusion/cin256-v2.yaml", "cin256-v2"),
+    ("models/digits32/config.yaml", "digits32"),
+    ("config.yaml", None),              # the working directory's name
+    ("models/digits32/config.yml", "digits32"),
+    ("models/digits32/model.yaml", "model"),
+])
+def test_model_name_is_the_config_or_its_folder(config, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert model_name(config) == (name or tmp_path.name)
