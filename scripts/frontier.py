@@ -406,6 +406,56 @@ def _set_scale(ax, axis, values):
     ticks.set_minor_formatter(FuncFormatter(_minor_tick))
 
 
+def label_groups(pixels, radius):
+    """Indices of points grouped by chains of neighbours within `radius` (pixels, each axis), in order of their
+    first point: one label per group keeps the numbers of clustered points from printing over each other."""
+    group_of = list(range(len(pixels)))
+
+    def root(i):
+        while group_of[i] != i:
+            i = group_of[i]
+        return i
+
+    for i, (x, y) in enumerate(pixels):
+        for j in range(i):
+            if abs(pixels[j][0] - x) <= radius and abs(pixels[j][1] - y) <= radius:
+                group_of[root(i)] = root(j)
+    groups = {}
+    for i in range(len(pixels)):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
+def _number_points(ax, points, radius=12, per_line=8):
+    """Label the points with their 1-based numbers, one label per cluster, at the cluster's highest point; returns
+    the labels."""
+    ax.autoscale_view()
+    pixels = ax.transData.transform(points).tolist()
+    labels = []
+    for group in label_groups(pixels, radius):
+        numbers = [str(i + 1) for i in group]
+        text = "\n".join(", ".join(numbers[k:k + per_line]) for k in range(0, len(numbers), per_line))
+        top = max(group, key=lambda i: pixels[i][1])
+        labels.append(ax.annotate(text, points[top], fontsize=7, xytext=(3, 3), textcoords="offset points",
+                                  va="bottom"))
+    return labels
+
+
+def _lift_overlapping(fig, labels, gap=1.0):
+    """Move labels up, lowest first, until none overlaps one placed before it."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label in sorted(labels, key=lambda a: a.get_window_extent(renderer).y0):
+        box = label.get_window_extent(renderer)
+        for other in sorted(placed, key=lambda b: b.y0):
+            if box.overlaps(other):
+                lift = other.y1 + gap - box.y0
+                x, y = label.xyann
+                label.xyann = (x, y + lift * 72 / fig.dpi)
+                box = label.get_window_extent(renderer)
+        placed.append(box)
+
+
 def plot(rows, real, path, key_columns=3, reconstructed=None):
     """FID against s/img and against GFLOP/img, one colour per guidance, each guidance's Pareto front dashed in its
     colour; points are numbered in table order and named in a key below, so that clustered modes stay readable."""
@@ -418,12 +468,12 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
     key_lines = -(-len(rows) // key_columns)
     fig = plt.figure(figsize=(15, 6.5 + 0.16 * key_lines), dpi=110)
     grid = fig.add_gridspec(2, 2, height_ratios=(6.5, 0.16 * key_lines + 0.1))
+    labels_per_axis = []
     for column, (key, front, xlabel) in enumerate((("s_per_img", "front_time", "seconds per image (sampling)"),
                                                    ("gflops_per_img", "front_flops", "UNet GFLOPs per image"))):
         ax = fig.add_subplot(grid[0, column])
-        for number, r in enumerate(rows, 1):
+        for r in rows:
             ax.scatter(r[key], r["fid"], color=colours[r["guidance"]], marker=markers[r["cache"]], s=28, zorder=3)
-            ax.annotate(str(number), (r[key], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for g, c in colours.items():
             on = sorted((r[key], r["fid"]) for r in rows if r[front] and r["guidance"] == g)
             ax.step([x for x, _ in on], [y for _, y in on], where="post", color=c, ls="--", lw=1, zorder=2)
@@ -438,6 +488,7 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
         _set_scale(ax, "y", [r["fid"] for r in rows] + [fid for fid, _, _ in floors])
         ax.tick_params(which="both", labelsize=7)
         ax.margins(x=0.08, y=0.08)
+        labels_per_axis.append(_number_points(ax, [(r[key], r["fid"]) for r in rows]))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID (lower is better)")
         ax.grid(True, which="both", alpha=0.3)
@@ -450,6 +501,8 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
                  family="monospace", transform=key.transAxes)
     fig.suptitle("Speed-quality frontier: FID against time and against FLOPs")
     fig.tight_layout()
+    for ax_labels in labels_per_axis:
+        _lift_overlapping(fig, ax_labels)
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 

@@ -296,3 +296,34 @@ def test_flops_per_image_are_those_of_the_batch_sampled(tiny_model, cap):
     assert counted["gflops_per_img"] == at_two["stats"].flops / 2 / 1e9
     args.batch_size = 1
     assert (frontier.count(tiny_model, mode, args)["gflops_per_img"] < counted["gflops_per_img"]) == bool(cap)
+
+
+def test_label_groups_join_chains_of_near_points_in_order():
+    pixels = [(0, 0), (100, 0), (5, 5), (10, 10), (100, 30), (16, 4)]
+    assert frontier.label_groups(pixels, radius=6) == [[0, 2, 3, 5], [1], [4]]
+    assert frontier.label_groups(pixels, radius=0) == [[0], [1], [2], [3], [4], [5]]
+    assert frontier.label_groups([(1, 1), (1, 1)], radius=0) == [[0, 1]]  # the same place: one label
+
+
+def test_plot_numbers_every_point_once_and_no_labels_overlap(tmp_path, monkeypatch):
+    """Clustered modes (as FasterDiffusion's key-step variants are) get one label listing their numbers, and
+    labels near each other are moved apart, so that every number can be read."""
+    figures = []
+    monkeypatch.setattr(frontier.plt, "close", figures.append)
+    rng = np.random.default_rng(0)
+    rows = [{"spec": f"ddim+fd:uniform:{k}@50", "guidance": g, "cache": "fd", "s_per_img": 0.06 + 0.01 * rng.random(),
+             "gflops_per_img": 4 + rng.random(), "fid": f, "front_time": False, "front_flops": False}
+            for k, (g, f) in enumerate([(2.5, 130 + 10 * rng.random()) for _ in range(14)]
+                                       + [(1.5, 330 + 30 * rng.random()) for _ in range(14)])]
+    rows += [{"spec": "ddim@10", "guidance": 2.5, "cache": "none", "s_per_img": 0.01, "gflops_per_img": 1.2,
+              "fid": 200.0, "front_time": True, "front_flops": True}]
+    frontier.plot(rows, None, tmp_path / "frontier.png")
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        labels = [t for t in ax.texts if t.get_text()]
+        numbers = sorted(int(n) for t in labels for n in t.get_text().replace("\n", ",").split(","))
+        assert numbers == list(range(1, len(rows) + 1))
+        assert len(labels) < len(rows)  # the clusters share labels
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
