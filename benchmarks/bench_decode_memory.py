@@ -2,9 +2,10 @@
 
     python benchmarks/bench_decode_memory.py [--config configs/latent-diffusion/cin256-v2.yaml] [--batches 4,16,32]
 
-Random weights. Peak memory is above what was in use before the decoding: the allocator's peak on a GPU, the
-resident set size (sampled) on the CPU. Both ways decode the same images, to float rounding (checked: relative L2
-difference under 1e-6; convolution libraries may pick other kernels for other batch sizes).
+Random weights, strict fp32 (no TF32 on a GPU, so that the check below means float rounding). Peak memory is
+above what was in use before the decoding: the allocator's peak on a GPU, the resident set size (sampled) on the
+CPU. Both ways decode the same images, to float rounding (checked: relative L2 difference under 1e-5, the tests'
+float32 tolerance; convolution libraries pick other kernels for other batch sizes: up to 2e-6 apart on the CPU).
 """
 import argparse
 import sys
@@ -15,6 +16,7 @@ from common import (PeakMemory, at_least, build_model, check_model, device_name,
                     whole_numbers)
 from ldm import cli
 from ldm.sampling import DECODE_BATCH, decode_latents, image_shape
+from ldm.util import set_tf32
 
 
 def decode_peak(model, latents, chunk, device):
@@ -26,6 +28,7 @@ def decode_peak(model, latents, chunk, device):
 
 
 def run(args):
+    set_tf32(False)
     model = build_model(args.config, device=args.device)
     gib = 2**30
     rows = []
@@ -35,7 +38,7 @@ def run(args):
         chunked, chunked_peak, chunked_s = decode_peak(model, latents, args.chunk, args.device)
         whole, whole_peak, whole_s = decode_peak(model, latents, batch, args.device)
         difference = ((whole - chunked).norm() / whole.norm()).item()
-        if difference > 1e-6:
+        if difference > 1e-5:
             raise SystemExit(f"error: at batch {batch}, decoding in chunks of {args.chunk} changed the images "
                              f"by {difference:.3g} (relative L2)")
         rows.append([batch, f"{whole_peak / gib:.2f}", f"{chunked_peak / gib:.2f}", f"{whole_peak / batch / gib:.3f}",
