@@ -371,7 +371,8 @@ def markdown(rows, real, settings, reconstructed=None):
             "precision", "recall", "accuracy", "Pareto front"]
     lines = [f"# Speed-quality frontier of {settings['config']}", "",
              f"{settings['num_samples']} samples a mode (seed {settings['seed']}) against {settings['ref']}, features "
-             f"of {settings['inception_path']}. s/img: sampling seconds per image of one process, decoding excluded; "
+             f"of {settings['inception_path']}. Modes compute in {settings.get('precision', 'fp32')} unless they "
+             "say `precision=...`. s/img: sampling seconds per image of one process, decoding excluded; "
              "speed-up against the DDIM row with the most steps at the same guidance; Pareto front: no mode at the "
              "same guidance is both faster (or cheaper in FLOPs) and better in FID.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -458,8 +459,10 @@ def _lift_overlapping(fig, labels, gap=1.0):
 
 def plot(rows, real, path, key_columns=3, reconstructed=None):
     """FID against s/img and against GFLOP/img, one colour per guidance, each guidance's Pareto front dashed in its
-    colour; points are numbered in table order and named in a key below, so that clustered modes stay readable."""
+    colour, one marker per cache, hollow in half precision; points are numbered in table order and named in a key
+    below, so that clustered modes stay readable."""
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
+    dtypes = set(r.get("dtype", "fp32") for r in rows)
     markers = {"none": "o", "fd": "s", "deepcache": "^"}
     names = [r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else "") for r in rows]
     floors = [(floor["fid"], style, name) for floor, style, name in
@@ -473,7 +476,9 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
                                                    ("gflops_per_img", "front_flops", "UNet GFLOPs per image"))):
         ax = fig.add_subplot(grid[0, column])
         for r in rows:
-            ax.scatter(r[key], r["fid"], color=colours[r["guidance"]], marker=markers[r["cache"]], s=28, zorder=3)
+            colour = colours[r["guidance"]]
+            ax.scatter(r[key], r["fid"], marker=markers[r["cache"]], s=28, zorder=3, edgecolors=colour,
+                       facecolors=colour if r.get("dtype", "fp32") == "fp32" else "white")
         for g, c in colours.items():
             on = sorted((r[key], r["fid"]) for r in rows if r[front] and r["guidance"] == g)
             ax.step([x for x, _ in on], [y for _, y in on], where="post", color=c, ls="--", lw=1, zorder=2)
@@ -484,6 +489,10 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
             ax.scatter([], [], color=c, label=f"guidance {g:g}")
         for cache in dict.fromkeys(r["cache"] for r in rows):
             ax.scatter([], [], color="grey", marker=markers[cache], label=f"cache {cache}")
+        if len(dtypes) > 1:
+            half = ", ".join(sorted(dtypes - {"fp32"}))
+            ax.scatter([], [], marker="o", color="grey", label="fp32 (filled)")
+            ax.scatter([], [], marker="o", edgecolors="grey", facecolors="white", label=f"{half} (hollow)")
         _set_scale(ax, "x", [r[key] for r in rows])
         _set_scale(ax, "y", [r["fid"] for r in rows] + [fid for fid, _, _ in floors])
         ax.tick_params(which="both", labelsize=7)
@@ -509,14 +518,14 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
 
 def write_outputs(args, jobs, accuracy):
     """frontier.json, frontier.md and frontier.png from the jobs' results (rank 0)."""
-    rows = [read_json(job.result) for job in jobs]
+    rows = [{**read_json(job.result), "dtype": job.args.precision} for job in jobs]
     for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
         for r, on in zip(rows, pareto(rows, key)):
             r[front] = on
     real = read_json(real_result(args)) if args.real else None
     reconstructed = read_json(reconstructed_result(args)) if args.real else None
     settings = {k: getattr(args, k) for k in ("config", "ckpt", "ref", "inception_path", "real", "num_samples", "seed",
-                                              "guidance")}
+                                              "guidance", "precision")}
     settings["checkpoint_sha256"] = file_sha256(args.ckpt)
     out = Path(args.out)
     write_json(out / "frontier.json", {"settings": settings, "classifier_accuracy": accuracy, "real": real,

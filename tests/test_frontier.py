@@ -176,6 +176,27 @@ def test_the_real_row_follows_the_real_batch(finished, inputs, tmp_path):
         [r["fid"] for r in json.loads((finished / "frontier.json").read_text())["rows"]]  # modes not redone
 
 
+def test_each_row_records_the_precision_it_computed_in(finished, inputs, tmp_path, monkeypatch):
+    """A mode's precision=... overrides --precision; the rows, the table's header and the plot (half precision
+    hollow) say which was used."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)  # ddim@2 is finished there, in fp32
+    figures = []
+    monkeypatch.setattr(frontier.plt, "close", figures.append)
+    assert run(argv(inputs, out, "--guidance", "1.5", modes=["ddim@2", "ddim,precision=bf16@2"])) == 0
+    rows = json.loads((out / "frontier.json").read_text())["rows"]
+    assert [(r["spec"], r["dtype"]) for r in rows] == [("ddim@2", "fp32"), ("ddim,precision=bf16@2", "bf16")]
+    assert json.loads((out / "frontier.json").read_text())["settings"]["precision"] == "fp32"
+    assert "Modes compute in fp32 unless they say `precision=...`" in (out / "frontier.md").read_text()
+    ax = figures[0].axes[0]
+    fp32, bf16 = (collection.get_facecolors()[0] for collection in ax.collections[:2])
+    assert fp32[:3].tolist() == list(frontier.plt.cm.tab10.colors[0]) and bf16.tolist() == [1, 1, 1, 1]
+    assert [t.get_text() for t in ax.get_legend().get_texts()][-2:] == ["fp32 (filled)", "bf16 (hollow)"]
+    with np.load(rows[0]["samples"]) as a, np.load(rows[1]["samples"]) as b:  # same labels, other rounding
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert not np.array_equal(a["arr_0"], b["arr_0"])
+
+
 def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
     """A mode stopped after its first batch is finished from its shards; its time is that of the images made."""
     flags = argv(inputs, tmp_path / "out", modes=["ddim@2"])
