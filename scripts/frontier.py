@@ -67,6 +67,14 @@ SETS = {
                   for keys in (f"uniform:{n}", f"auto:{k}")),
                 *(f"ddim+deepcache:{n}{nonuniform}@50" for n in (2, 3, 5) for nonuniform in ("", ",nonuniform=true")),
                 "dpmpp2m+deepcache:2@20", "dpmpp2m+fd:uniform:2@20"],
+    # benchmarks/README.md's precision table: four modes in fp32 and in bf16
+    "precision": [f"{mode}{dtype}@{s}" for mode, s in (("ddim", 50), ("ddim+fd:uniform:3", 50), ("dpmpp2m", 15),
+                                                        ("ddim+deepcache:2", 50)) for dtype in ("", ",precision=bf16")],
+    # benchmarks/README.md's breakdown of FasterDiffusion's cost: feature reuse and prior noise injection apart
+    # (uniform:1 reuses nothing: DDIM with the injection alone)
+    "injection": ["ddim@50", "ddim+fd:uniform:1@50", "ddim+fd:uniform:3,noise_injection=false@50",
+                  "ddim+fd:uniform:3@50", "ddim+fd:ldm250,noise_injection=false@50", "ddim+fd:ldm250@50",
+                  "ddim@250", "ddim+fd:uniform:1@250", "ddim+fd:ldm250,noise_injection=false@250", "ddim+fd:ldm250@250"],
 }
 QUICK_SAMPLES, DEFAULT_SAMPLES = 250, 1000
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")

@@ -348,3 +348,13 @@ def test_plot_numbers_every_point_once_and_no_labels_overlap(tmp_path, monkeypat
         assert len(labels) < len(rows)  # the clusters share labels
         boxes = [t.get_window_extent(renderer) for t in labels]
         assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+@pytest.mark.parametrize("name", sorted(frontier.SETS))
+def test_every_named_set_passes_the_checks(name, inputs, tmp_path):
+    """Each --set is a list of modes that frontier.py accepts (checked as before sampling, on the tiny model)."""
+    flags = argv(inputs, tmp_path, modes=[])
+    flags[flags.index("--modes"):] = ["--set", name, "--guidance", "1.5", "2.5"]
+    jobs, _ = frontier.check(frontier.parse_args(flags))
+    assert [(job.spec, job.guidance) for job in jobs] == [(m, g) for m in frontier.SETS[name] for g in (1.5, 2.5)]
+    assert len({job.folder for job in jobs}) == len(jobs)
