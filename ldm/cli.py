@@ -188,7 +188,8 @@ def step_list(value):
                                          f"not {value!r}") from None
 
 
-FD_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_batch")
+FD_FLAGS = ("key_steps", "context_layout", "noise_injection", "injection_scale", "injection_threshold",
+            "max_decoder_batch")
 # DeepCache and DPM-Solver++ flags -> the option they set; None means not given.
 DEEPCACHE_FLAGS = {"cache_interval": "interval", "nonuniform": "nonuniform", "pow": "pow",
                    "full_steps": "full_steps", "branch": "branch"}
@@ -215,6 +216,10 @@ def add_mode_args(parser):
     fd.add_argument("--context_layout", choices=CONTEXT_LAYOUTS, default="paired",
                     help="class context of the parallel decoder rows ('reference' = the published fork's)")
     add_bool_flag(fd, "--noise_injection", default=True, help="prior noise injection at timesteps below 150")
+    fd.add_argument("--injection_scale", type=non_negative_float, default=None,
+                    help="weight of x_T added after each update below the threshold (default 0.003, as published)")
+    fd.add_argument("--injection_threshold", type=non_negative_float, default=None,
+                    help="noise injection at timesteps below this (default 150, as published)")
     fd.add_argument("--max_decoder_batch", type=int, default=None,
                     help="at most this many decoder rows per call (bounds memory; same result)")
     deep = parser.add_argument_group("DeepCache (--cache deepcache)")
@@ -224,6 +229,17 @@ def add_mode_args(parser):
     deep.add_argument("--full_steps", type=step_list, default=None,
                       help="explicit full steps instead of an interval: 0,3,8, @FILE.json or auto:K")
     deep.add_argument("--branch", type=int, default=None, help="shallow branch depth (0 = DeepCache's LDM setting)")
+
+
+def non_negative_float(value):
+    """A finite number of at least 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {value!r}")
+    return number
 
 
 def on_off(value):
@@ -328,7 +344,8 @@ def cache_options(args, cache, context_layout=None):
     """The options of a cache (by option name) that the flags give; DeepCache's unset ones are left out."""
     if cache == "fd":
         return dict(key_steps=args.key_steps, context_layout=context_layout or args.context_layout,
-                    noise_injection=args.noise_injection, max_decoder_batch=args.max_decoder_batch)
+                    noise_injection=args.noise_injection, injection_scale=args.injection_scale,
+                    injection_threshold=args.injection_threshold, max_decoder_batch=args.max_decoder_batch)
     if cache == "deepcache":
         return {option: getattr(args, flag) for flag, option in DEEPCACHE_FLAGS.items()
                 if getattr(args, flag) is not None}

@@ -50,8 +50,9 @@ from ldm.sampling import (image_shape, num_classes, reconstruct, sample_generato
                           sample_latents)
 from ldm.util import PRECISIONS, file_sha256, model_name, write_atomic  # noqa: E402
 
-MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "max_decoder_batch", "cache_interval", "nonuniform",
-              "pow", "full_steps", "branch", "skip_type", "lower_order_final", "eta", "precision")
+MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "injection_scale", "injection_threshold",
+              "max_decoder_batch", "cache_interval", "nonuniform", "pow", "full_steps", "branch", "skip_type",
+              "lower_order_final", "eta", "precision")
 _FD_PRESETS = [f"ddim+fd:{preset}{layout}@{s}" for s in (250,) for preset in ("ldm250", "ldm250-fast")
                for layout in ("", ",context_layout=reference")]
 SETS = {

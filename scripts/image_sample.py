@@ -29,7 +29,7 @@ from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.calibration import AUTO, STEP_OPTIONS
 from ldm.distributed import Comm, first_error, share_cpu_threads
 from ldm.models.diffusion.deepcache import DeepCache
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.faster_diffusion import INJECTION_SCALE, INJECTION_THRESHOLD, FasterDiffusion
 from ldm.models.diffusion.modes import SAMPLERS
 from ldm.sampling import decode_latents, image_shape, num_classes, sample_generators, sample_labels, sample_latents
 from ldm.sampling import to_uint8
@@ -98,6 +98,11 @@ def run_settings(args, model, mode):
             "context_layout": fd.context_layout, "noise_injection": fd.noise_injection},
         "batch_size": args.batch_size,
     }
+    if fd is not None:  # the injection's weight and threshold, where they are not the published ones
+        settings["faster_diffusion"].update(
+            {k: v for k, v, published in (("injection_scale", fd.injection_scale, INJECTION_SCALE),
+                                          ("injection_threshold", fd.injection_threshold, INJECTION_THRESHOLD))
+             if v != published})
     if mode.sampler != "ddim":
         settings["sampler"] = mode.sampler
     if "order" in SAMPLERS[mode.sampler][1]:

@@ -31,6 +31,9 @@ MODES = {
                     "--max_decoder_batch", "2"],
                    make_mode("dpmpp2m", "fd", skip_type="logSNR", lower_order_final=False, key_steps=[0, 2, 3, 7],
                              context_layout="reference", noise_injection=False, max_decoder_batch=2)),
+    "ddim fd injection": (["--cache", "fd", "--key_steps", "0,5", "--injection_scale", "0.01",
+                           "--injection_threshold", "50"],
+                          make_mode("ddim", "fd", key_steps=[0, 5], injection_scale=0.01, injection_threshold=50.0)),
     "dpmpp3m deepcache full steps": (["--sampler", "dpmpp3m", "--cache", "deepcache", "--full_steps", "0,2,5",
                                       "--branch", "1"],
                                      make_mode("dpmpp3m", "deepcache", full_steps=[0, 2, 5], branch=1)),
@@ -72,6 +75,9 @@ def test_image_sample_flags_sample_the_library_mode(case, tiny_model, tmp_path, 
     if mode.cache is not None and not hasattr(mode.cache, "key_steps"):
         assert record["deepcache"] == {"full_steps": list(mode.cache.full_steps_for(STEPS)),
                                        "branch": mode.cache.branch}
+    if "--injection_scale" in flags:  # recorded where not the published 0.003 and 150
+        assert (record["faster_diffusion"]["injection_scale"], record["faster_diffusion"]["injection_threshold"]) == (
+            0.01, 50.0)
     capsys.readouterr()
     again, _, _ = sample(tmp_path, *flags)  # the same mode: nothing to do
     assert again == 0 and capsys.readouterr().out.startswith("already done")
@@ -90,7 +96,7 @@ def test_modes_have_their_own_folders_and_records(tmp_path, capsys, monkeypatch)
     assert sorted(f.split("_")[1].rstrip("0123456789") for f in folders) == sorted(runs)
     old_keys = {"config_sha256", "checkpoint_sha256", "image_shape", "num_samples", "seed", "steps", "eta", "scale",
                 "precision", "faster_diffusion", "batch_size"}
-    for folder in folders:
+    for folder in folders:  # (FasterDiffusion at the published injection: no injection keys)
         record = json.loads((tmp_path / "outputs" / "samples" / folder / RECORD).read_text())
         mode = folder.split("_")[1].rstrip("0123456789")
         assert set(record) == old_keys | {"plms": {"sampler"}, "dpmpp2m-deepcache": {
@@ -189,6 +195,9 @@ BAD = {
                                               "--noise_injection is a FasterDiffusion option"),
     "fd flag, fd off by the published flag": (["--faster_diffusion", "False", "--max_decoder_batch", "8"],
                                               "--max_decoder_batch is a FasterDiffusion option"),
+    "injection flag without fd": (["--cache", "none", "--injection_scale", "0.001"], "--injection_scale is a FasterDiffusion option"),
+    "negative injection scale": (["--cache", "fd", "--injection_scale", "-0.1"], "expected a number of at least 0"),
+    "threshold not a number": (["--cache", "fd", "--injection_threshold", "nan"], "expected a number of at least 0"),
     "DPM flag with DDIM": (["--skip_type", "logSNR"], "--skip_type is a DPM-Solver++ option"),
     "lower_order_final with PLMS": (["--sampler", "plms", "--lower_order_final", "no"],
                                     "--lower_order_final is a DPM-Solver++ option"),

@@ -144,6 +144,20 @@ def test_noise_injection_adds_scaled_initial_noise(tiny_model, golden, conds):
     assert rel_err(sequential, with_inj) < 1e-5
 
 
+@pytest.mark.parametrize("scale, threshold", [(0.01, 150), (0.003, 50), (0.0, 150)])
+def test_noise_injection_weight_and_threshold(tiny_model, golden, conds, scale, threshold):
+    """As above with another weight, or a threshold of 50, below which only the last update (at t=1) lies: x_T
+    is then added once, after the last update, and passes through nothing. Weight 0 injects nothing."""
+    kwargs = dict(key_steps=[0, 5], context_layout="paired")
+    without, _ = run(tiny_model, golden, conds, fd=FasterDiffusion(noise_injection=False, **kwargs))
+    with_inj, _ = run(tiny_model, golden, conds, fd=FasterDiffusion(injection_scale=scale,
+                                                                    injection_threshold=threshold, **kwargs))
+    ac = tiny_model.alphas_cumprod.double()
+    passes = 1 + (ac[0] / ac[1]).sqrt() if threshold > 101 else 1
+    expected = scale * torch.from_numpy(golden["x_T"]).double() * passes
+    torch.testing.assert_close((with_inj - without).double(), expected, rtol=1e-3, atol=2e-5)
+
+
 def test_guidance_free_faster_diffusion_runs_and_matches_sequential(tiny_model, golden, conds):
     parallel, stats = run(tiny_model, golden, conds, scale=1.0, guided=False, fd=FasterDiffusion([0, 2, 7]))
     sequential, _ = run(tiny_model, golden, conds, scale=1.0, guided=False, fd=FasterDiffusion([0, 2, 7], parallel=False))

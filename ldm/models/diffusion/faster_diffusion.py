@@ -23,6 +23,8 @@ PRESETS = {
 }
 PRESET_STEPS = 250
 CONTEXT_LAYOUTS = ("paired", "reference")
+# Prior noise injection as published: after each update at a timestep below 150, add 0.003 * x_T.
+INJECTION_THRESHOLD, INJECTION_SCALE = 150, 0.003
 
 
 def _preset_key_steps(name, num_steps):
@@ -76,8 +78,8 @@ class FasterDiffusion:
     max_decoder_batch: at most this many decoder rows per call (at least one step's rows), to bound memory.
     """
 
-    def __init__(self, key_steps, parallel=True, noise_injection=True, injection_threshold=150,
-                 injection_scale=0.003, context_layout="paired", max_decoder_batch=None):
+    def __init__(self, key_steps, parallel=True, noise_injection=True, injection_threshold=INJECTION_THRESHOLD,
+                 injection_scale=INJECTION_SCALE, context_layout="paired", max_decoder_batch=None):
         if context_layout not in CONTEXT_LAYOUTS:
             raise ValueError(f"context_layout must be one of {CONTEXT_LAYOUTS}, not {context_layout!r}")
         if max_decoder_batch is not None and max_decoder_batch < 1:
