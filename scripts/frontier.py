@@ -72,10 +72,12 @@ SETS = {
     "precision": [f"{mode}{dtype}@{s}" for mode, s in (("ddim", 50), ("ddim+fd:uniform:3", 50), ("dpmpp2m", 15),
                                                         ("ddim+deepcache:2", 50)) for dtype in ("", ",precision=bf16")],
     # benchmarks/README.md's breakdown of FasterDiffusion's cost: feature reuse and prior noise injection apart
-    # (uniform:1 reuses nothing: DDIM with the injection alone)
+    # (uniform:1 reuses nothing: DDIM with the injection alone; 0.000632 = 0.003 * 8 / 38 adds at S = 250 what the
+    # published weight adds at S = 50)
     "injection": ["ddim@50", "ddim+fd:uniform:1@50", "ddim+fd:uniform:3,noise_injection=false@50",
                   "ddim+fd:uniform:3@50", "ddim+fd:ldm250,noise_injection=false@50", "ddim+fd:ldm250@50",
-                  "ddim@250", "ddim+fd:uniform:1@250", "ddim+fd:ldm250,noise_injection=false@250", "ddim+fd:ldm250@250"],
+                  "ddim@250", "ddim+fd:uniform:1@250", "ddim+fd:ldm250,noise_injection=false@250",
+                  "ddim+fd:ldm250,injection_scale=0.000632@250", "ddim+fd:ldm250@250"],
 }
 QUICK_SAMPLES, DEFAULT_SAMPLES = 250, 1000
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
