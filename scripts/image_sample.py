@@ -98,11 +98,9 @@ def run_settings(args, model, mode):
             "context_layout": fd.context_layout, "noise_injection": fd.noise_injection},
         "batch_size": args.batch_size,
     }
-    if fd is not None:  # the injection's weight and threshold, where they are not the published ones
-        settings["faster_diffusion"].update(
-            {k: v for k, v, published in (("injection_scale", fd.injection_scale, INJECTION_SCALE),
-                                          ("injection_threshold", fd.injection_threshold, INJECTION_THRESHOLD))
-             if v != published})
+    for option, published in (("injection_scale", INJECTION_SCALE), ("injection_threshold", INJECTION_THRESHOLD)):
+        if fd is not None and getattr(fd, option) != published:  # recorded only where not the published value
+            settings["faster_diffusion"][option] = getattr(fd, option)
     if mode.sampler != "ddim":
         settings["sampler"] = mode.sampler
     if "order" in SAMPLERS[mode.sampler][1]:
