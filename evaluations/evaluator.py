@@ -9,10 +9,13 @@ graph for the float16 pairwise distances of precision and recall. Runs on curren
 """
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
+import signal
 import sys
+import threading
 import urllib.request
 import warnings
 import zipfile
@@ -31,12 +34,28 @@ INCEPTION_SOFTMAX_MATMUL = "softmax/logits/MatMul"
 SPATIAL_CHANNELS = 7  # sFID keeps the first 7 channels of mixed_6/conv
 NHOOD_SIZE = 3  # k of the k-NN manifolds of precision and recall
 STAT_KEYS = (("mu", "sigma"), ("mu_s", "sigma_s"))  # precomputed (pool, spatial) statistics in a batch file
+METRICS = ("FID", "sFID")  # the Frechet distances of the (pool, spatial) features
+# The imaginary part of sqrtm(sigma1 sigma2) that is rounding, not a defect of the statistics: ADM's absolute 1e-3,
+# or (as rounding grows with the features' scale) a sum over the diagonal below this share of the real trace.
+IMAGINARY_TOLERANCE, RELATIVE_IMAGINARY_TOLERANCE = 1e-3, 1e-6
 # What reading a corrupt or cut .npz raises (a bad CRC-32, bad compressed data, a cut member, a bad .npy header).
 NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
 
 
 class InputError(Exception):
     """Bad input or set-up; the message is one line for the user."""
+
+
+class IllConditionedError(ValueError):
+    """The square root in a Frechet distance has an imaginary part beyond rounding (ADM raises a ValueError)."""
+
+    def __init__(self, imaginary, dims):
+        super().__init__(f"Imaginary component {imaginary}")
+        self.dims = dims
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `kill` send), raised as an interrupt so that the same clean-up runs."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -126,6 +145,8 @@ def check_batch_file(path):
         with NpzArrayReader(path, "arr_0") as reader:
             shape, dtype = reader.shape, reader.dtype
         stats = precomputed_statistics_dims(path)
+        if stats is not None:
+            check_statistics_finite(path)
     except NPZ_READ_ERRORS as e:
         raise InputError(f"{path}: unreadable .npz ({e})") from None
     if dtype != np.uint8:
@@ -138,6 +159,12 @@ def check_batch_file(path):
         raise InputError(f"{path}: arr_0 holds {shape[0]} images; precision/recall need at least "
                          f"{NHOOD_SIZE + 1} (k+1 for k={NHOOD_SIZE} nearest neighbours)")
     return stats
+
+
+def image_count(path):
+    """The number of images in arr_0 of a checked batch file, from its header."""
+    with NpzArrayReader(path, "arr_0") as reader:
+        return len(reader)
 
 
 def image_size(path):
@@ -171,6 +198,41 @@ def precomputed_statistics_dims(path):
                                  f"expected [d] and [d, d]")
             dims.append(mean.shape[0])
     return tuple(dims)
+
+
+def check_statistics_finite(path):
+    """Check that the precomputed statistics in path are finite numbers, reading them in batches of rows."""
+    for key in (key for keys in STAT_KEYS for key in keys):
+        with NpzArrayReader(path, key) as reader:
+            if reader.dtype.kind not in "fiu":
+                raise InputError(f"{path}: precomputed {key} has dtype {reader.dtype}; expected numbers")
+            for rows in reader.read_batches(256):
+                check_finite(path, f"precomputed {key}", rows)
+
+
+def check_finite(path, what, array):
+    """A NaN or infinite statistic gives FID nan or a SciPy traceback: one error naming the file and the array."""
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: NaN or infinite values in {what}")
+
+
+def has_precomputed_statistics(path):
+    """Whether a batch file holds precomputed statistics (mu and the rest), which the evaluator uses as they are."""
+    with zipfile.ZipFile(path) as zf:
+        return "mu.npy" in zf.namelist()
+
+
+def warn_if_too_few_images(paths, feature_dims, metrics=METRICS):
+    """One warning line on stderr for each batch whose statistics come from fewer images than features: the
+    covariance is then singular and the Frechet distances of those features are biased and unreliable."""
+    for path in paths:
+        count = image_count(path)
+        short = [(metric, dim) for metric, dim in zip(metrics, feature_dims) if dim is not None and count < dim]
+        if short:
+            features = " and the ".join(f"{dim} features of {metric}" for metric, dim in short)
+            print(f"warning: {path} holds {count} images, fewer than the {features}: "
+                  f"{'/'.join(metric for metric, _ in short)} are then biased and unreliable; use at least "
+                  f"{max(dim for _, dim in short)} images", file=sys.stderr)
 
 
 def check_statistics_dims(path, stats_dims, network):
@@ -364,8 +426,10 @@ class FIDStatistics:
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if np.iscomplexobj(covmean):
-            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+            imaginary = np.abs(np.diagonal(covmean).imag)
+            if (imaginary.max() > IMAGINARY_TOLERANCE
+                    and imaginary.sum() > RELATIVE_IMAGINARY_TOLERANCE * abs(np.trace(covmean.real))):
+                raise IllConditionedError(np.max(np.abs(covmean.imag)), len(mu1))
             covmean = covmean.real
         return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -484,8 +548,23 @@ def read_statistics(npz_path, activations):
     """(pool, spatial) FIDStatistics: precomputed in the file if it has mu, else from the activations."""
     with reading_npz(npz_path), np.load(npz_path) as obj:
         if "mu" in obj.files:
-            return tuple(FIDStatistics(obj[mean_key], obj[cov_key]) for mean_key, cov_key in STAT_KEYS)
+            arrays = {key: obj[key] for keys in STAT_KEYS for key in keys}
+            for key, array in arrays.items():
+                check_finite(npz_path, f"precomputed {key}", array)
+            return tuple(FIDStatistics(arrays[mean_key], arrays[cov_key]) for mean_key, cov_key in STAT_KEYS)
+    for acts, features in zip(activations, ("pool", "spatial")):
+        check_finite(npz_path, f"the {features} features of arr_0", acts)
     return tuple(FIDStatistics.from_activations(acts) for acts in activations)
+
+
+def ill_conditioned_error(error, paths):
+    """An IllConditionedError as one line for the user, saying how many images the statistics need."""
+    counts = [image_count(path) for path in paths if not has_precomputed_statistics(path)]
+    if counts and min(counts) < error.dims:
+        return InputError(f"the covariance square root is ill-conditioned ({error}): {min(counts)} images for "
+                          f"{error.dims} features; use at least {error.dims} images")
+    return InputError(f"the covariance square root is ill-conditioned ({error}): a covariance is singular (features "
+                      "that are constant or depend on others) or not positive semi-definite")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -537,9 +616,11 @@ def check_numbers(args):
     check_tf_threads(args.tf_threads)
 
 
-def prepare(args):
+def prepare(args, metrics=METRICS, other_batches=()):
     """Check the batch files, the --json folder and the Inception graph (downloading it once if needed), then
-    load the graph and check precomputed statistics against its feature sizes; returns the network."""
+    load the graph and check precomputed statistics against its feature sizes; returns the network. Before any
+    image goes through the graph, warns about batches whose statistics will come from fewer images than the graph
+    has features (other_batches too: batches that the caller checked)."""
     stats_dims = {path: check_batch_file(path) for path in (args.ref_batch, args.sample_batch) if path}
     if args.sample_batch:
         warn_if_sizes_differ(args.ref_batch, args.sample_batch)
@@ -555,6 +636,8 @@ def prepare(args):
     except InputError:
         network.close()
         raise
+    from_images = [path for path, dims in stats_dims.items() if dims is None] + list(other_batches)
+    warn_if_too_few_images(from_images, network.feature_dims, metrics)
     return network
 
 
@@ -576,6 +659,8 @@ def evaluate(args):
         print("Computing evaluations...")
         metrics = score(network, ref_acts, (ref_stats, ref_stats_spatial), sample_acts,
                         (sample_stats, sample_stats_spatial))
+    except IllConditionedError as e:
+        raise ill_conditioned_error(e, (args.ref_batch, args.sample_batch)) from None
     finally:
         network.close()
     return metrics
@@ -597,6 +682,43 @@ def score(network, ref_acts, ref_stats, sample_acts, sample_stats, log=print):
     return metrics
 
 
+def interrupt_exit_status(interrupt):
+    """128 + the signal number, as a shell reports a process that a signal ended: 143 for SIGTERM, else 130."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated, a KeyboardInterrupt (only the main thread can handle signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_in_one_line(main):
+    """Decorates a main(argv): Ctrl-C or SIGTERM anywhere in it prints one line, `stopped`, and exits with status
+    130 or 143 instead of a traceback."""
+    @functools.wraps(main)
+    def guarded(argv=None):
+        try:
+            with sigterm_as_interrupt():
+                return main(argv)
+        except KeyboardInterrupt as interrupt:
+            print("stopped", file=sys.stderr, flush=True)
+            sys.exit(interrupt_exit_status(interrupt))
+    return guarded
+
+
+@stopped_in_one_line
 def main(argv=None):
     parser = ArgumentParser(description="ADM-compatible Inception Score, FID, sFID, precision and recall.")
     parser.add_argument("ref_batch", help="reference batch .npz (arr_0: uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")

@@ -74,6 +74,7 @@ def check_numbers(args):
     evaluator.check_tf_threads(args.tf_threads)
 
 
+@evaluator.stopped_in_one_line
 def main(argv=None):
     parser = evaluator.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch .npz")
@@ -93,7 +94,8 @@ def main(argv=None):
         # the reference batch, the graph (fetched if needed) and the reference statistics' sizes, as the evaluator
         network = evaluator.prepare(argparse.Namespace(ref_batch=args.ref_batch, sample_batch=None, json=None,
                                                        inception_path=args.inception_path, batch_size=64,
-                                                       tf_threads=args.tf_threads))
+                                                       tf_threads=args.tf_threads),
+                                    metrics=("FID",), other_batches=(args.batch_a, args.batch_b))
         try:
             evaluator.warn_if_sizes_differ(args.ref_batch, args.batch_a)  # both checked by now
             ref_acts = network.read_activations(args.ref_batch)
@@ -101,8 +103,11 @@ def main(argv=None):
             acts_a, acts_b = (network.read_activations(path)[0] for path in (args.batch_a, args.batch_b))
         finally:
             network.close()
-        fid_a, fid_b, difference, (low, high) = paired_bootstrap(acts_a, acts_b, ref_stats, args.resamples,
-                                                                 args.seed)
+        try:
+            fid_a, fid_b, difference, (low, high) = paired_bootstrap(acts_a, acts_b, ref_stats, args.resamples,
+                                                                     args.seed)
+        except evaluator.IllConditionedError as e:
+            raise evaluator.ill_conditioned_error(e, (args.ref_batch, args.batch_a)) from None
     except (evaluator.InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

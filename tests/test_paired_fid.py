@@ -1,4 +1,6 @@
 """evaluations/paired_fid.py: the paired bootstrap of an FID difference, and its command line."""
+import signal
+
 import numpy as np
 import pytest
 
@@ -58,8 +60,13 @@ def test_command_line(tmp_path, capsys):
     a = write_batch(tmp_path / "a.npz", 1, list(range(10)) * 2)
     b = write_batch(tmp_path / "b.npz", 2, list(range(10)) * 2)
     assert paired_fid.main([ref, a, b, "--inception_path", str(GRAPH), "--resamples", "10"]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    line = captured.out.strip().splitlines()[-1]
     assert line.startswith("FID A ") and "95% interval [" in line and "(10 paired resamples of 20 samples)" in line
+    # FID only (paired_fid computes no sFID), from the 128 pooled features of the digits graph
+    assert [line for line in captured.err.splitlines() if line.startswith("warning: ")] == [
+        f"warning: {path} holds {n} images, fewer than the 128 features of FID: FID are then biased and unreliable; "
+        "use at least 128 images" for path, n in ((ref, 40), (a, 20), (b, 20))]
 
     other = write_batch(tmp_path / "c.npz", 3, list(range(1, 11)) * 2)
     assert paired_fid.main([ref, a, other, "--inception_path", str(GRAPH)]) == 2
@@ -144,3 +151,44 @@ def test_damaged_images_are_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {b}: unreadable .npz (Bad CRC-32 for file 'arr_0.npy')"
     assert not any("Traceback" in line for line in err)
+
+
+def test_non_finite_reference_statistics_found_before_any_features(tmp_path, capsys, no_network):
+    a = write_batch(tmp_path / "a.npz", 1, list(range(10)))
+    ref = str(tmp_path / "ref.npz")
+    stats = {"mu": np.zeros(3), "sigma": np.eye(3), "mu_s": np.zeros(2), "sigma_s": np.eye(2)}
+    stats["mu"][1] = np.nan
+    np.savez(ref, arr_0=np.zeros((5, 32, 32, 3), np.uint8), **stats)
+    assert run_failing([ref, a, a], capsys) == f"error: {ref}: NaN or infinite values in precomputed mu"
+
+
+@pytest.mark.parametrize("interrupt, status", [(KeyboardInterrupt, 130), (evaluator.Terminated, 143)])
+def test_interrupt_is_one_line(tmp_path, capsys, monkeypatch, interrupt, status):
+    """Ctrl-C (SIGTERM: Terminated) while the batches go through the graph: `stopped`, the shell's exit status."""
+    ref = write_batch(tmp_path / "ref.npz", 0, [0] * 40)
+    a = write_batch(tmp_path / "a.npz", 1, list(range(10)) * 2)
+
+    def interrupted(self, npz_path):
+        raise interrupt
+
+    monkeypatch.setattr(evaluator.InceptionNetwork, "read_activations", interrupted)
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        paired_fid.main([ref, a, a, "--inception_path", str(GRAPH)])
+    assert exit_info.value.code == status
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "stopped" and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler
+
+
+def test_ill_conditioned_square_root_is_one_line_error(tmp_path, capsys, monkeypatch):
+    """An imaginary part beyond rounding in the FIDs' square roots (simulated on any CPU): one error line."""
+    ref = write_batch(tmp_path / "ref.npz", 0, [0] * 40)
+    a = write_batch(tmp_path / "a.npz", 1, list(range(10)) * 2)
+    sqrtm = evaluator._sqrtm
+    monkeypatch.setattr(evaluator, "_sqrtm", lambda m: sqrtm(m) + 1e3j * np.eye(len(m)))
+    assert paired_fid.main([ref, a, a, "--inception_path", str(GRAPH), "--resamples", "2"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the covariance square root is ill-conditioned (Imaginary component 1000")
+    assert last.endswith(": 20 images for 128 features; use at least 128 images") and "Traceback" not in err
