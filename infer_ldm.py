@@ -69,7 +69,7 @@ def check_args(args):
     model = cli.inspect_model(args)
     cli.check_classes(args.classes, model)
     for mode in modes:
-        cli.check_mode_fits(mode, model)
+        cli.check_mode_fits(mode, model, args.steps)
     return device, modes
 
 

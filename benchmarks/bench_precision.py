@@ -56,7 +56,8 @@ def check_args(args):
     """Bad flags as a UsageError, before any model work."""
     if args.quality_steps:
         check_steps(args.quality_steps, "--quality_steps", key_steps="uniform:4", script="bench_precision.py")
-    cli.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
+    cli.check_precision_is_fast("bf16", device, "the CPU's fast precision,", "measure it on a CPU with them")
     check_model(args)
     if args.tiny_config and (os.path.isfile(args.tiny_config) or "tiny_config" in args.given):
         check_model(argparse.Namespace(config=args.tiny_config, ckpt=args.tiny_ckpt))

@@ -62,7 +62,7 @@ def check_args(args):
         cli.check_device(script_args(args, precision=precision))
     model = check_model(args)
     for _, mode, _ in modes:
-        cli.check_mode_fits(mode, model)
+        cli.check_mode_fits(mode, model, args.steps)
     return modes
 
 

@@ -37,7 +37,8 @@ def rel_dev(a, b):
 def check_args(args):
     """Bad flags as a UsageError, before any model work."""
     check_steps(args.steps)
-    cli.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
+    cli.check_precision_is_fast("bf16", device, "the CPU's half precision,", "measure it on a CPU with them")
     check_model(args)
 
 

@@ -234,6 +234,7 @@ def check_args(args):
             check_precision(precision, device)
         except ValueError as e:
             raise cli.UsageError(f"--precisions {precision}: {e}") from None
+        cli.check_precision_is_fast(precision, device, "--precisions")
     if AUTO_BATCH in args.batches and device.type != "cuda":
         raise cli.UsageError(f"--batches {AUTO_BATCH} fits the batch to a GPU's free memory: give numbers on the CPU")
     if args.assumed_tflops is not None and not args.assumed_tflops > 0:

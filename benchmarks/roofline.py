@@ -154,7 +154,7 @@ def roofline(ops, peak, bandwidth):
 def check_args(args):
     """Bad flags as a UsageError, before any model work. The device is --measure's: without it only its name."""
     if args.measure:
-        cli.resolve_device(args.device)
+        cli.check_precision_is_fast(args.precision, cli.resolve_device(args.device), "--precision")
     elif args.device.partition(":")[0] not in cli.DEVICE_TYPES:
         raise cli.UsageError(f"--device {args.device}: only cpu and cuda devices are supported")
     cli.inspect_model(args)

@@ -26,10 +26,10 @@ from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusi
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import CACHES, MAIN_OPTION, SAMPLERS
 from ldm.models.diffusion.modes import make_mode as make_library_mode
-from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
+from ldm.models.diffusion.schedules import DPM_SKIP_TYPES, max_ddim_eta
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.sampling import num_classes
-from ldm.util import (PRECISIONS, build_model, check_file, check_precision, file_sha256, load_model,
+from ldm.util import (PRECISIONS, ArchitectureMismatch, build_model, check_file, check_precision, file_sha256, load_model,
                       optimize_for_inference, set_tf32)
 
 BAD_INPUT = 2
@@ -91,15 +91,20 @@ def interrupt_exit_status(interrupt):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """Within the block, SIGTERM (what schedulers and `kill` send) raises Terminated, a KeyboardInterrupt."""
+    """Within the block, SIGTERM (what schedulers and `kill` send) raises Terminated and Ctrl-C KeyboardInterrupt
+    (whatever `ldm.startup` set for the imports before it)."""
     def interrupt(signum, frame):
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (nohup, a background job): left so
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(signum, handler)
 
 
 def one_line_failures(main):
@@ -231,14 +236,19 @@ def add_mode_args(parser):
     deep.add_argument("--branch", type=int, default=None, help="shallow branch depth (0 = DeepCache's LDM setting)")
 
 
+def fits_float32(number):
+    """Whether a number is finite in float32, the precision the samplers compute in (at most about 3.4e38)."""
+    return math.isfinite(number) and abs(number) <= torch.finfo(torch.float32).max
+
+
 def non_negative_float(value):
-    """A finite number of at least 0."""
+    """A number of at least 0 that float32 can hold."""
     try:
         number = float(value)
     except ValueError:
         number = math.nan
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {value!r}")
+    if not fits_float32(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0 that float32 can hold, not {value!r}")
     return number
 
 
@@ -291,10 +301,22 @@ def check_files(args):
     try:
         check_file(args.ckpt, "checkpoint")
     except FileNotFoundError as e:
+        if not is_cin256_config(args.config):  # download_model.py fetches cin256-v2's weights, no other model's
+            raise UsageError(f"{e}; give --ckpt the checkpoint that goes with the config {args.config}") from None
         fetch = "python scripts/download_model.py" + ("" if args.ckpt == DEFAULT_CKPT else f" --out {args.ckpt}")
         raise UsageError(f"{e}; download it with `{fetch}`") from None
     except OSError as e:
         raise UsageError(str(e)) from None
+
+
+def is_cin256_config(path):
+    """Whether a config is the shipped cin256-v2 one (the same bytes), whose weights download_model.py fetches."""
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_CONFIG)
+    try:
+        return os.path.samefile(path, shipped) or file_sha256(path, cache_from_bytes=None) == \
+            file_sha256(shipped, cache_from_bytes=None)
+    except OSError:
+        return False
 
 
 def check_steps(sampler, steps):
@@ -313,10 +335,10 @@ def check_sampling(args):
         check_steps(args.sampler, args.steps)
     except ValueError as e:
         raise UsageError(f"--steps: {e}") from None
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise UsageError(f"--eta must be a number >= 0, not {args.eta}")
-    if not math.isfinite(args.scale):
-        raise UsageError(f"--scale must be a finite number, not {args.scale}")
+    if not (fits_float32(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta must be a number >= 0 that float32 can hold, not {args.eta}")
+    if not fits_float32(args.scale):
+        raise UsageError(f"--scale must be a finite number that float32 can hold, not {args.scale}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, not {args.seed}")
 
@@ -425,13 +447,20 @@ def make_mode(args, name=None, context_layout=None, calibrate_on=None, rows=()):
     return mode
 
 
-def check_mode_fits(mode, model):
-    """What only the model's structure tells: the depth of DeepCache's shallow branch."""
+def check_mode_fits(mode, model, steps):
+    """What only the model tells: the depth of DeepCache's shallow branch, and whether DDIM's eta keeps its noise
+    within the model's schedule at S steps (past that every sample is NaN)."""
     if isinstance(mode.cache, DeepCache):
         try:
             model.model.diffusion_model.check_branch(mode.cache.branch)
         except ValueError as e:
             raise UsageError(f"--branch: {e}") from None
+    if mode.eta:
+        limit = max_ddim_eta(torch.from_numpy(model.config_alphas_cumprod),
+                             make_ddim_timesteps(steps, model.num_timesteps))
+        if mode.eta > limit:
+            raise UsageError(f"--eta {mode.eta:g}: DDIM's noise would exceed the schedule at {steps} steps, "
+                             f"making every sample NaN; use at most {math.floor(limit * 1e4) / 1e4:g}")
 
 
 def resolve_device(name, rank=0):
@@ -458,7 +487,22 @@ def check_device(args, rank=0):
         check_precision(args.precision, device)
     except ValueError as e:
         raise UsageError(f"--precision {args.precision}: {e}") from None
+    check_precision_is_fast(args.precision, device, "--precision")
     return device
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), as oneDNN sees it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_precision_is_fast(precision, device, flag, advice="use --precision fp32"):
+    """bf16 on a CPU without native bfloat16 kernels is emulated, many times slower than fp32 (a cin256-v2 UNet
+    forward: 179.5 s against 3.96 s on an AVX2-only AMD EPYC): the front ends refuse it there, in one line ending
+    with advice. The Python API still computes in it."""
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        raise UsageError(f"{flag} bf16: this CPU has no native bfloat16 kernels (AVX-512 BF16 or AMX), so bf16 "
+                         f"would run many times slower than fp32; {advice}")
 
 
 def check_writable_folder(folder, flag):
@@ -492,6 +536,10 @@ def inspect_model(args):
         num_classes(model)
     except LOAD_ERRORS as e:
         raise UsageError(f"cannot load the model: {first_line(e)}") from None
+    scale_factor = model.scale_factor  # a tensor that the checkpoint sets with scale_by_std
+    if not isinstance(scale_factor, torch.Tensor) and not (math.isfinite(scale_factor) and scale_factor != 0):
+        raise UsageError(f"the config {args.config} sets scale_factor {scale_factor:g}: every latent would decode "
+                         "to NaN; give a finite, non-zero scale_factor")
     return model
 
 
@@ -509,8 +557,17 @@ def load(args, device):
     UsageError. `compile_for` compiles it."""
     try:
         model = load_model(args.config, args.ckpt, device=device, allow_pickle=args.allow_pickle)
+    except ArchitectureMismatch as e:
+        raise UsageError(f"cannot load the model: {first_line(e)}; the config {args.config} does not match the "
+                         "checkpoint: give the config it was made with (--config; CONFIG_PATH for "
+                         "run_image_sample.sh)") from None
     except LOAD_ERRORS as e:
         raise UsageError(f"cannot load the model: {first_line(e)}") from None
+    broken = next((name for name, tensor in model.state_dict().items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if broken is not None:
+        raise UsageError(f"the checkpoint {args.ckpt} holds NaN or infinite weights ({broken}): every sample would "
+                         "be NaN")
     set_tf32(args.tf32)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     return optimize_for_inference(model, channels_last=args.channels_last, precision=args.precision,

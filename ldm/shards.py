@@ -3,10 +3,12 @@
     <output_dir>/shards_<N>x<H>x<W>x<C>/batch_<k>.npz   samples [k*B, (k+1)*B): images, labels, indices
     <output_dir>/shards_<N>x<H>x<W>x<C>/settings.json   the settings the shards are made with
     <output_dir>/samples_<N>x<H>x<W>x<C>.npz            arr_0 uint8 NHWC images, arr_1 int64 labels (ADM)
-    <output_dir>/samples_<N>x<H>x<W>x<C>.json           the settings the .npz was made with
+    <output_dir>/samples_<N>x<H>x<W>x<C>.json           the settings the .npz was made with, and its checksum
+    <output_dir>/.lock                                  held by the process that runs in the folder
 
 Every file is written under a temporary name and renamed into place (`ldm.util.write_atomic`).
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.cli import UsageError
+from ldm.cli import UsageError, first_line
 from ldm.util import model_name, write_atomic
 
 SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
@@ -29,6 +31,10 @@ SHARD_ONLY_SETTINGS = ("batch_size",)  # settings that place the shard boundarie
 # settings that follow from the others: the steps that 'auto:K' was calibrated to (recorded so that a resumed run
 # samples with the same steps instead of calibrating again)
 DERIVED_SETTINGS = ("calibrated_steps",)
+# what the record says of the .npz itself: the SHA-256 of its arrays' bytes (arr_0, then arr_1)
+OUTPUT_FACTS = ("samples_sha256",)
+LOCK_NAME = ".lock"
+READ_CHUNK = 64 << 20
 
 
 class RunFiles:
@@ -79,6 +85,11 @@ def read_settings(path):
     return settings if isinstance(settings, dict) else None
 
 
+def missing_or_unreadable(path):
+    """Why there are no settings at path: 'no record' or 'an unreadable record'."""
+    return "an unreadable record" if Path(path).exists() else "no record"
+
+
 def write_settings(path, settings):
     write_atomic(path, lambda f: f.write((json.dumps(settings, indent=1) + "\n").encode()))
 
@@ -98,9 +109,9 @@ def previous_run(files, settings, resume=False, overwrite=False):
     if files.samples.exists() and not overwrite:
         old = read_settings(files.record)
         if old is None:
-            raise UsageError(f"{files.samples} exists with no record of its settings ({files.record.name}); "
-                             "pass --overwrite to replace it, or choose another --output_dir")
-        changed = differences(old, settings, ignore=SHARD_ONLY_SETTINGS + DERIVED_SETTINGS)
+            raise UsageError(f"{files.samples} exists with {missing_or_unreadable(files.record)} of its settings "
+                             f"({files.record.name}); pass --overwrite to replace it, or choose another --output_dir")
+        changed = differences(old, settings, ignore=SHARD_ONLY_SETTINGS + DERIVED_SETTINGS + OUTPUT_FACTS)
         if not changed:
             return "done"
         shards = read_settings(files.shard_settings) if finished_batches(files.shard_dir) else None
@@ -119,8 +130,8 @@ def previous_run(files, settings, resume=False, overwrite=False):
     if overwrite:
         return "restart"
     if old is None:
-        raise UsageError(f"{files.shard_dir} holds shards but no readable settings.json; "
-                         "pass --overwrite to start over")
+        raise UsageError(f"{files.shard_dir} holds shards but {missing_or_unreadable(files.shard_settings)} of "
+                         "their settings (settings.json); pass --overwrite to start over")
     if not resume:
         raise UsageError(f"{files.shard_dir} holds {len(done)} finished batches of an earlier run; "
                          "pass --resume to continue it, or --overwrite to start over")
@@ -164,9 +175,11 @@ def read_shard(path, indices, shape):
 
 def write_samples(files, settings):
     """Merge the shards, one at a time, into the ADM .npz (as np.savez: arr_0 images, arr_1 labels), record its
-    settings beside it, then delete the shards. A previous .npz is replaced only when the new one is complete."""
+    settings and checksum beside it, then delete the shards. A previous .npz is replaced only when the new one is
+    complete."""
     n, b, shape = settings["num_samples"], settings["batch_size"], tuple(settings["image_shape"])
     labels = np.empty(n, dtype=np.int64)
+    checksum = hashlib.sha256()
 
     def write(f):
         with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -178,13 +191,109 @@ def write_samples(files, settings):
                     indices = batch_range(k, b, n)
                     images, labels[indices.start:indices.stop] = read_shard(files.shard(k), indices, shape)
                     member.write(images.tobytes())
+                    checksum.update(images.tobytes())
             with zf.open("arr_1.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, labels)
+                checksum.update(labels.tobytes())
 
     files.record.unlink(missing_ok=True)  # never a record that describes another .npz
     write_atomic(files.samples, write)
-    write_settings(files.record, settings)
+    write_settings(files.record, {**settings, "samples_sha256": checksum.hexdigest()})
     shutil.rmtree(files.shard_dir)
+
+
+def _stream_member(zf, name, dtype, shape, checksum):
+    """Read an .npy member of an open .npz in chunks into checksum, checking its dtype and shape."""
+    with zf.open(name) as member:  # zipfile checks the member's CRC-32 once it is read to the end
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        stored_shape, fortran_order, stored_dtype = read_header(member)
+        if stored_dtype != dtype or tuple(stored_shape) != shape or fortran_order:
+            raise ValueError(f"{name} holds {stored_dtype} {tuple(stored_shape)}, not {np.dtype(dtype)} {shape}")
+        left = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        while left:
+            chunk = member.read(min(left, READ_CHUNK))
+            if not chunk:
+                raise ValueError(f"{name} ends early")
+            checksum.update(chunk)
+            left -= len(chunk)
+        if member.read(1):
+            raise ValueError(f"{name} is longer than its header says")
+
+
+def check_samples(files, record):
+    """The finished .npz holds what its record says (the count and image shape, and the checksum where the record
+    has one), read to the end; anything else is a UsageError saying how to sample it again."""
+    n, shape = record["num_samples"], tuple(record["image_shape"])
+    checksum = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(files.samples) as zf:
+            _stream_member(zf, "arr_0.npy", np.uint8, (n, *shape), checksum)
+            _stream_member(zf, "arr_1.npy", np.int64, (n,), checksum)
+        if record.get("samples_sha256", checksum.hexdigest()) != checksum.hexdigest():
+            raise ValueError("its contents do not match the checksum in its record")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{files.samples} is damaged ({first_line(e)}); pass --overwrite to sample it again") \
+            from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The folder's owner
+
+
+class FolderLock:
+    """An exclusive hold on a run's output folder, so that no two runs write in it at once: a `flock` on
+    `<folder>/.lock`, which holds the owner's host and process id while the run lasts. The kernel drops the lock
+    when its process ends, however it ends, so a dead run's lock file is never in the way. Entering creates the
+    folder; leaving removes the lock file, and the folders it created if the run wrote nothing in them."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd = None
+        self.created = []
+
+    def __enter__(self):
+        missing = self.folder
+        while not missing.exists():
+            self.created.append(missing)
+            missing = missing.parent
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                who = f"process {owner[1]} on {owner[0]}" if len(owner) == 2 else "another process"
+                raise UsageError(f"{self.folder} is in use by another run ({who}); wait for it to end, or choose "
+                                 "another --output_dir") from None
+            if _same_file(fd, self.path):
+                self.fd = fd
+            else:  # its owner removed it as we opened it: take the new one
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)  # before the lock goes, so that no one takes a lock on a removed file
+        os.close(self.fd)
+        for folder in self.created:  # innermost first, each only if the run left it empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _same_file(fd, path):
+    """Whether an open file is still the one at path."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the model built from the config."""
 
 
+class ArchitectureMismatch(CheckpointError):
+    """A checkpoint whose tensors are not the config's model's: keys missing, unexpected or of another shape."""
+
+
 def get_obj_from_str(string):
     module, cls = string.rsplit(".", 1)
     return getattr(importlib.import_module(module), cls)
@@ -135,13 +139,13 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
     missing = expected.keys() - state_dict.keys()
     unexpected = state_dict.keys() - expected.keys()
     if missing or unexpected:
-        raise CheckpointError(
+        raise ArchitectureMismatch(
             f"{source} does not match the model architecture: {len(missing)} missing keys ({_few(missing)}), "
             f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if state_dict[k].shape != v.shape]
     if wrong:
-        raise CheckpointError(f"{source} has {len(wrong)} tensors of the wrong shape (checkpoint vs model): {_few(wrong, 2)}")
+        raise ArchitectureMismatch(f"{source} has {len(wrong)} tensors of the wrong shape (checkpoint vs model): {_few(wrong, 2)}")
     # as upstream, which copies into float32 parameters: a half- or double-precision checkpoint loads as float32
     state_dict = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -13,18 +13,24 @@ settings beside it (ldm/shards.py has the layout). The default output_dir is nam
 Rerunning a finished command says "already done"; a run with other settings into the same folder is refused,
 naming the difference, unless --overwrite. An interrupted run (Ctrl-C, SIGTERM, a crash) continues from its
 shards with --resume. The last line on stdout is `samples: <path of the .npz>`. With several processes,
-output_dir must be on a file system that all of them see.
+output_dir must be on a file system that all of them see. A run holds its folder (`ldm.shards.FolderLock`): a second
+run into the same folder is refused while the first is alive.
 """
-import shutil
-import sys
-import time
-import traceback
-from dataclasses import dataclass
+from ldm.startup import interrupts_end_quietly
 
-import torch
-from tqdm import tqdm
+interrupts_end_quietly(__name__)  # Ctrl-C while torch loads: one line, not a traceback
 
-from ldm import cli
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ldm import cli  # noqa: E402
 from ldm.autobatch import AUTO_BATCH, auto_batch_size, use_expandable_segments
 from ldm.calibration import AUTO, STEP_OPTIONS
 from ldm.distributed import Comm, first_error, share_cpu_threads
@@ -33,19 +39,22 @@ from ldm.models.diffusion.faster_diffusion import INJECTION_SCALE, INJECTION_THR
 from ldm.models.diffusion.modes import SAMPLERS
 from ldm.sampling import decode_latents, image_shape, num_classes, sample_generators, sample_labels, sample_latents
 from ldm.sampling import to_uint8
-from ldm.shards import (RunFiles, batch_range, default_output_dir, finished_batches, previous_run, read_settings,
-                        remove_stale_temporaries, write_samples, write_settings, write_shard)
+from ldm.shards import (FolderLock, RunFiles, batch_range, check_samples, default_output_dir, finished_batches,
+                        previous_run, read_settings, remove_stale_temporaries, write_samples, write_settings,
+                        write_shard)
 from ldm.util import file_sha256
 
 STOPPED_EXIT_CODE = 3
 OUT_OF_MEMORY_EXIT_CODE = 4
 WRITE_FAILED_EXIT_CODE = 5
+INTERRUPT_GRACE_SECONDS = 1.0
 
 
 def check_run(args):
     """Every check that needs no weights: flags, files, the model's structure and what output_dir holds.
 
-    Returns (settings, files, state of an earlier run: fresh, resume, restart or done).
+    Returns (settings, files, state of an earlier run: fresh, resume, restart or done). `sample` reads the state
+    again once it holds the folder.
     """
     cli.check_files(args)
     cli.check_sampling(args)
@@ -62,18 +71,26 @@ def check_run(args):
     if args.output_dir == "":
         raise cli.UsageError("--output_dir is empty: give a folder, or leave the flag out for the default")
     model = cli.inspect_model(args)
-    cli.check_mode_fits(mode, model)
+    cli.check_mode_fits(mode, model, args.steps)
     settings = run_settings(args, model, mode)
     output_dir = args.output_dir if args.output_dir is not None else default_output_dir(settings, args.config)
     cli.check_writable_folder(output_dir, "--output_dir")
     files = RunFiles(output_dir, args.num_samples, settings["image_shape"])
+    settings, state = run_state(args, settings, files)
+    return settings, files, state
+
+
+def run_state(args, settings, files):
+    """(settings, what output_dir holds for them: fresh, resume, restart or done; see ldm.shards.previous_run).
+    A resumed run takes its batch size (when auto) and calibrated steps from its shards' record."""
+    settings = dict(settings)
     if args.resume:
         shards = read_settings(files.shard_settings) or {}
-        if auto_batch:  # the shards' batch size, which placed them
+        if args.batch_size == AUTO_BATCH:  # the shards' batch size, which placed them
             settings["batch_size"] = shards.get("batch_size", AUTO_BATCH)
         if calibrated_option(args) and "calibrated_steps" in shards:  # the steps the shards were sampled with
             settings["calibrated_steps"] = shards["calibrated_steps"]
-    return settings, files, previous_run(files, settings, resume=args.resume, overwrite=args.overwrite)
+    return settings, previous_run(files, settings, resume=args.resume, overwrite=args.overwrite)
 
 
 def run_settings(args, model, mode):
@@ -153,17 +170,15 @@ def compile_in_turn(comm, model, args, mode):
 
 
 def prepare_output(files, settings, state):
-    """Create output_dir, drop shards to start over and temporary files of killed runs, record the settings."""
-    try:
-        files.output_dir.mkdir(parents=True, exist_ok=True)
-        if state == "restart":
-            shutil.rmtree(files.shard_dir)
-        for folder in (files.output_dir, files.shard_dir):
-            remove_stale_temporaries(folder)
-        files.shard_dir.mkdir(exist_ok=True)
-        write_settings(files.shard_settings, settings)
-    except OSError as e:
-        raise cli.UsageError(f"cannot write to output directory {files.output_dir}: {e.strerror or e}") from None
+    """Create output_dir, drop shards to start over and temporary files of killed runs, record the settings. An
+    OSError here (a full disk) is a failed write, as during sampling."""
+    files.output_dir.mkdir(parents=True, exist_ok=True)
+    if state == "restart":
+        shutil.rmtree(files.shard_dir)
+    for folder in (files.output_dir, files.shard_dir):
+        remove_stale_temporaries(folder)
+    files.shard_dir.mkdir(exist_ok=True)
+    write_settings(files.shard_settings, settings)
 
 
 def resolve_batch_size(comm, args, model, mode):
@@ -216,14 +231,28 @@ def clock(device):
     return time.perf_counter()
 
 
+class NotFinite(Exception):
+    """A batch whose latents or images became NaN or infinite."""
+
+
 def sample_batch(model, indices, args, mode):
-    """Sample indices -> (uint8 NHWC images, labels, sampling seconds, decoding seconds)."""
+    """Sample indices -> (uint8 NHWC images, labels, sampling seconds, decoding seconds); NotFinite names the first
+    step whose latents are NaN or infinite (checked on the device, read once per batch)."""
     start = clock(model.device)
     labels = sample_labels(args.seed, indices, num_classes(model))
+    finite = []
     latents, _ = sample_latents(model, labels, args.steps, args.scale, mode=mode,
-                                generators=sample_generators(args.seed, indices), precision=args.precision)
+                                generators=sample_generators(args.seed, indices), precision=args.precision,
+                                step_callback=lambda step, t, x, pred_x0: finite.append(torch.isfinite(x).all()))
     sampled = clock(model.device)
-    images = to_uint8(decode_latents(model, latents, args.precision)).cpu().numpy()
+    where = f"samples {indices.start}..{indices.stop - 1}"
+    if finite and not bool(torch.stack(finite).all()):
+        step = int((~torch.stack(finite)).nonzero()[0])
+        raise NotFinite(f"{where}: the latents are NaN or infinite from step {step + 1} of {len(finite)} on")
+    images = decode_latents(model, latents, args.precision)
+    if not bool(torch.isfinite(images).all()):
+        raise NotFinite(f"{where}: the decoded images are NaN or infinite")
+    images = to_uint8(images).cpu().numpy()
     return images, labels.numpy(), sampled - start, clock(model.device) - sampled
 
 
@@ -282,51 +311,96 @@ class Outcome:
 
 
 def sample(args, comm):
-    """Check, load, sample the missing batches, merge; returns (exit status, Outcome or None if stopped)."""
-    settings, files, state = collective(comm, lambda: check_run(args))
+    """Check, hold the folder, load, sample the missing batches, merge; returns (exit status, Outcome or None if
+    stopped)."""
+    settings, files, _ = collective(comm, lambda: check_run(args))
+    try:
+        with hold_folder(comm, files.output_dir):
+            return sample_in_folder(args, comm, settings, files)
+    except KeyboardInterrupt as interrupt:
+        total = "?" if args.batch_size == AUTO_BATCH else -(-args.num_samples // args.batch_size)
+        line = f"stopped: {saved_batches(files)} of {total} batches are saved in {files.shard_dir}; rerun the same " \
+            "command with --resume to continue"
+        return stop(comm, line, cli.interrupt_exit_status(interrupt)), None
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        device = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        when = "before sampling" if args.batch_size == AUTO_BATCH else f"at batches of {args.batch_size} samples"
+        hint = ", or a smaller --max_decoder_batch" if settings["faster_diffusion"] else ""
+        saved = saved_batches(files)
+        rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun with a smaller --batch_size and " \
+            "--overwrite" if saved else "rerun with a smaller --batch_size"
+        return fail(comm, f"the {device} ran out of memory {when}{on_rank(comm)}; {rerun}{hint}",
+                    OUT_OF_MEMORY_EXIT_CODE)
+    except OSError as e:  # e.g. the disk is full: what is written stays whole, and --resume continues from it
+        saved = saved_batches(files)
+        rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun the same command with --resume" \
+            if saved else "nothing was sampled: rerun the same command once it can write there"
+        return fail(comm, f"cannot write {e.filename or 'the samples'}{on_rank(comm)}: {e.strerror or e}; {rerun}",
+                    WRITE_FAILED_EXIT_CODE)
+    except NotFinite as e:
+        return fail(comm, f"{e}{on_rank(comm)}: these settings or this checkpoint cannot give finite samples; "
+                          "nothing of this batch was written", cli.BAD_INPUT)
+
+
+@contextlib.contextmanager
+def hold_folder(comm, folder):
+    """Rank 0 holds output_dir for the whole run (`FolderLock`); a folder that another run holds is refused."""
+    with contextlib.ExitStack() as stack:
+        collective(comm, lambda: stack.enter_context(FolderLock(folder)) and None)
+        yield
+
+
+def sample_in_folder(args, comm, settings, files):
+    """sample() once the run holds its folder: what it holds is read again, now that no other run can change it."""
+    settings, state = collective(comm, lambda: run_state(args, settings, files))
     if state == "done":
+        collective(comm, lambda: check_samples(files, read_settings(files.record)))
         if comm.rank == 0:
             print(f"already done: {files.samples} holds these samples (settings in {files.record}); "
                   f"pass --overwrite to sample them again\nsamples: {files.samples}", flush=True)
         return 0, Outcome(files, already_done=True)
-    try:
-        model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
-        mode = calibrate_once(comm, args, model, settings)
-        if settings["batch_size"] == AUTO_BATCH:
-            settings["batch_size"] = resolve_batch_size(comm, args, model, mode)
-        args.batch_size = settings["batch_size"]
-        collective(comm, lambda: prepare_output(files, settings, state))
-        compiled = compile_in_turn(comm, model, args, mode)
-        if compiled:
-            print(compiled, file=sys.stderr, flush=True)
-        *own, wall = sample_shards(args, comm, model, mode, files)
-        stats = comm.gather(own)
-        collective(comm, lambda: write_samples(files, settings))
-    except KeyboardInterrupt as interrupt:
-        if comm.rank == 0:
-            saved = len(finished_batches(files.shard_dir))
-            total = "?" if args.batch_size == AUTO_BATCH else -(-args.num_samples // args.batch_size)
-            print(f"stopped: {saved} of {total} batches are saved in {files.shard_dir}; "
-                  "rerun the same command with --resume to continue", file=sys.stderr, flush=True)
-        return cli.interrupt_exit_status(interrupt), None
-    except torch.OutOfMemoryError:
-        saved = len(finished_batches(files.shard_dir))
-        when = "before sampling" if args.batch_size == AUTO_BATCH else f"at batches of {args.batch_size} samples"
-        hint = ", or a smaller --max_decoder_batch" if settings["faster_diffusion"] else ""
-        rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun with a smaller --batch_size and " \
-            "--overwrite" if saved else "rerun with a smaller --batch_size"
-        return fail(comm, f"the GPU ran out of memory {when}{on_rank(comm)}; {rerun}{hint}", OUT_OF_MEMORY_EXIT_CODE)
-    except OSError as e:  # e.g. the disk is full: what is written stays whole, and --resume continues from it
-        saved = len(finished_batches(files.shard_dir))
-        return fail(comm, f"cannot write {e.filename or 'the samples'}{on_rank(comm)}: {e.strerror or e}; {saved} "
-                          f"finished batches are saved in {files.shard_dir}: rerun the same command with --resume",
-                    WRITE_FAILED_EXIT_CODE)
+    model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
+    mode = calibrate_once(comm, args, model, settings)
+    if settings["batch_size"] == AUTO_BATCH:
+        settings["batch_size"] = resolve_batch_size(comm, args, model, mode)
+    args.batch_size = settings["batch_size"]
+    collective(comm, lambda: prepare_output(files, settings, state))
+    compiled = compile_in_turn(comm, model, args, mode)
+    if compiled:
+        print(compiled, file=sys.stderr, flush=True)
+    *own, wall = sample_shards(args, comm, model, mode, files)
+    stats = comm.gather(own)
+    collective(comm, lambda: write_samples(files, settings))
     if comm.rank != 0:
         return 0, Outcome(files, already_done=False, mode=mode)
     sample_s, decode_s, made = map(sum, zip(*stats))
     print(summary(made, args.num_samples, comm.size, wall, sample_s, decode_s, files.samples))
     print(f"samples: {files.samples}", flush=True)
     return 0, Outcome(files, already_done=False, mode=mode, images=made, sample_seconds=sample_s)
+
+
+def saved_batches(files):
+    """How many finished batches the shard folder holds."""
+    return len(finished_batches(files.shard_dir))
+
+
+def out_of_memory(error):
+    """Whether an error is a device running out of memory: CUDA's OutOfMemoryError or the CPU allocator's."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
+def stop(comm, line, status):
+    """End the run after Ctrl-C or SIGTERM with one line; under MPI, end every rank with it. When a rank other than
+    0 is interrupted it waits a moment first: if every rank was (Ctrl-C to mpiexec), rank 0 speaks and ends them
+    all, so the line is printed once."""
+    if comm.rank != 0:
+        time.sleep(INTERRUPT_GRACE_SECONDS)
+    print(line, file=sys.stderr, flush=True)
+    if comm.size > 1:
+        comm.abort(status)
+    return status
 
 
 def main(args, comm):
@@ -367,9 +441,7 @@ def run(argv=None):
         try:
             return main(args, comm)
         except KeyboardInterrupt as interrupt:  # before the output folder is known
-            if comm.rank == 0:
-                print("stopped before sampling began", file=sys.stderr, flush=True)
-            return cli.interrupt_exit_status(interrupt)
+            return stop(comm, "stopped before sampling began", cli.interrupt_exit_status(interrupt))
         except Exception:
             if comm.size > 1:  # one rank failing alone would leave the others waiting forever
                 traceback.print_exc()

@@ -41,6 +41,15 @@ def gradients_stay_as_they_were():
     assert torch.is_grad_enabled() == enabled, "the test changed torch's global gradient mode"
 
 
+@pytest.fixture(autouse=True)
+def bf16_as_on_a_cpu_with_native_kernels(monkeypatch):
+    """The front ends refuse bf16 on a CPU without native bfloat16 kernels (ldm.cli.check_precision_is_fast); the
+    tests run it on every CPU, as on one with them, so that the suite is the same everywhere. The refusal itself is
+    tested with the check turned the other way (test_precision_refusal.py)."""
+    from ldm import cli
+    monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return load_model(str(TINY_CONFIG), str(TINY_CKPT))

@@ -56,7 +56,7 @@ CASES = {
         (["--key_steps", "auto:3"], "--key_steps auto:3: bench_memory.py needs explicit steps"),
         (["--stop_after", "0"], "argument --stop_after: must be at least 1, not 0"),
         (["--stop_after", "11"], "--stop_after must be at most --steps (10), not 11"),
-        (["--scale", "nan"], "--scale must be a finite number, not nan"),
+        (["--scale", "nan"], "--scale must be a finite number that float32 can hold, not nan"),
         (["--device", "tpu"], "--device 'tpu' is not a device name"),
         (["--config", "/nope.yaml"], "cannot load the model: config not found")],
     "bench_precision": [

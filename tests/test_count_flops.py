@@ -87,7 +87,7 @@ BAD_CONFIGS = {"not YAML": lambda path: path.write_text("model: [unclosed\n  a: 
     (["--key_steps", "0,3,3"], "error: key_steps must be strictly increasing without repeats"),
     (["--steps", "7"], "error: --steps: 7 DDIM steps do not fit the uniform schedule"),
     (["--steps", "1001"], "error: --steps: number of DDIM steps must be in 1..1000"),
-    (["--scale", "nan"], "error: --scale must be a finite number, not nan"),
+    (["--scale", "nan"], "error: --scale must be a finite number that float32 can hold, not nan"),
     (["--config", "missing.yaml"], "error: cannot load the model: config not found"),
     (["--config", "not YAML"], "error: cannot load the model: cannot read config"),
     (["--config", "no model section"], "error: cannot load the model: config {} has no `model` section"),

@@ -98,7 +98,8 @@ def test_full_steps(plan, steps, expected):
     (dict(full_steps=[0, "a"]), "list of integers"),
     (dict(interval=3, full_steps=[0, 3]), "an interval or full_steps, not both"),
     (dict(nonuniform=True), "nonuniform needs an interval"),
-    (dict(interval=3, pow=0), "pow must be a positive number"),
+    (dict(interval=3, pow=0), "pow must be a positive finite number"),
+    (dict(interval=3, pow=float("inf")), "pow must be a positive finite number"),
     (dict(branch=-1), "branch must be a non-negative integer"),
 ])
 def test_invalid_plans(kwargs, message):

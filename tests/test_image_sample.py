@@ -378,7 +378,8 @@ def _edited_config(old, new):
 
 BAD_INPUTS = {
     "missing config": (lambda p: ["--config_path", str(p / "missing.yaml")], ["config not found", "missing.yaml"]),
-    "missing checkpoint": (lambda p: ["--model_path", str(p / "missing.ckpt")], ["checkpoint not found"]),
+    "missing checkpoint": (lambda p: ["--model_path", str(p / "missing.ckpt")],
+                           ["checkpoint not found", "give --ckpt the checkpoint that goes with the config"]),
     "checkpoint is a directory": (lambda p: ["--model_path", str(p)], ["is a directory, not a file"]),
     "no samples": (lambda p: ["--num_samples", "0"], ["--num_samples", "at least 1"]),
     "zero batch": (lambda p: ["--batch_size", "0"], ["--batch_size", "at least 1"]),
@@ -414,6 +415,17 @@ BAD_INPUTS = {
                                    ["cannot load the model: cond_stage_key 'image' is not the key", "'class_label'"]),
     "unsupported UNet": (_convolutional_unet_config,
                          ["cannot load the model: only the spatial-transformer UNet (use_spatial_transformer: true)"]),
+    "scale beyond float32": (lambda p: ["--scale", "1e308"], ["--scale must be a finite number that float32 can hold"]),
+    "eta beyond float32": (lambda p: ["--eta", "1e308"], ["--eta must be a number >= 0 that float32 can hold"]),
+    "eta past the schedule": (lambda p: ["--eta", "1.01"],
+                              ["--eta 1.01: DDIM's noise would exceed the schedule at 10 steps", "at most 1.0069"]),
+    "injection beyond float32": (lambda p: [*MODES["fd"], "--injection_scale", "1e308"],
+                                 ["argument --injection_scale", "float32 can hold"]),
+    "infinite pow": (lambda p: ["--cache", "deepcache", "--cache_interval", "2", "--nonuniform", "--pow", "inf"],
+                     ["DeepCache pow must be a positive finite number, not inf"]),
+    "nan scale_factor": (_edited_config("params:\n", "params:\n    scale_factor: .nan\n"),
+                         ["sets scale_factor nan", "every latent would decode to NaN"]),
+    "zero scale_factor": (_edited_config("params:\n", "params:\n    scale_factor: 0\n"), ["sets scale_factor 0"]),
 }
 
 
@@ -487,3 +499,229 @@ def test_ranks_on_a_node_share_its_cores(monkeypatch, affinity):
         assert torch.get_num_threads() == (3 if affinity else 4)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_eta_at_the_schedule_limit_samples_finite_images(tmp_path):
+    """The largest eta accepted (floored, as the refusal names it) still gives finite samples; just above is refused."""
+    assert run(tmp_path, "--eta", "1.0069", "--batch_size", "5").returncode == 0
+    assert load(tmp_path / FINAL)[0].std() > 0
+
+
+# --- no silent garbage: sampling stops at the first non-finite latent ---------------------------------------
+
+
+def test_nan_weights_are_refused_when_loading(tmp_path):
+    state = torch.load(TINY_CKPT, weights_only=True)
+    weights = state["state_dict"]
+    name = next(k for k in weights if k.startswith("model.diffusion_model.") and weights[k].is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    torch.save(state, tmp_path / "nan.ckpt")
+    result = run(tmp_path / "out", "--model_path", str(tmp_path / "nan.ckpt"))
+    assert result.returncode == cli.BAD_INPUT
+    check_bad_input(result.stderr, ["nan.ckpt holds NaN or infinite weights", name], tmp_path / "out")
+
+
+def test_latents_that_overflow_stop_the_run_naming_batch_and_step(tmp_path):
+    """--scale 1e38 fits float32, but guided noise predictions overflow it at the first step."""
+    result = run(tmp_path, "--scale", "1e38", "--batch_size", "2")
+    assert result.returncode == cli.BAD_INPUT
+    assert result.stderr.strip().splitlines() == [
+        "error: samples 0..1: the latents are NaN or infinite from step 1 of 10 on: these settings or this checkpoint "
+        "cannot give finite samples; nothing of this batch was written"]
+    assert not (tmp_path / FINAL).exists() and not list((tmp_path / SHARDS).glob("batch_*"))
+
+
+def test_images_that_decode_to_nan_stop_the_run(tmp_path):
+    """A scale_factor so small that latents / scale_factor overflow: finite latents, NaN images."""
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.read_text().replace("params:\n", "params:\n    scale_factor: 1e-45\n", 1))
+    result = run(tmp_path / "out", "--config_path", str(tmp_path / "tiny.yaml"), "--batch_size", "5")
+    assert result.returncode == cli.BAD_INPUT
+    assert "error: samples 0..4: the decoded images are NaN or infinite" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cpu_out_of_memory_is_one_line_like_the_gpus(tmp_path, monkeypatch, capsys):
+    def out_of_memory(*args, **kwargs):
+        return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own error
+    monkeypatch.setattr(image_sample, "sample_latents", out_of_memory)
+    assert image_sample.run(command(tmp_path, "--batch_size", "2")[2:]) == image_sample.OUT_OF_MEMORY_EXIT_CODE
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the CPU ran out of memory at batches of 2 samples; rerun with a smaller --batch_size"]
+
+
+# --- a run owns its folder and trusts only verified output ------------------------------------------------
+
+
+def test_a_folder_held_by_another_run_is_refused(tmp_path, capsys):
+    argv = command(tmp_path, "--batch_size", "5")[2:]
+    with shards.FolderLock(tmp_path):  # another open file: flock conflicts as between two processes
+        with pytest.raises(SystemExit) as refused:
+            image_sample.run(argv)
+        assert refused.value.code == cli.BAD_INPUT
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {tmp_path} is in use by another run (process {os.getpid()} on {socket.gethostname()}); "
+                       "wait for it to end, or choose another --output_dir"]
+        assert sorted(os.listdir(tmp_path)) == [".lock"]
+    assert image_sample.run(argv) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])  # the run's own lock is gone with it
+
+
+def test_the_lock_file_of_a_dead_run_is_not_in_the_way(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    assert run(tmp_path, "--batch_size", "5").returncode == 0
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    """The lock's folder is created for the run and removed when the run wrote nothing in it."""
+    out = tmp_path / "a" / "b"
+    result = run(out, "--scale", "1e38", "--batch_size", "5")
+    assert result.returncode == cli.BAD_INPUT
+    assert sorted(p.name for p in out.iterdir()) == [SHARDS]  # the shards' settings were written
+    assert image_sample.FolderLock is shards.FolderLock
+    with shards.FolderLock(tmp_path / "c" / "d"):
+        assert (tmp_path / "c" / "d" / ".lock").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_two_runs_started_together_never_mix(tmp_path):
+    """Two runs into one folder at the same moment: one samples, the other is refused (in use, or, if it came
+    after, finished with other settings); the .npz holds the winner's images."""
+    procs = [subprocess.Popen(command(tmp_path, "--scale", scale, "--batch_size", "1"), cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for scale in ("3", "2")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(status for status, _ in results) == [0, cli.BAD_INPUT], results
+    winner, loser = (0, 1) if results[0][0] == 0 else (1, 0)
+    assert "is in use by another run" in results[loser][1] or "was made with other settings" in results[loser][1]
+    assert json.loads((tmp_path / RECORD).read_text())["scale"] == float(("3", "2")[winner])
+    alone = tmp_path / "alone"
+    assert run(alone, "--scale", ("3", "2")[winner], "--batch_size", "5").returncode == 0
+    assert_same_images(load(tmp_path / FINAL)[0], load(alone / FINAL)[0])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_a_damaged_npz_is_refused_with_how_to_redo_it(damage, tmp_path):
+    assert run(tmp_path, "--batch_size", "5").returncode == 0
+    data = bytearray((tmp_path / FINAL).read_bytes())
+    if damage == "truncated":
+        data = data[:5000]
+    else:
+        data[len(data) // 2] ^= 1  # inside the images
+    (tmp_path / FINAL).write_bytes(bytes(data))
+    result = run(tmp_path, "--batch_size", "5")
+    assert result.returncode == cli.BAD_INPUT
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / FINAL} is damaged (") and lines[0].endswith(
+        "); pass --overwrite to sample it again"), lines
+    assert run(tmp_path, "--batch_size", "5", "--overwrite").returncode == 0
+    assert "already done" in run(tmp_path, "--batch_size", "5").stdout
+
+
+def test_a_checksum_catches_what_the_zip_does_not(tmp_path):
+    """Images rewritten whole (a valid .npz of the right shape) disagree with the record's checksum."""
+    assert run(tmp_path, "--batch_size", "5").returncode == 0
+    images, labels = load(tmp_path / FINAL)
+    np.savez(tmp_path / FINAL, 255 - images, labels)
+    result = run(tmp_path, "--batch_size", "5")
+    assert result.returncode == cli.BAD_INPUT
+    assert "do not match the checksum in its record" in result.stderr
+
+
+def test_an_unreadable_record_is_called_unreadable(tmp_path):
+    assert run(tmp_path, "--batch_size", "5").returncode == 0
+    (tmp_path / RECORD).write_text("{ not json")
+    result = run(tmp_path, "--batch_size", "5")
+    assert result.returncode == cli.BAD_INPUT
+    assert f"exists with an unreadable record of its settings ({RECORD})" in result.stderr
+
+
+def test_a_full_disk_before_sampling_is_a_failed_write(tmp_path, monkeypatch, capsys):
+    """Exit status 5 as for a full disk during sampling (the README's), not 2, and nothing sampled."""
+    def disk_full(path, settings):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(image_sample, "write_settings", disk_full)
+    assert image_sample.run(command(tmp_path, "--batch_size", "5")[2:]) == image_sample.WRITE_FAILED_EXIT_CODE
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot write {tmp_path / SHARDS / 'settings.json'}: No space left on device; nothing was sampled: "
+        "rerun the same command once it can write there"]
+
+
+# --- interrupting -------------------------------------------------------------------------------------------
+
+
+def interruptible():
+    """For Popen: Ctrl-C reaches the child even where this test runs with SIGINT ignored (a background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
+    proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=interruptible)
+    time.sleep(0.3)  # importing torch takes seconds
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert err.strip().splitlines() in (["stopped"], ["stopped before sampling began"]), err
+
+
+def rank_processes(marker):
+    """{rank: pid} of the MPI ranks whose command line holds marker (read from /proc)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = dict(v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except (OSError, ValueError):
+            continue
+        if marker.encode() in cmdline and b"PMI_RANK" in environ and Path(cmdline[0].decode()).name.startswith("python"):
+            ranks[int(environ[b"PMI_RANK"])] = int(entry.name)
+    return ranks
+
+
+@pytest.mark.parametrize("rank, signum", [(1, signal.SIGTERM), (0, signal.SIGINT)])
+def test_a_signal_to_one_rank_ends_the_whole_mpi_job(rank, signum, tmp_path):
+    """A real signal to one rank's process (not to mpiexec): every rank ends, with the one line on resuming."""
+    out = tmp_path / f"out{rank}"
+    flags = ["--num_samples", "200", "--batch_size", "1", "--steps", "250"]
+    proc = subprocess.Popen(command(out, *flags, processes=2), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    deadline = time.time() + 120
+    while not list((out / "shards_200x64x64x3").glob("batch_*.npz")) and time.time() < deadline:
+        time.sleep(0.2)
+    ranks = rank_processes(str(out))
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[rank], signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    ours = [line for line in err.strip().splitlines() if "MPI_Abort" not in line]
+    assert len(ours) == 1 and ours[0].startswith("stopped: ") and ours[0].endswith(
+        "rerun the same command with --resume to continue"), err
+    deadline = time.time() + 30
+    while rank_processes(str(out)) and time.time() < deadline:  # the ranks end as mpiexec does, or just after
+        time.sleep(0.2)
+    assert not rank_processes(str(out))
+    saved = len(list((out / "shards_200x64x64x3").glob("batch_*.npz")))
+    assert ours[0].startswith(f"stopped: {saved} of 200 batches are saved") or ours[0].startswith(
+        f"stopped: {saved - 1} of 200 batches are saved"), (ours, saved)  # the other rank may finish one more
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_a_missing_cin256_checkpoint_comes_with_the_download_command(tmp_path):
+    """download_model.py fetches cin256-v2's weights: suggested for that config only (the tiny one: see BAD_INPUTS)."""
+    args = image_sample.parse_args(["--model_path", str(tmp_path / "m.ckpt")])
+    with pytest.raises(cli.UsageError, match=r"download it with `python scripts/download_model.py --out .*m\.ckpt`"):
+        cli.check_files(args)
+    args = image_sample.parse_args(["--model_path", str(tmp_path / "m.ckpt"), "--config_path", str(TINY_CONFIG)])
+    with pytest.raises(cli.UsageError, match="goes with the config") as refused:
+        cli.check_files(args)
+    assert "download_model" not in str(refused.value)
+
+
+def test_a_checkpoint_of_another_model_names_the_config(tmp_path):
+    """The digits checkpoint with the tiny config (as run_image_sample.sh with MODEL_PATH alone would give it)."""
+    result = run(tmp_path / "out", "--model_path", str(REPO / "models/digits32/model.safetensors"))
+    assert result.returncode == cli.BAD_INPUT
+    check_bad_input(result.stderr, ["does not match the model architecture", "missing keys", "does not match the "
+                                    "checkpoint: give the config it was made with (--config; CONFIG_PATH for "
+                                    "run_image_sample.sh)"], tmp_path / "out")

@@ -78,6 +78,7 @@ class LatentDiffusion(nn.Module):
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
+        self.config_alphas_cumprod = alphas_cumprod  # the config's schedule, known before any weights (meta device)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = (1 - v_posterior) * betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod) + v_posterior * betas
         buffers = {

@@ -42,8 +42,8 @@ class DeepCache:
                 raise ValueError("DeepCache takes an interval or full_steps, not both")
         if nonuniform and interval is None:
             raise ValueError("DeepCache nonuniform needs an interval (it places up to ceil(S / interval) full steps)")
-        if not (isinstance(pow, (int, float)) and pow > 0):
-            raise ValueError(f"DeepCache pow must be a positive number, not {pow!r}")
+        if not (isinstance(pow, (int, float)) and 0 < pow < math.inf):
+            raise ValueError(f"DeepCache pow must be a positive finite number, not {pow!r}")
         if isinstance(branch, bool) or not isinstance(branch, (int, np.integer)) or branch < 0:
             raise ValueError(f"DeepCache branch must be a non-negative integer, not {branch!r}")
         self.interval = None if interval is None else int(interval)

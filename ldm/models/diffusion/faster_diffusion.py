@@ -84,6 +84,9 @@ class FasterDiffusion:
             raise ValueError(f"context_layout must be one of {CONTEXT_LAYOUTS}, not {context_layout!r}")
         if max_decoder_batch is not None and max_decoder_batch < 1:
             raise ValueError(f"max_decoder_batch must be a positive number of rows, not {max_decoder_batch}")
+        for name, value in (("injection_scale", injection_scale), ("injection_threshold", injection_threshold)):
+            if not (isinstance(value, (int, float)) and 0 <= value <= torch.finfo(torch.float32).max):
+                raise ValueError(f"{name} must be a number of at least 0 that float32 can hold, not {value!r}")
         self.key_steps = parse_key_steps(key_steps)
         if isinstance(self.key_steps, str) and not re.fullmatch(r"uniform:\d+|@.+", self.key_steps):
             _preset_key_steps(self.key_steps, PRESET_STEPS)  # unknown names fail now, not at sampling time

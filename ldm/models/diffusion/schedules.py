@@ -38,6 +38,15 @@ def ddim_parameters(alphas_cumprod, ddim_timesteps, eta):
     return alphas, alphas_prev, sigmas
 
 
+def max_ddim_eta(alphas_cumprod, ddim_timesteps):
+    """The largest eta whose DDIM noise fits every step: sigma^2 <= 1 - alpha-bar_prev, past which the direction
+    term's square root is NaN. At least 1 (DDPM's posterior noise) for any schedule."""
+    alphas, alphas_prev, _ = ddim_parameters(alphas_cumprod, ddim_timesteps, 1.0)
+    a, a_prev = alphas.double(), alphas_prev.double()
+    limits = ((1 - a) / (1 - a / a_prev)).sqrt()
+    return float(limits[a < a_prev].min()) if bool((a < a_prev).any()) else float("inf")
+
+
 def interpolate(x, xp, yp):
     """Piecewise-linear y(x) through the points (xp, yp), xp increasing, extended linearly beyond both ends
     (DPM-Solver's interpolate_fn)."""
