@@ -12,12 +12,16 @@ latents sampled with the cache get closer to those of the solver alone (--search
 ldm/calibration.py says how). Writes a JSON file that `--key_steps @FILE.json` (or `--full_steps @FILE.json`)
 reads, and a PNG of the change curve with the chosen steps marked; prints the steps.
 """
-import json
-import os
-import sys
-from pathlib import Path
+from ldm.startup import interrupts_end_quietly
 
-import matplotlib
+interrupts_end_quietly(__name__)  # Ctrl-C while torch loads: one line, not a traceback
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -6,6 +6,7 @@
 
 Image i depends only on (seed, i); the reference batch uses its own seed, which a training set may not.
 """
+import signal
 import sys
 from multiprocessing import Pool
 
@@ -23,11 +24,18 @@ def _chunk(args):
     return make_digits(seed, range(start, stop))
 
 
+def _worker_signals():
+    """A pool worker ends quietly at the SIGTERM with which the pool stops it, and leaves Ctrl-C to the parent
+    (it inherits the parent's handlers, which raise an interrupt and print a traceback in the worker)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def draw_set(seed, num, workers=1, chunk=1000):
     """Images and labels 0..num-1 of the set made with `seed`, drawn by `workers` processes."""
     jobs = [(seed, start, min(start + chunk, num)) for start in range(0, num, chunk)]
     if workers > 1:
-        with Pool(workers) as pool:
+        with Pool(workers, initializer=_worker_signals) as pool:
             parts = pool.map(_chunk, jobs)
     else:
         parts = [_chunk(job) for job in jobs]
