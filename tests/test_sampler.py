@@ -188,7 +188,9 @@ def test_eta_noise_comes_from_per_sample_generators(tiny_model, golden, conds):
                               unconditional_conditioning=uncond[1:], generator=sample_generators(0, [1]))
     deterministic, _ = sampler.sample(10, 2, SHAPE, cond, eta=0.0, x_T=x_T, unconditional_guidance_scale=3.0,
                                       unconditional_conditioning=uncond)
-    torch.testing.assert_close(alone[0], both[1], rtol=1e-5, atol=1e-4)
+    # batch 1 and batch 2 take other kernel blockings (AVX2 against AVX-512): equal up to float error as a whole,
+    # not element by element
+    assert rel_err(alone[0], both[1]) < 1e-5
     assert rel_err(both, deterministic) > 1e-3
 
 
