@@ -11,22 +11,34 @@ decoded images mapped to uint8 by ldm.sampling.to_uint8 (truncating, like the ev
 ddim dpmpp2m+deepcache:3 plms+fd:uniform:4; the cache flags give their other options). The table printed
 compares each row with the first: seconds per image, speed-up, UNet GFLOPs per image (counted with
 torch.utils.flop_counter in one extra untimed image per row), encoder passes, decoder rows, shallow passes.
-Before a row is timed, each kind of UNet call it makes runs once, untimed, at its batch size.
+Before a row is timed, each kind of UNet call it makes runs once, untimed, at its batch size. With several rows,
+each is sampled --repeats times (default 3), the rows in turn (A B C A B C ...); its time is the median of its
+repeats, and one line under the table says how far the repeats spread, or that they are too noisy to rank the rows.
 """
+import functools
+import itertools
 import os
 import sys
 import time
 
-import torch
-from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
+from ldm.startup import start_front_end
 
-from ldm import cli
-from ldm.compile import run_mode_calls
-from ldm.models.diffusion.deepcache import DeepCache
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
-from ldm.sampling import generate, sample_latents, to_uint8
-from ldm.util import write_atomic
+start_front_end(__name__)  # before torch loads: Ctrl-C meanwhile is one line; OpenMP threads wait passively
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ldm import cli  # noqa: E402
+from ldm.compile import run_mode_calls  # noqa: E402
+from ldm.distributed import share_cpu_threads  # noqa: E402
+from ldm.models.diffusion.deepcache import DeepCache  # noqa: E402
+from ldm.models.diffusion.faster_diffusion import FasterDiffusion  # noqa: E402
+from ldm.sampling import generate, sample_latents, to_uint8  # noqa: E402
+from ldm.timing import alternate, device_clock  # noqa: E402
+from ldm.util import write_atomic  # noqa: E402
+
+REPEATS_COMPARED = 3  # default --repeats with several rows (one row is sampled once)
 
 PUBLISHED_CLASSES = (25, 187, 448, 992, 123, 11)
 PUBLISHED_STEPS = 250
@@ -57,8 +69,9 @@ def check_args(args):
 
     Without --steps, args.steps becomes the published 250 on a GPU and CPU_STEPS on the CPU.
     """
-    if args.n_per_class < 1:
-        raise cli.UsageError(f"--n_per_class must be at least 1, not {args.n_per_class}")
+    for flag, value in (("--n_per_class", args.n_per_class), ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            raise cli.UsageError(f"{flag} must be at least 1, not {value}")
     device = cli.check_device(args)
     if args.steps is None:
         args.steps = CPU_STEPS if device.type == "cpu" else PUBLISHED_STEPS
@@ -70,6 +83,8 @@ def check_args(args):
     cli.check_classes(args.classes, model)
     for mode in modes:
         cli.check_mode_fits(mode, model, args.steps)
+    if args.repeats is None:
+        args.repeats = REPEATS_COMPARED if len(modes) > 1 else 1
     return device, modes
 
 
@@ -129,8 +144,8 @@ def cpu_notice(args, steps_chosen, timing, rows):
     """One line for a CPU run: the expected time, and how to get the published step count if it was lowered."""
     per_step, per_call = timing
 
-    def expected(steps):  # per row: a call per class and the FLOP-counting image
-        minutes = (per_step * steps + per_call) * (len(args.classes) + 1) * rows / 60
+    def expected(steps):  # per row: a call per class and repeat, and the FLOP-counting image
+        minutes = (per_step * steps + per_call) * (len(args.classes) * args.repeats + 1) * rows / 60
         return f"{minutes / 60:.1f} h" if minutes > 90 else f"{max(minutes, 0.1):.1f} min"
 
     line = f"on the CPU: expected time up to about {expected(args.steps)}"
@@ -159,22 +174,39 @@ def count_flops(model, x_T, mode, args):
 
 
 def sample_row(model, classes, x_T, mode, args, desc):
-    """Sample every class from the same x_T; returns (uint8 tiles [N, H, W, 3], seconds per image, stats).
+    """Sample every class from the same x_T; returns (uint8 tiles [N, H, W, 3], stats).
 
     The stats (passes, decoder rows) are those of one sampling call of len(x_T) images. Two progress bars: the
     classes of this row (labelled `desc: classes`) and, below it, the steps of the current class.
     """
-    tiles, seconds, stats = [], 0.0, None
+    tiles, stats = [], None
     for c in tqdm(classes, desc=f"{desc}: classes", unit="class", disable=args.tqdm_disable):
         labels = torch.full((len(x_T),), c, dtype=torch.long)
         eta_noise = torch.Generator().manual_seed(args.seed + 1)  # DDIM noise when eta > 0, the same for every class
-        start = time.perf_counter()
         images, intermediates = generate(model, labels, args.steps, args.scale, x_T=x_T, generators=eta_noise,
                                          precision=args.precision, progress=not args.tqdm_disable, mode=mode)
         tiles.append(to_uint8(images).cpu())  # the copy to the CPU waits for the device to finish
-        seconds += time.perf_counter() - start
         stats = intermediates["stats"]
-    return torch.cat(tiles).numpy(), seconds / (len(classes) * len(x_T)), stats
+    return torch.cat(tiles).numpy(), stats
+
+
+def row_names(modes):
+    """A name for each row in the timings: its mode's label, numbered where two rows share one."""
+    labels = [mode.label for mode in modes]
+    return [label if labels.count(label) == 1 else f"{label} (row {i + 1})" for i, label in enumerate(labels)]
+
+
+def time_rows(model, x_T, modes, args):
+    """Sample each row --repeats times, the rows in turn (A B C A B C ...), timing each whole row; returns (Timings
+    by row name, {row name: (tiles, stats)})."""
+    def run(mode, repeat):
+        desc = " ".join(row_label(mode))
+        if args.repeats > 1:  # the progress bars say which repeat they count
+            desc += f", run {next(repeat)} of {args.repeats}"
+        return sample_row(model, args.classes, x_T, mode, args, desc)
+
+    runs = {name: functools.partial(run, mode, itertools.count(1)) for name, mode in zip(row_names(modes), modes)}
+    return alternate(runs, args.repeats, device_clock(model.device))
 
 
 def render_grid(rows, labels):
@@ -217,22 +249,35 @@ def save_picture(picture, path):
         raise cli.UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def picture_labels(modes, results):
+    """The label lines of each row in the picture: its mode's, its seconds per image and, after the first row, its
+    speed-up against the first."""
+    first, base = results[0][:2]
+    against = "DDIM" if first == "DDIM" else "row 1"
+    return [row_label(mode) + [f"{sec:.3f} s/img"] + ([f"{base / sec:.2f}x vs {against}"] if i else [])
+            for i, (mode, (_, sec, *_)) in enumerate(zip(modes, results))]
+
+
 def format_table(results, images_per_call):
-    """A plain-text table: each mode's seconds per image, speed-up against the first row, GFLOPs per image, passes."""
-    header = ["mode", "s/img", "speed-up", "GFLOP/img", "encoder passes", "decoder rows", "shallow passes"]
+    """A plain-text table: each mode's seconds per image (median of its repeats), how far its repeats spread, speed-up
+    against the first row, GFLOPs per image, passes."""
+    header = ["mode", "s/img", "spread", "speed-up", "GFLOP/img", "encoder passes", "decoder rows", "shallow passes"]
     base = results[0][1]
-    rows = [[name, f"{sec:.3f}", f"{base / sec:.2f}x", f"{flops / 1e9:.4g}", str(stats.encoder_passes),
-             str(stats.decoder_rows), str(stats.shallow_passes)] for name, sec, flops, stats in results]
+    rows = [[name, f"{sec:.3f}", "-" if spread is None else f"{spread:.0%}", f"{base / sec:.2f}x", f"{flops / 1e9:.4g}",
+             str(stats.encoder_passes), str(stats.decoder_rows), str(stats.shallow_passes)]
+            for name, sec, spread, flops, stats in results]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
-    lines.append(f"(speed-up against the first row; passes and rows per sampling call of {images_per_call} "
-                 "image(s); decoder rows count both guidance branches)")
+    lines.append(f"(s/img: median of the row's repeats; spread: their (max - min) / median, - for one repeat; "
+                 f"speed-up against the first row; passes and rows per sampling call of {images_per_call} image(s); "
+                 "decoder rows count both guidance branches)")
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    share_cpu_threads()  # no more threads than the cores this process may use
     steps_chosen = args.steps is None
     try:
         device, modes = check_args(args)
@@ -245,19 +290,19 @@ def main(argv=None):
         timing = warm_up(model, x_T, args.precision)
         if device.type == "cpu":
             print(cpu_notice(args, steps_chosen, timing, len(modes)), file=sys.stderr, flush=True)
-        rows, labels, results = [], [], []
-        for mode in modes:
-            lines = row_label(mode)
-            flops = count_flops(model, x_T, mode, args)
+        flops = []
+        for mode in modes:  # untimed: the FLOPs, and each kind of UNet call the row makes
+            flops.append(count_flops(model, x_T, mode, args))
             warm_up_calls(model, mode, len(x_T), args)
-            tiles, sec, stats = sample_row(model, args.classes, x_T, mode, args, desc=" ".join(lines))
-            rows.append(tiles)
-            results.append((mode.label, sec, flops, stats))
-            speedup = [] if not results[1:] else [f"{results[0][1] / sec:.2f}x vs " + (
-                "DDIM" if results[0][0] == "DDIM" else "row 1")]
-            labels.append(lines + [f"{sec:.3f} s/img"] + speedup)
+        timings, sampled = time_rows(model, x_T, modes, args)
+        images = len(args.classes) * len(x_T)
+        results = [(mode.label, timings.median(name) / images, timings.spread(name) if args.repeats > 1 else None,
+                    row_flops, sampled[name][1]) for name, mode, row_flops in zip(row_names(modes), modes, flops)]
         print(format_table(results, args.n_per_class))
-        save_picture(render_grid(rows, labels), args.out)
+        if len(modes) > 1:
+            print(timings.verdict())
+        tiles = [sampled[name][0] for name in row_names(modes)]
+        save_picture(render_grid(tiles, picture_labels(modes, results)), args.out)
     except cli.UsageError as e:
         return cli.report(e)
     print(f"saved {args.out}")
@@ -280,6 +325,9 @@ def parse_args(argv=None):
     picture.add_argument("--compare_reference", action="store_true",
                          help="also add a FasterDiffusion row with the reference context layout (implies --compare)")
     picture.add_argument("--out", default="outputs/samples.png", help="picture to write (.png, .jpg or .jpeg)")
+    picture.add_argument("--repeats", type=int, default=None,
+                         help=f"timed runs of each row, the rows in turn; the table gives their median (default "
+                              f"{REPEATS_COMPARED} with several rows, 1 with one)")
     # The published demo's settings; steps: 250 on a GPU, CPU_STEPS on the CPU.
     parser.set_defaults(steps=None, scale=6.0, key_steps="ldm250-fast", cache="fd")
     return parser.parse_args(argv)

@@ -6,28 +6,35 @@ below apply to every mode with that cache, --eta to the DDIM modes. Without --mo
 with --cache. Each mode is timed once (`ddim` and `ddim+none` are one). Bad flags are one `error:` line and exit
 status 2, before any sampling.
 
-UNet FLOPs are counted (torch.utils.flop_counter) in the warm-up run of each mode, which is not timed.
+UNet FLOPs are counted (torch.utils.flop_counter) in the warm-up run of each mode, which is not timed. The timed
+runs take the modes in turn (A B C A B C ...), --repeats times; the table gives each mode's median and how far its
+repeats spread, and one line under it says whether the repeats rank the modes alike or are too noisy to rank them.
 
 Example (full cin256-v2 architecture, random weights):
     python benchmarks/bench_sampler.py --steps 20 --batch 1 --scale 1.5 --sampler dpmpp2m --cache deepcache \
         --cache_interval 5
 """
 import argparse
-import statistics
 import sys
 
-import torch
+from ldm.startup import start_front_end
 
-from common import (PeakMemory, build_model, check_model, device_name, print_table, refuse_auto_steps, script_args,
-                    timed)
-from ldm import cli
-from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS
-from ldm.models.diffusion.guidance import unet_rows
-from ldm.models.diffusion.modes import CACHES, SAMPLERS
-from ldm.models.diffusion.schedules import DPM_SKIP_TYPES
-from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
-from ldm.compile import compile_unet, mode_buckets
-from ldm.util import PRECISIONS, optimize_for_inference
+start_front_end(__name__)  # before torch loads: Ctrl-C meanwhile is one line; OpenMP threads wait passively
+
+import torch  # noqa: E402
+
+from common import (PeakMemory, build_model, check_model, device_name, print_table, refuse_auto_steps,  # noqa: E402
+                    script_args)
+from ldm import cli  # noqa: E402
+from ldm.distributed import share_cpu_threads  # noqa: E402
+from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS  # noqa: E402
+from ldm.models.diffusion.guidance import unet_rows  # noqa: E402
+from ldm.models.diffusion.modes import CACHES, SAMPLERS  # noqa: E402
+from ldm.models.diffusion.schedules import DPM_SKIP_TYPES  # noqa: E402
+from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents  # noqa: E402
+from ldm.compile import compile_unet, mode_buckets  # noqa: E402
+from ldm.timing import alternate, device_clock  # noqa: E402
+from ldm.util import PRECISIONS, optimize_for_inference  # noqa: E402
 
 
 def parse_modes(args):
@@ -75,44 +82,56 @@ def bench(args, modes):
         rows = unet_rows(args.batch, args.scale != 1)
         compile_unet(model, mode_buckets([mode for _, mode, _ in modes], args.steps, rows))
     labels = sample_labels(args.seed, range(args.batch), num_classes(model))
-    times = {label: [] for label, _, _ in modes}
-    peaks, stats, flops = {}, {}, {}
+
+    def sample(mode, precision, count_flops=False):
+        """One sampling call of the batch in the mode; returns its stats."""
+        _, intermediates = sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
+                                          generators=sample_generators(args.seed, range(args.batch)),
+                                          count_flops=count_flops)
+        return intermediates["stats"]
+
+    flops, peaks = {}, {}
+    for repeat in range(args.warmup):  # untimed, the modes in turn; the first counts FLOPs
+        for label, mode, precision in modes:
+            stats = sample(mode, precision, count_flops=repeat == 0)
+            if repeat == 0:
+                flops[label] = stats.flops / args.batch
     memory = PeakMemory(args.device)
-    for repeat in range(args.warmup + args.repeats):
-        for label, mode, precision in modes:  # alternate so that machine noise hits every mode alike
-            count = repeat == 0 and args.warmup > 0
-            run = lambda: sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=precision,
-                                         generators=sample_generators(args.seed, range(args.batch)),
-                                         count_flops=count)
+
+    def timed_run(label, mode, precision):
+        def run():
             with memory.track():
-                (_, intermediates), seconds = timed(run, args.device)
-            if count:
-                flops[label] = intermediates["stats"].flops / args.batch
-            if repeat >= args.warmup:
-                times[label].append(seconds / args.batch)
-                peaks[label] = max(peaks.get(label, 0), memory.peak)
-            stats[label] = intermediates["stats"]
+                stats = sample(mode, precision)
+            peaks[label] = max(peaks.get(label, 0), memory.peak)
+            return stats
+        return run
+
+    timings, stats = alternate({label: timed_run(label, mode, precision) for label, mode, precision in modes},
+                               args.repeats, device_clock(args.device))
     base_label = modes[0][0]
-    base = statistics.median(times[base_label])
+    base = timings.median(base_label) / args.batch
     rows = []
     for label, _, _ in modes:
-        per_image = statistics.median(times[label])
+        per_image = timings.median(label) / args.batch
         speedup = base / per_image
         s = stats[label]
-        row = [label, f"{per_image:.3f}", f"{speedup:.2f}x"]
+        row = [label, f"{per_image:.3f}", f"{timings.spread(label):.0%}" if args.repeats > 1 else "-",
+               f"{speedup:.2f}x"]
         if flops:
             flop_ratio = flops[base_label] / flops[label]
             row += [f"{flops[label] / 1e9:.4g}", f"{flop_ratio:.2f}x", f"{speedup / flop_ratio:.2f}"]
         rows.append(row + [s.full_passes, s.encoder_passes, s.decoder_rows, s.shallow_passes,
                            f"{peaks[label] / 2**30:.2f}"])
-    header = ["mode", "s/img", "speed-up"]
+    header = ["mode", "s/img", "spread", "speed-up"]
     if flops:
         header += ["GFLOP/img", "FLOP ratio", "speed-up / FLOP ratio"]
     header += ["full passes", "encoder passes", "decoder rows", "shallow passes", "peak GiB"]
     print(f"{device_name(args.device)}; {args.config}; S={args.steps}, batch {args.batch}, guidance {args.scale}, "
           f"max_decoder_batch {args.max_decoder_batch}, channels_last {args.channels_last}, compile {args.compile}; "
-          f"median of {args.repeats} alternating runs after {args.warmup} warm-up")
+          f"median of {args.repeats} alternating runs after {args.warmup} warm-up; spread: (max - min) / median")
     print_table(header, rows)
+    if len(modes) > 1:
+        print(timings.verdict())
 
 
 def parse_args(argv=None):
@@ -140,7 +159,7 @@ def parse_args(argv=None):
                         help="DeepCache: explicit full steps, e.g. 0,3,8, or @FILE.json (instead of an interval)")
     parser.add_argument("--branch", type=int, default=0, help="DeepCache shallow branch")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each mode, the modes in turn")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per mode; the first counts FLOPs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels_last", action="store_true")
@@ -154,6 +173,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    share_cpu_threads()  # no more threads than the cores this process may use
     try:
         bench(args, check_args(args))
     except cli.UsageError as e:

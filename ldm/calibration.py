@@ -23,54 +23,20 @@ A calibration file (JSON) records the model, S, guidance, K, the steps, the chan
 `--key_steps @FILE.json` and `--full_steps @FILE.json` read it, and `auto:K` computes the steps on the fly
 with `auto_steps`.
 """
-import json
-import re
-
 import numpy as np
 import torch
 
-# The feature each cache reuses, and the option that holds its calibrated steps, by cache name.
-FEATURES = {"fd": "encoder", "deepcache": "deep"}
-STEP_OPTIONS = {"fd": "key_steps", "deepcache": "full_steps"}
-AUTO = re.compile(r"auto:(\d+)")
+from ldm.models.diffusion.modes import Mode, make_mode
+from ldm.models.diffusion.steps import (AUTO, FEATURES, STEP_OPTIONS, CalibrationError, auto_count,  # noqa: F401
+                                        check_count, check_loop_indices, evenly_spaced, is_calibrated, read_steps)
+from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents, unconditional_class
+from ldm.util import autocast
+
 CALIBRATION_SAMPLES = 4  # samples of the change curve (scripts/calibrate.py: --num_samples)
 SEARCH_SAMPLES = 8  # samples of the distance that the search minimises (--search_samples)
 CALIBRATION_SEED = 0
 SEARCH_MOVES = (-1, 1, -2, 2)  # how far one key step may move in one try
 SEARCH_SWEEPS = 3  # passes over the key steps
-
-
-class CalibrationError(ValueError):
-    """A calibration file or request that does not fit the run; the message is one line."""
-
-
-def is_calibrated(spec):
-    """Whether a key-step or full-step spec names calibrated steps: '@FILE.json' or 'auto:K'."""
-    return isinstance(spec, str) and (spec.startswith("@") or AUTO.fullmatch(spec) is not None)
-
-
-def check_loop_indices(steps, name, why_zero):
-    """steps (a tuple of ints) start with 0 and strictly increase; else a ValueError naming them."""
-    if not steps or steps[0] != 0:
-        raise ValueError(f"{name} must start with 0 ({why_zero}), got {list(steps)}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"{name} must be strictly increasing without repeats, got {list(steps)}")
-    return steps
-
-
-def check_count(k, steps):
-    """K key steps fit S steps: 1 <= K <= S."""
-    if not 1 <= k <= steps:
-        raise CalibrationError(f"cannot choose {k} of {steps} steps: K must be in 1..{steps}")
-
-
-def auto_count(spec, steps):
-    """K of 'auto:K', checked against S."""
-    match = AUTO.fullmatch(spec)
-    if not match:
-        raise CalibrationError(f"not an auto:K spec: {spec!r}")
-    check_count(int(match.group(1)), steps)
-    return int(match.group(1))
 
 
 def choose_steps(change, k):
@@ -136,10 +102,6 @@ def feature_changes(model, mode, steps, scale, feature, num_samples=CALIBRATION_
     The samples have the labels and noise of sample indices 0..num_samples-1 of `seed` (ldm.sampling); with
     guidance the feature covers both branches, as the cache holds them.
     """
-    from ldm.models.diffusion.modes import Mode
-    from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents, unconditional_class
-    from ldm.util import autocast
-
     if feature not in FEATURES.values():
         raise ValueError(f"feature must be one of {', '.join(FEATURES.values())}, not {feature!r}")
     plain = Mode(mode.sampler, None, mode.eta, mode.skip_type, mode.lower_order_final)
@@ -172,21 +134,12 @@ def feature_changes(model, mode, steps, scale, feature, num_samples=CALIBRATION_
     return change
 
 
-def evenly_spaced(steps, k):
-    """K loop indices as evenly spaced as S allows: floor(i * S / K)."""
-    check_count(k, steps)
-    return [i * steps // k for i in range(k)]
-
-
 @torch.inference_mode()
 def deviation_objective(model, mode, cached, steps, scale, num_samples=SEARCH_SAMPLES, seed=CALIBRATION_SEED,
                         precision="fp32"):
     """distance(keys): the mean over samples of ||x - x_solver|| / ||x_solver||, where x are the final latents
     sampled with cached(keys) (a Mode: the solver with its cache at those steps) and x_solver those of the
     solver `mode` alone, for the labels and noise of sample indices 0..num_samples-1 of `seed`. Memoised."""
-    from ldm.models.diffusion.modes import Mode
-    from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
-
     indices = range(num_samples)
     labels = sample_labels(seed, indices, num_classes(model))
 
@@ -233,8 +186,6 @@ def search_steps(distance, starts, steps, moves=SEARCH_MOVES, sweeps=SEARCH_SWEE
 def cached_at(mode, cache, **options):
     """cached(steps): the Mode of the solver `mode` with the cache (a FEATURES name) and its options, its key or
     full steps at `steps`."""
-    from ldm.models.diffusion.modes import make_mode
-
     def cached(steps):
         return make_mode(mode.sampler, cache, mode.eta, mode.skip_type, mode.lower_order_final, **options,
                          **{STEP_OPTIONS[cache]: list(steps)})
@@ -263,35 +214,3 @@ def auto_steps(model, spec, mode, cached, steps, scale, feature, branch=0, preci
     return calibrate(model, mode, cached, steps, scale, feature, k, branch, precision)["steps"]
 
 
-def read_steps(path, steps, feature, checkpoint_sha256=None):
-    """The steps of a calibration file, checked against the run: its S, the feature its cache reuses and,
-    when checkpoint_sha256 is given, the model."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        made_for, chosen, kind = record["S"], record["steps"], record["feature"]
-        model = record["model"]
-    except OSError as e:
-        raise CalibrationError(f"cannot read calibration file {path}: {e.strerror or e}") from None
-    except KeyError as e:
-        raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py (no {e.args[0]!r})") from None
-    except (ValueError, TypeError) as e:
-        raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py ({e})") from None
-    if isinstance(made_for, bool) or not isinstance(made_for, int) or not isinstance(model, dict):
-        raise CalibrationError(f"{path} is not a calibration file of scripts/calibrate.py (S must be a number of "
-                               f"steps and model a record, not {made_for!r} and {type(model).__name__})")
-    if made_for != steps:
-        raise CalibrationError(f"calibration file {path} was made for S = {made_for} steps, not {steps}")
-    if kind != feature:
-        raise CalibrationError(f"calibration file {path} holds steps for the {kind} feature, not the {feature} "
-                               f"feature this cache reuses")
-    if checkpoint_sha256 is not None and model.get("checkpoint_sha256") != checkpoint_sha256:
-        raise CalibrationError(f"calibration file {path} was made for another model ({model.get('checkpoint')}, "
-                               f"sha256 {str(model.get('checkpoint_sha256'))[:12]}...)")
-    try:
-        chosen = [int(i) for i in chosen]
-    except (TypeError, ValueError):
-        raise CalibrationError(f"{path}: steps must be a list of loop indices, not {chosen!r}") from None
-    if not chosen or chosen[0] != 0 or any(b <= a for a, b in zip(chosen, chosen[1:])) or chosen[-1] >= steps:
-        raise CalibrationError(f"{path}: steps must rise from 0 to at most {steps - 1}, not {chosen}")
-    return chosen

@@ -12,9 +12,9 @@ latents sampled with the cache get closer to those of the solver alone (--search
 ldm/calibration.py says how). Writes a JSON file that `--key_steps @FILE.json` (or `--full_steps @FILE.json`)
 reads, and a PNG of the change curve with the chosen steps marked; prints the steps.
 """
-from ldm.startup import interrupts_end_quietly
+from ldm.startup import start_front_end
 
-interrupts_end_quietly(__name__)  # Ctrl-C while torch loads: one line, not a traceback
+start_front_end(__name__)  # before torch loads: Ctrl-C meanwhile is one line; OpenMP threads wait passively
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ldm import cli  # noqa: E402
+from ldm.distributed import share_cpu_threads  # noqa: E402
 from ldm.calibration import (CALIBRATION_SAMPLES, FEATURES, SEARCH_SAMPLES, STEP_OPTIONS,  # noqa: E402
                              CalibrationError, cached_at, calibrate, check_count, group_costs)
 from ldm.models.diffusion.modes import SAMPLERS, make_mode  # noqa: E402
@@ -93,6 +94,7 @@ def plot_changes(record, path):
 @cli.one_line_failures
 def main(argv=None):
     args = parse_args(argv)
+    share_cpu_threads()  # no more threads than the cores this process may use
     try:
         mode, out, plot = check_args(args)
         model = cli.load(args, cli.check_device(args))

@@ -11,16 +11,26 @@ calibrated steps, @FILE.json or auto:K), FLAG one of image_sample.py's mode flag
 ddim+fd:ldm250,context_layout=reference@250, dpmpp2m+deepcache:3,nonuniform=true@20, ddim,precision=bf16@50.
 --set names a list of modes (SETS); each mode runs once per --guidance value.
 
-For each it records s/img (sampling seconds per image and process, decoding excluded, measured in the run
-that made the samples), UNet FLOPs per image (torch.utils.flop_counter, one extra image), encoder passes, the
-five metrics and, when the feature graph classifies the model's classes, the fraction of samples it takes
-for their requested class (arr_1). --real adds held-out real images as a row, the floor: its first N images, so
-that it is scored on as many images as each mode (FID's bias depends on the count); and a row of the same
-images through the model's first stage alone (encoded, quantized, decoded), what the autoencoder costs before
-any sampling. Finished modes are
-not redone: the samples are image_sample.py's resumable run in <out>/samples/n<N>_seed<seed>/<mode>_g<guidance>/,
-the mode's numbers result.json beside them. Outputs: <out>/frontier.md, frontier.json and frontier.png (FID
+For each it records s/img (sampling seconds per image of one process, decoding excluded; see Timing below), UNet
+FLOPs per image (torch.utils.flop_counter, one extra image), encoder passes, the five metrics and, when the feature
+graph classifies the model's classes, the fraction of samples it takes for their requested class (arr_1). --real
+adds held-out real images as a row, the floor: its first N images, so that it is scored on as many images as each
+mode (FID's bias depends on the count); and a row of the same images through the model's first stage alone
+(encoded, quantized, decoded), what the autoencoder costs before any sampling. Finished modes are not redone, and
+an interrupted run continues where it stopped when the same command is run again (there is no --resume flag): the
+samples are image_sample.py's resumable run in <out>/samples/n<N>_seed<seed>/<mode>_g<guidance>/, the mode's
+numbers result.json beside them. Outputs: <out>/frontier.md, frontier.json and frontier.png (FID
 against s/img and against FLOPs/img, Pareto fronts drawn, points numbered with a key).
+
+Timing: once every mode is sampled, rank 0 times them all again, in turn (A B C A B C ...), --repeats rounds of one
+sampling call of --timing_batch images each, after an untimed call of each kind of UNet call the mode makes; s/img
+is the median of a mode's rounds, and one line in frontier.md (and frontier.json's "timing") says how far the rounds
+spread, or which modes at the same guidance they cannot rank (their rounds overlap). Modes run one after another
+for minutes each meet different loads on a shared machine; rounds in turn meet the same. The rounds cost
+--repeats x --timing_batch images a mode (96 with the defaults: a tenth of the default 1000 samples; 32 images a
+call came within about 10% of the per-image time of a 250-image batch on the CPU) instead of repeating whole runs;
+the sampling run's own time is kept as run_s_per_img. A rerun with the same modes and settings keeps the rounds
+in <out>/timing.json.
 """
 import argparse
 import contextlib
@@ -34,7 +44,11 @@ import sys
 import traceback
 from pathlib import Path
 
-import matplotlib
+from ldm.startup import start_front_end
+
+start_front_end(__name__)  # before torch loads: Ctrl-C meanwhile is one line; OpenMP threads wait passively
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,9 +59,11 @@ import torch  # noqa: E402
 import image_sample  # noqa: E402  (scripts/ is on the path of a script run from the repository)
 from evaluations import evaluator  # noqa: E402
 from ldm import cli  # noqa: E402
+from ldm.compile import run_mode_calls  # noqa: E402
 from ldm.distributed import Comm, share_cpu_threads  # noqa: E402
 from ldm.sampling import (image_shape, num_classes, reconstruct, sample_generators, sample_labels,  # noqa: E402
                           sample_latents)
+from ldm.timing import Timings, alternate, device_clock  # noqa: E402
 from ldm.util import PRECISIONS, file_sha256, model_name, write_atomic  # noqa: E402
 
 MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "injection_scale", "injection_threshold",
@@ -80,6 +96,7 @@ SETS = {
                   "ddim+fd:ldm250,injection_scale=0.000632@250", "ddim+fd:ldm250@250"],
 }
 QUICK_SAMPLES, DEFAULT_SAMPLES = 250, 1000
+TIMING_BATCH = 32  # default images of a timed call (at most --batch_size)
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
@@ -230,13 +247,16 @@ def count(model, mode, args):
             "shallow_passes": s.shallow_passes, "decoder_rows_per_img": s.decoder_rows}
 
 
+RERUN = "rerun the same frontier.py command"  # what continues an interrupted mode: frontier.py has no --resume
+
+
 def sample_job(job, comm, counter):
     """Sample the job's missing images (all ranks) and, on rank 0, record its time, FLOPs and passes.
     Returns the exit status."""
-    status, outcome = image_sample.sample(job.args, comm)
+    status, outcome = image_sample.sample(job.args, comm, rerun=RERUN)
     if comm.bcast(status == 0 and comm.rank == 0 and outcome.images == 0):  # made, but not timed: sample again
         job.args.overwrite = True
-        status, outcome = image_sample.sample(job.args, comm)
+        status, outcome = image_sample.sample(job.args, comm, rerun=RERUN)
         job.args.overwrite = False
     if status == 0 and comm.rank == 0:
         write_json(job.result, {"spec": job.spec, "guidance": job.guidance, "cache": job.cache, "S": job.args.steps,
@@ -244,6 +264,57 @@ def sample_job(job, comm, counter):
                                 "s_per_img": outcome.sample_seconds / outcome.images,
                                 **counter(outcome.mode, job.args)})
     return status
+
+
+def job_mode(job):
+    """The job's mode as its run sampled it: 'auto:K' steps as calibrated then (recorded beside its samples)."""
+    args = argparse.Namespace(**vars(job.args))
+    option = image_sample.calibrated_option(args)
+    if option:
+        record = read_json(Path(read_json(job.result)["samples"]).with_suffix(".json"))
+        setattr(args, option, list(record["calibrated_steps"]))
+    return cli.make_mode(args)
+
+
+def timing_key(args, jobs):
+    """What the timing rounds depend on: the modes and guidances in their order, their precisions and the settings."""
+    return {"jobs": [job.label for job in jobs], "precisions": [job.args.precision for job in jobs],
+            "repeats": args.repeats, "timing_batch": args.timing_batch, "seed": args.seed, "device": args.device,
+            "checkpoint_sha256": file_sha256(args.ckpt), "config_sha256": file_sha256(args.config)}
+
+
+def timed_call(model, mode, job_args, batch):
+    """What a round times of the mode: one sampling call of the first `batch` samples; first, untimed, each kind of UNet
+    call it makes, once."""
+    a = job_args
+    run_mode_calls(model, [mode], a.steps, batch, a.scale != 1, a.precision)
+    labels = sample_labels(a.seed, range(batch), num_classes(model))
+    return lambda: sample_latents(model, labels, a.steps, a.scale, mode=mode, precision=a.precision,
+                                  generators=sample_generators(a.seed, range(batch)))
+
+
+def time_jobs(args, jobs):
+    """Seconds of a sampling call of --timing_batch images in each job's mode, over --repeats rounds that take the
+    modes in turn (rank 0); those of <out>/timing.json when it was made for these jobs and settings. Modes are ranked
+    against the others at their guidance, as the speed-ups and Pareto fronts compare them."""
+    path = Path(args.out) / "timing.json"
+    key = timing_key(args, jobs)
+    guidance = {job.label: job.guidance for job in jobs}  # modes rank against the others at their guidance
+    saved = read_json(path)
+    if saved and saved.get("key") == key:
+        return Timings(saved["seconds"], groups=guidance)
+    device = cli.check_device(jobs[0].args)
+    models, runs = {}, {}
+    for job in jobs:
+        precision = job.args.precision
+        if precision not in models:  # its weights stored as the sampling run stored them
+            models[precision] = cli.load(job.args, device)
+        runs[job.label] = timed_call(models[precision], job_mode(job), job.args, args.timing_batch)
+    print(f"timing {len(jobs)} modes in turn: {args.repeats} rounds of a call of {args.timing_batch} images each",
+          flush=True)
+    timings, _ = alternate(runs, args.repeats, device_clock(device))
+    write_json(path, {"key": key, "seconds": timings.seconds})
+    return Timings(timings.seconds, groups=guidance)
 
 
 class Scorer:
@@ -376,7 +447,7 @@ def equal_k(rows):
             "| guidance | S | K | uniform | FID | calibrated | FID |", "|---|---|---|---|---|---|---|", *lines]
 
 
-def markdown(rows, real, settings, reconstructed=None):
+def markdown(rows, real, settings, reconstructed=None, timing=None):
     speed = speedups(rows)
     head = ["guidance", "mode", "S", "s/img", "speed-up", "GFLOP/img", "encoder passes", "FID", "sFID", "IS",
             "precision", "recall", "accuracy", "Pareto front"]
@@ -385,7 +456,8 @@ def markdown(rows, real, settings, reconstructed=None):
              f"of {settings['inception_path']}. Modes compute in {settings.get('precision', 'fp32')} unless they "
              "say `precision=...`. s/img: sampling seconds per image of one process, decoding excluded; "
              "speed-up against the DDIM row with the most steps at the same guidance; Pareto front: no mode at the "
-             "same guidance is both faster (or cheaper in FLOPs) and better in FID.", "",
+             "same guidance is both faster (or cheaper in FLOPs) and better in FID." +
+             ("" if timing is None else f" Times: {timing_note(settings, timing)}."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, floor in (("real (held-out)", real), ("first stage (held-out, reconstructed)", reconstructed)):
         if floor:
@@ -400,6 +472,12 @@ def markdown(rows, real, settings, reconstructed=None):
                                                          "accuracy")) + f" | {front or '-'} |")
     extra = answer(rows)
     return "\n".join(lines + ([""] + extra if extra else []) + equal_k(rows)) + "\n"
+
+
+def timing_note(settings, timing):
+    """How the s/img were timed, and whether their rounds rank the modes (frontier.json's "timing")."""
+    return (f"median of {timing['repeats']} rounds that took the modes in turn, a sampling call of "
+            f"{settings['timing_batch']} images each; {timing['verdict']}")
 
 
 def _minor_tick(value, _):
@@ -527,22 +605,31 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
     plt.close(fig)
 
 
-def write_outputs(args, jobs, accuracy):
-    """frontier.json, frontier.md and frontier.png from the jobs' results (rank 0)."""
-    rows = [{**read_json(job.result), "dtype": job.args.precision} for job in jobs]
+def write_outputs(args, jobs, accuracy, timings):
+    """frontier.json, frontier.md and frontier.png from the jobs' results and their timing rounds (rank 0)."""
+    rows = []
+    for job in jobs:
+        result = read_json(job.result)
+        rows.append({**result, "dtype": job.args.precision, "run_s_per_img": result["s_per_img"],
+                     "s_per_img": timings.median(job.label) / args.timing_batch,
+                     "s_per_img_rounds": [t / args.timing_batch for t in timings.seconds[job.label]],
+                     "s_per_img_spread": timings.spread(job.label)})
     for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
         for r, on in zip(rows, pareto(rows, key)):
             r[front] = on
     real = read_json(real_result(args)) if args.real else None
     reconstructed = read_json(reconstructed_result(args)) if args.real else None
     settings = {k: getattr(args, k) for k in ("config", "ckpt", "ref", "inception_path", "real", "num_samples", "seed",
-                                              "guidance", "precision")}
+                                              "guidance", "precision", "repeats", "timing_batch")}
     settings["checkpoint_sha256"] = file_sha256(args.ckpt)
     out = Path(args.out)
-    write_json(out / "frontier.json", {"settings": settings, "classifier_accuracy": accuracy, "real": real,
-                                       "reconstructed": reconstructed, "rows": rows})
-    write_atomic(out / "frontier.md", lambda f: f.write(markdown(rows, real, settings, reconstructed).encode()))
+    timing = {k: v for k, v in timings.record().items() if k != "runs"}  # the rounds are in the rows
+    write_json(out / "frontier.json", {"settings": settings, "classifier_accuracy": accuracy, "timing": timing,
+                                       "real": real, "reconstructed": reconstructed, "rows": rows})
+    write_atomic(out / "frontier.md",
+                 lambda f: f.write(markdown(rows, real, settings, reconstructed, timing).encode()))
     plot(rows, real, out / "frontier.png", reconstructed=reconstructed)
+    print(f"times: {timing_note(settings, timing)}", flush=True)
     print(f"wrote {out / 'frontier.md'}, {out / 'frontier.json'}, {out / 'frontier.png'}", flush=True)
 
 
@@ -590,13 +677,14 @@ def main(args, comm):
                 if not scored(result, scorer):
                     write_json(job.result, {**result, **scorer(result["samples"])})
                     result = read_json(job.result)
-                print(f"{job.label}: {result['s_per_img']:.4g} s/img, {result['gflops_per_img']:.4g} GFLOP/img, "
-                      f"FID {result['fid']:.4g}", flush=True)
+                print(f"{job.label}: {result['s_per_img']:.4g} s/img in its sampling run, "
+                      f"{result['gflops_per_img']:.4g} GFLOP/img, FID {result['fid']:.4g}", flush=True)
             comm.wait_all()
         if comm.rank == 0:
+            timings = time_jobs(args, jobs)
             if args.real:
                 score_floors(args, scorer, lambda: load_fp32(jobs[0].args) if model is None else model)
-            write_outputs(args, jobs, accuracy)
+            write_outputs(args, jobs, accuracy, timings)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:
             print("stopped: finished modes are kept; rerun the same command to continue", file=sys.stderr, flush=True)
@@ -623,6 +711,10 @@ def parse_args(argv=None):
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: each process's GPU, else cpu)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="of every mode (a mode's precision=... overrides it)")
+    group.add_argument("--repeats", type=int, default=3,
+                       help="timing rounds, each a sampling call of every mode in turn; s/img is their median")
+    group.add_argument("--timing_batch", type=int, default=None,
+                       help=f"images of a timed call (default {TIMING_BATCH}, at most --batch_size)")
     group.add_argument("--out", default=None, help="output folder (default outputs/frontier/<config name>)")
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument("--ref", required=True, help="reference batch .npz (ADM format)")
@@ -646,6 +738,11 @@ def parse_args(argv=None):
     if args.num_samples < evaluator.NHOOD_SIZE + 1:
         parser.error(f"--num_samples must be at least {evaluator.NHOOD_SIZE + 1} (precision and recall compare each "
                      f"sample with its {evaluator.NHOOD_SIZE} nearest neighbours), not {args.num_samples}")
+    for flag, value in (("--repeats", args.repeats), ("--timing_batch", args.timing_batch)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, not {value}")
+    if args.timing_batch is None:
+        args.timing_batch = min(TIMING_BATCH, max(args.batch_size, 1))
     args.out = args.out or f"outputs/frontier/{model_name(args.config)}"
     return args
 

@@ -16,9 +16,9 @@ shards with --resume. The last line on stdout is `samples: <path of the .npz>`. 
 output_dir must be on a file system that all of them see. A run holds its folder (`ldm.shards.FolderLock`): a second
 run into the same folder is refused while the first is alive.
 """
-from ldm.startup import interrupts_end_quietly
+from ldm.startup import start_front_end
 
-interrupts_end_quietly(__name__)  # Ctrl-C while torch loads: one line, not a traceback
+start_front_end(__name__)  # before torch loads: Ctrl-C meanwhile is one line; OpenMP threads wait passively
 
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
@@ -310,17 +310,16 @@ class Outcome:
     sample_seconds: float = 0.0
 
 
-def sample(args, comm):
+def sample(args, comm, rerun="rerun the same command with --resume"):
     """Check, hold the folder, load, sample the missing batches, merge; returns (exit status, Outcome or None if
-    stopped)."""
+    stopped). rerun: what the lines of an interrupted run say continues it."""
     settings, files, _ = collective(comm, lambda: check_run(args))
     try:
         with hold_folder(comm, files.output_dir):
             return sample_in_folder(args, comm, settings, files)
     except KeyboardInterrupt as interrupt:
         total = "?" if args.batch_size == AUTO_BATCH else -(-args.num_samples // args.batch_size)
-        line = f"stopped: {saved_batches(files)} of {total} batches are saved in {files.shard_dir}; rerun the same " \
-            "command with --resume to continue"
+        line = f"stopped: {saved_batches(files)} of {total} batches are saved in {files.shard_dir}; {rerun} to continue"
         return stop(comm, line, cli.interrupt_exit_status(interrupt)), None
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
@@ -335,9 +334,9 @@ def sample(args, comm):
                     OUT_OF_MEMORY_EXIT_CODE)
     except OSError as e:  # e.g. the disk is full: what is written stays whole, and --resume continues from it
         saved = saved_batches(files)
-        rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun the same command with --resume" \
-            if saved else "nothing was sampled: rerun the same command once it can write there"
-        return fail(comm, f"cannot write {e.filename or 'the samples'}{on_rank(comm)}: {e.strerror or e}; {rerun}",
+        how = f"{saved} finished batches are saved in {files.shard_dir}: {rerun}" if saved else \
+            "nothing was sampled: rerun the same command once it can write there"
+        return fail(comm, f"cannot write {e.filename or 'the samples'}{on_rank(comm)}: {e.strerror or e}; {how}",
                     WRITE_FAILED_EXIT_CODE)
     except NotFinite as e:
         return fail(comm, f"{e}{on_rank(comm)}: these settings or this checkpoint cannot give finite samples; "

@@ -99,8 +99,8 @@ def test_modes_have_their_own_folders_and_records(tmp_path, capsys, monkeypatch)
     for folder in folders:  # (FasterDiffusion at the published injection: no injection keys)
         record = json.loads((tmp_path / "outputs" / "samples" / folder / RECORD).read_text())
         mode = folder.split("_")[1].rstrip("0123456789")
-        assert set(record) == old_keys | {"plms": {"sampler"}, "dpmpp2m-deepcache": {
-            "sampler", "skip_type", "lower_order_final", "deepcache"}}.get(mode, set())
+        assert set(record) == old_keys | {"samples_sha256"} | {"plms": {"sampler"}, "dpmpp2m-deepcache": {
+            "sampler", "skip_type", "lower_order_final", "deepcache"}}.get(mode, set())  # and the .npz's checksum
 
     out = tmp_path / "one"
     assert sample(out, "--cache", "deepcache", "--cache_interval", "5")[0] == 0
@@ -134,8 +134,8 @@ def test_compare_takes_a_list_of_modes(tiny_model, tmp_path, capsys):
     names = ["ddim", "dpmpp2m+deepcache:3", "plms+fd:uniform:4"]
     assert infer_ldm.main([*PICTURE, "--compare", *names, "--context_layout", "reference", "--out", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["mode", "s/img", "speed-up", "GFLOP/img", "encoder", "passes", "decoder", "rows",
-                                "shallow", "passes"]
+    assert table[0].split() == ["mode", "s/img", "spread", "speed-up", "GFLOP/img", "encoder", "passes", "decoder",
+                                "rows", "shallow", "passes"]
     expected = [("DDIM", make_mode()), ("DPM-Solver++ 2M + DeepCache N=3", make_mode("dpmpp2m", "deepcache", interval=3)),
                 ("PLMS + FD-ref uniform:4", make_mode("plms", "fd", key_steps="uniform:4", context_layout="reference")),
                 ("DDIM + FD-ref uniform:3", make_mode("ddim", "fd", key_steps="uniform:3", context_layout="reference"))]
@@ -144,11 +144,11 @@ def test_compare_takes_a_list_of_modes(tiny_model, tmp_path, capsys):
     for line, row, (label, mode) in zip(table[1:], rows, expected):
         assert line.startswith(label + "  ")
         cells = line[len(label):].split()
-        assert float(cells[2]) > 0  # GFLOP/img
+        assert float(cells[3]) > 0  # GFLOP/img
         images, intermediates = generate(tiny_model, torch.tensor([25]), STEPS, 3.0, x_T=x_T, mode=mode)
-        assert int(cells[3]) == intermediates["stats"].encoder_passes
+        assert int(cells[4]) == intermediates["stats"].encoder_passes
         assert_same_images(row[:, :64], to_uint8(images)[0].numpy())
-    assert table[1].split()[2] == "1.00x"
+    assert table[1].split()[3] == "1.00x"
 
 
 def test_bare_compare_and_compare_reference_rows(tmp_path, capsys):
@@ -158,7 +158,8 @@ def test_bare_compare_and_compare_reference_rows(tmp_path, capsys):
                           (["--compare", "ddim+fd:uniform:3", "--cache", "fd"], ["DDIM + FD uniform:3"])):
         assert infer_ldm.main([*PICTURE, "--classes", "1", "--steps", "4", *flags, "--out", str(tmp_path / "p.png")]) == 0
         table = capsys.readouterr().out.splitlines()
-        assert [line.split("  ")[0] for line in table[1:-2]] == labels
+        assert [line.split("  ")[0] for line in table[1:1 + len(labels)]] == labels
+        assert table[1 + len(labels)].startswith("(s/img: median")
 
 
 def test_parser_records_the_flags_given():
@@ -182,7 +183,8 @@ def test_cache_flags_serve_compare_rows(tmp_path, capsys):
                            ["PLMS + DeepCache N=2 branch 1", "DDIM + FD uniform:3"])):
         assert infer_ldm.main([*PICTURE, "--classes", "1", "--steps", "4", *flags, "--out", str(tmp_path / "p.png")]) == 0
         table = capsys.readouterr().out.splitlines()
-        assert [line.split("  ")[0] for line in table[1:-2]] == labels
+        assert [line.split("  ")[0] for line in table[1:1 + len(labels)]] == labels
+        assert table[1 + len(labels)].startswith("(s/img: median")
 
 
 # --- bad combinations: one line, exit status 2, before any model work -----------------------------------------

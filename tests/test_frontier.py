@@ -1,5 +1,6 @@
 """scripts/frontier.py in small: the 10-class tiny model, a few samples, a fake feature graph whose logits are
-the model's 10 classes; the table, JSON and plot agree; finished modes are not redone; bad input."""
+the model's 10 classes; the table, JSON and plot agree; the modes are timed in rounds that take them in turn;
+finished modes are not redone; an interrupted run says how to continue; bad input."""
 import argparse
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, load_script
+from test_timing import ScriptedClock
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import sample_latents
 from ldm.util import load_model
@@ -112,6 +114,13 @@ def test_table_json_and_plot_agree(finished):
     ddim = {r["guidance"]: r for r in rows if r["spec"] == "ddim@2"}
     for cells, r in zip(table[2:], rows):
         assert cells[4] == f"{ddim[r['guidance']]['s_per_img'] / r['s_per_img']:.2f}x"
+    timing = data["timing"]
+    assert timing["repeats"] == 3 and data["settings"]["timing_batch"] == 6  # --batch_size 6 < TIMING_BATCH
+    for r in rows:  # s/img: the median of the rounds; the sampling run's own time kept beside it
+        assert len(r["s_per_img_rounds"]) == 3 and r["s_per_img"] == sorted(r["s_per_img_rounds"])[1]
+        assert r["run_s_per_img"] > 0 and r["s_per_img_spread"] >= 0
+    assert f"Times: median of 3 rounds that took the modes in turn, a sampling call of 6 images each; " \
+           f"{timing['verdict']}." in (finished / "frontier.md").read_text()
     assert "| 1.5 | 4 | 2 | `ddim+fd:uniform:2@4` |" in (finished / "frontier.md").read_text()  # equal K
     with Image.open(finished / "frontier.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 300
@@ -143,8 +152,10 @@ def test_samples_are_image_sample_runs_with_the_same_seeds(finished):
 
 
 def test_finished_modes_are_not_redone(finished, inputs, capsys):
+    """Nor are their timing rounds, while the modes and settings are the same."""
     results = sorted(finished.glob("samples/*/*/result.json")) + sorted(finished.glob("*/n12/result.json"))
     assert len(results) == len(MODES) * 2 + 2
+    results.append(finished / "timing.json")
     before = {p: p.stat().st_mtime_ns for p in results}
     table = (finished / "frontier.md").read_text()
     capsys.readouterr()
@@ -210,6 +221,50 @@ def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
     assert json.loads(job.result.read_text())["timed_images"] == 6
 
 
+def test_an_interrupted_run_says_to_rerun_the_same_command(inputs, tmp_path, monkeypatch, capsys):
+    """frontier.py has no --resume: image_sample.py's advice to rerun with it becomes frontier's own."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frontier.image_sample, "sample_batch", interrupted)
+    assert run(argv(inputs, tmp_path / "out", modes=["ddim@2"])) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same frontier.py command to continue" in err and "--resume" not in err
+
+
+def test_modes_are_timed_in_turn_and_ranked_by_their_medians(inputs, tmp_path, monkeypatch, capsys):
+    """Rounds take the modes in turn (A B A B ...): ddim@2's calls take 1, 3 and 2 s, ddim@4's 2 s each, so s/img
+    is 2/6 for both, and their repeats overlap: they cannot be ranked; a rerun keeps the rounds."""
+    monkeypatch.setattr(frontier, "device_clock", lambda device: ScriptedClock([1, 2, 3, 2, 2, 2]))
+    flags = argv(inputs, tmp_path / "out", "--guidance", "1.5", modes=["ddim@2", "ddim@4"])
+    assert run(flags) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    assert [r["s_per_img_rounds"] for r in data["rows"]] == [[1 / 6, 3 / 6, 2 / 6], [2 / 6] * 3]
+    assert [r["s_per_img"] for r in data["rows"]] == [2 / 6, 2 / 6]
+    assert data["timing"]["rankable"] is False and data["timing"]["unranked"] == [["ddim@2 g1.5", "ddim@4 g1.5"]]
+    assert data["timing"]["verdict"] == (
+        "cannot rank them all (median of 3 repeats taken in turn): the repeats of ddim@2 g1.5 and ddim@4 g1.5 overlap, "
+        "so their order is within the noise; the repeats of ddim@2 g1.5 spread by 100% of their median (more than "
+        "20%): its time is uncertain; rerun with the machine to itself")
+    assert f"times: median of 3 rounds that took the modes in turn, a sampling call of 6 images each; " \
+           f"{data['timing']['verdict']}" in out
+    monkeypatch.setattr(frontier, "device_clock", lambda device: pytest.fail("timed again"))
+    assert run(flags) == 0
+    assert json.loads((tmp_path / "out" / "frontier.json").read_text())["rows"] == data["rows"]
+
+
+def test_openmp_threads_wait_passively():
+    """frontier.py sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (libgomp then spins 0 times)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "frontier.py"), "--help"], capture_output=True,
+                            text=True, timeout=300, env={**env, "OMP_DISPLAY_ENV": "VERBOSE"})
+    assert result.returncode == 0, result.stderr
+    if "GOMP_SPINCOUNT" not in result.stderr:
+        pytest.skip("torch's OpenMP is not GNU libgomp")
+    assert "GOMP_SPINCOUNT = '0'" in result.stderr
+
+
 def test_under_mpiexec_the_same_samples(finished, inputs, tmp_path):
     """Launched under mpiexec, the modes are sampled by both processes into the same images as one process."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
@@ -244,6 +299,8 @@ BAD = {
     "a set and modes": (["--set", "quick"], "--modes replaces --set and --quick: give one of them"),
     "quick and modes": (["--quick"], "--modes replaces --set and --quick"),
     "negative threads": (["--tf_threads", "-1"], "error: --tf_threads must be at least 0"),
+    "no timing rounds": (["--repeats", "0"], "--repeats must be at least 1, not 0"),
+    "empty timed call": (["--timing_batch", "0"], "--timing_batch must be at least 1, not 0"),
 }
 
 

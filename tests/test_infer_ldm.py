@@ -2,6 +2,7 @@
 import copy
 import functools
 import http.server
+import os
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script
+from test_timing import ScriptedClock
 
 
 infer_ldm = load_script("infer_ldm.py")
@@ -53,7 +55,7 @@ def run(out, *extra, base=SMALL):
 def pictures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pictures")
     return {
-        "compare": run(folder / "compare.png", "--compare", "--seed", "1"),
+        "compare": run(folder / "compare.png", "--compare", "--seed", "1", "--repeats", "1"),
         "fd_seed1": run(folder / "fd1.png", "--seed", "1"),
         "fd_seed2": run(folder / "fd2.png", "--seed", "2"),
     }
@@ -118,22 +120,56 @@ def test_ddim_only_without_faster_diffusion(tmp_path):
 
 def test_cpu_run_says_how_long_and_labels_its_progress_bars(tmp_path, capsys):
     """Without --steps on the CPU: CPU_STEPS steps, one line with the expected time; bars say what they count."""
-    argv = [a for a in SMALL if a not in ("--steps", "10")] + ["--compare", "--classes", "1", "--out",
-                                                               str(tmp_path / "cpu.png")]
+    argv = [a for a in SMALL if a not in ("--steps", "10")] + ["--compare", "--classes", "1", "--repeats", "2",
+                                                               "--out", str(tmp_path / "cpu.png")]
     assert infer_ldm.main(argv) == 0
     err = capsys.readouterr().err
     notice = [line for line in err.splitlines() if line.startswith("on the CPU:")]
     assert len(notice) == 1 and "expected time up to about" in notice[0]
     assert "with 20 steps instead of the published 250 (pass --steps 250 for those: about" in notice[0]
-    assert "DDIM: classes" in err and "FasterDiffusion paired context uniform:3: classes" in err
+    assert "DDIM, run 2 of 2: classes" in err and "FasterDiffusion paired context uniform:3, run 1 of 2: classes" in err
 
 
 def test_cpu_notice_estimates_from_the_measured_step():
-    args = infer_ldm.parse_args(["--classes", "1", "2", "--steps", "20"])
+    args = infer_ldm.parse_args(["--classes", "1", "2", "--steps", "20", "--repeats", "1"])
     line = infer_ldm.cpu_notice(args, True, (0.5, 6.0), rows=2)  # (0.5 * 20 + 6) s x (2 classes + 1) x 2 rows
     assert line.startswith("on the CPU: expected time up to about 1.6 min with 20 steps")
     assert line.endswith("(pass --steps 250 for those: about 13.1 min)")  # (0.5 * 250 + 6) x 6 / 60
     assert infer_ldm.cpu_notice(args, False, (0.5, 6.0), rows=2) == "on the CPU: expected time up to about 1.6 min"
+    args.repeats = 3  # (0.5 * 20 + 6) s x (2 classes x 3 repeats + 1) x 2 rows
+    assert infer_ldm.cpu_notice(args, False, (0.5, 6.0), rows=2) == "on the CPU: expected time up to about 3.7 min"
+
+
+def test_compared_rows_are_timed_in_turn_and_ranked_by_their_medians(tmp_path, monkeypatch, capsys):
+    """DDIM's repeats take 2, 6 and 2.2 s, FasterDiffusion's 1 s each, taken in turn: medians 2.2 and 1 s for one
+    class of one image (a 2.20x speed-up); every repeat of FasterDiffusion is faster than every one of DDIM, whose
+    182% spread makes its time uncertain."""
+    monkeypatch.setattr(infer_ldm, "device_clock", lambda device: ScriptedClock([2, 1, 6, 1, 2.2, 1]))
+    argv = [*SMALL[:SMALL.index("--classes")], "--classes", "1", *SMALL[SMALL.index("--steps"):]]
+    assert infer_ldm.main([*argv, "--compare", "--tqdm_disable", "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:5] == ["DDIM", "2.200", "182%", "1.00x", out[1].split()[4]]
+    assert out[2].split()[:8] == ["DDIM", "+", "FD", "uniform:3", "1.000", "0%", "2.20x", out[2].split()[7]]
+    assert out[4] == ("median of 3 repeats taken in turn; they rank the runs, but the repeats of DDIM spread by 182% "
+                      "of their median (more than 20%): its time is uncertain")
+    assert infer_ldm.parse_args([]).repeats is None  # 3 with several rows, 1 with one (check_args)
+    one = infer_ldm.parse_args([*SMALL, "--out", str(tmp_path / "one.png")])
+    infer_ldm.check_args(one)
+    assert one.repeats == 1
+
+
+def test_openmp_threads_wait_passively_unless_told():
+    """infer_ldm.py sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (libgomp then spins 0 times before it
+    sleeps), unless the user chose a wait policy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    for extra, spins in (({}, "'0'"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "'")):
+        result = subprocess.run([sys.executable, str(REPO / "infer_ldm.py"), "--help"], capture_output=True,
+                                text=True, timeout=120, env={**env, **extra, "OMP_DISPLAY_ENV": "VERBOSE"})
+        assert result.returncode == 0, result.stderr
+        if "GOMP_SPINCOUNT" not in result.stderr:
+            pytest.skip("torch's OpenMP is not GNU libgomp")
+        assert f"GOMP_SPINCOUNT = {spins}" in result.stderr
+        assert ("OMP_WAIT_POLICY = 'ACTIVE'" in result.stderr) == bool(extra)
 
 
 UNET_CALLS = {"forward": 0, "encode": 0, "decode": 2, "decode_deep": 2, "forward_shallow": 2}  # the rows' argument
@@ -187,15 +223,17 @@ def test_render_grid_enlarges_small_tiles_by_a_whole_factor():
 
 
 BAD_INPUTS = {
+    # the tiny model's config: download_model.py fetches only cin256-v2's weights
     "missing checkpoint": (["--ckpt", "{tmp}/nowhere/model.ckpt"],
-                           "checkpoint not found: {tmp}/nowhere/model.ckpt; download it with "
-                           "`python scripts/download_model.py --out {tmp}/nowhere/model.ckpt`"),
+                           "checkpoint not found: {tmp}/nowhere/model.ckpt; give --ckpt the checkpoint that goes "
+                           "with the config"),
     "missing config": (["--config", "{tmp}/none.yaml"], "config not found: {tmp}/none.yaml"),
     "unknown class": (["--classes", "25", "1000"], "unknown class 1000: this model has 1000 classes, 0..999"),
     "negative class": (["--classes", "-3"], "unknown class -3"),
     "class of a 10-class model": (["--config", "{ten}/config.yaml", "--ckpt", "{ten}/model.ckpt", "--classes", "10"],
                                   "unknown class 10: this model has 10 classes, 0..9"),
     "negative seed": (["--seed", "-1"], "--seed must be in 0..9223372036854775807, not -1"),
+    "no repeats": (["--compare", "--repeats", "0"], "--repeats must be at least 1, not 0"),
     "mps device": (["--device", "mps"], "--device mps: only cpu and cuda devices are supported"),
     "checkpoint is a directory": (["--ckpt", "{tmp}"], "checkpoint {tmp} is a directory, not a file"),
     "not a config": (["--config", "{tmp}/file.txt"], "cannot load the model: "),

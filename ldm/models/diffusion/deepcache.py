@@ -9,7 +9,7 @@ import operator
 
 import numpy as np
 
-from ldm.calibration import check_loop_indices, read_steps
+from ldm.models.diffusion.steps import check_loop_indices, read_steps
 
 
 def _loop_indices(steps, name):

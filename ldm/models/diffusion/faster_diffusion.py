@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from ldm.calibration import AUTO, check_loop_indices, read_steps
+from ldm.models.diffusion.steps import AUTO, check_loop_indices, read_steps
 
 # Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
 PRESETS = {
