@@ -658,7 +658,9 @@ def interruptible():
 def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
     proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=interruptible)
-    time.sleep(0.3)  # importing torch takes seconds
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.time() + 60
+    while "libtorch" not in maps.read_text() and time.time() < deadline:  # torch is loading: seconds of imports
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
