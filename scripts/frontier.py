@@ -56,11 +56,11 @@ from matplotlib.ticker import FormatStrFormatter, FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import image_sample  # noqa: E402  (scripts/ is on the path of a script run from the repository)
 from evaluations import evaluator  # noqa: E402
 from ldm import cli  # noqa: E402
 from ldm.compile import run_mode_calls  # noqa: E402
 from ldm.distributed import Comm, share_cpu_threads  # noqa: E402
+from ldm import sampling_run  # noqa: E402
 from ldm.sampling import (image_shape, num_classes, reconstruct, sample_generators, sample_labels,  # noqa: E402
                           sample_latents)
 from ldm.timing import Timings, alternate, device_clock  # noqa: E402
@@ -74,7 +74,7 @@ _FD_PRESETS = [f"ddim+fd:{preset}{layout}@{s}" for s in (250,) for preset in ("l
 SETS = {
     # with --quick's 250 samples: 6.6 minutes on the small model's architecture on 2 busy CPU cores
     "quick": ["ddim@10", "ddim@25", "dpmpp2m@10", "ddim+fd:uniform:3@25", "ddim+fd:auto:9@25", "ddim+deepcache:3@25"],
-    # the rows of benchmarks/README.md's quality table: up to 100 steps, and the 250-step ones (run with fewer samples)
+    # the rows of RESULTS.md's quality table: up to 100 steps, and the 250-step ones (run with fewer samples)
     "quality": [*(f"ddim@{s}" for s in (100, 50, 25, 10)), *(f"ddim+fd:uniform:{n}@50" for n in range(2, 6))],
     "quality250": ["ddim@250", *_FD_PRESETS],
     # the frontier: solvers at several S, both caches, calibrated against uniform key steps at equal K
@@ -84,10 +84,10 @@ SETS = {
                   for keys in (f"uniform:{n}", f"auto:{k}")),
                 *(f"ddim+deepcache:{n}{nonuniform}@50" for n in (2, 3, 5) for nonuniform in ("", ",nonuniform=true")),
                 "dpmpp2m+deepcache:2@20", "dpmpp2m+fd:uniform:2@20"],
-    # benchmarks/README.md's precision table: four modes in fp32 and in bf16
+    # RESULTS.md's precision table: four modes in fp32 and in bf16
     "precision": [f"{mode}{dtype}@{s}" for mode, s in (("ddim", 50), ("ddim+fd:uniform:3", 50), ("dpmpp2m", 15),
                                                         ("ddim+deepcache:2", 50)) for dtype in ("", ",precision=bf16")],
-    # benchmarks/README.md's breakdown of FasterDiffusion's cost: feature reuse and prior noise injection apart
+    # RESULTS.md's breakdown of FasterDiffusion's cost: feature reuse and prior noise injection apart
     # (uniform:1 reuses nothing: DDIM with the injection alone; 0.000632 = 0.003 * 8 / 38 adds at S = 250 what the
     # published weight adds at S = 50)
     "injection": ["ddim@50", "ddim+fd:uniform:1@50", "ddim+fd:uniform:3,noise_injection=false@50",
@@ -143,7 +143,7 @@ def sample_args(argv, spec):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return image_sample.parse_args(argv)
+            return sampling_run.parse_args(argv)
     except SystemExit:
         raise cli.UsageError(f"mode {spec!r}: {err.getvalue().strip().removeprefix('error: ')}") from None
 
@@ -201,7 +201,7 @@ def check(args):
                     *(["--device", args.device] if args.device else []), *flags]
             job = Job(spec, guidance, sample_args(argv, spec), cache)
             try:
-                image_sample.check_run(job.args)  # the mode, its steps, calibration files, the folder
+                sampling_run.check_run(job.args)  # the mode, its steps, calibration files, the folder
             except cli.UsageError as e:
                 raise cli.UsageError(f"mode {spec!r}: {e}") from None
             jobs.append(job)
@@ -253,10 +253,10 @@ RERUN = "rerun the same frontier.py command"  # what continues an interrupted mo
 def sample_job(job, comm, counter):
     """Sample the job's missing images (all ranks) and, on rank 0, record its time, FLOPs and passes.
     Returns the exit status."""
-    status, outcome = image_sample.sample(job.args, comm, rerun=RERUN)
+    status, outcome = sampling_run.sample(job.args, comm, rerun=RERUN)
     if comm.bcast(status == 0 and comm.rank == 0 and outcome.images == 0):  # made, but not timed: sample again
         job.args.overwrite = True
-        status, outcome = image_sample.sample(job.args, comm, rerun=RERUN)
+        status, outcome = sampling_run.sample(job.args, comm, rerun=RERUN)
         job.args.overwrite = False
     if status == 0 and comm.rank == 0:
         write_json(job.result, {"spec": job.spec, "guidance": job.guidance, "cache": job.cache, "S": job.args.steps,
@@ -269,7 +269,7 @@ def sample_job(job, comm, counter):
 def job_mode(job):
     """The job's mode as its run sampled it: 'auto:K' steps as calibrated then (recorded beside its samples)."""
     args = argparse.Namespace(**vars(job.args))
-    option = image_sample.calibrated_option(args)
+    option = sampling_run.calibrated_option(args)
     if option:
         record = read_json(Path(read_json(job.result)["samples"]).with_suffix(".json"))
         setattr(args, option, list(record["calibrated_steps"]))
@@ -659,7 +659,7 @@ def score_floors(args, scorer, get_model):
 
 def main(args, comm):
     """Check everything, then sample, count and score each unfinished mode; returns the exit status."""
-    jobs, accuracy = image_sample.collective(comm, lambda: check(args))
+    jobs, accuracy = sampling_run.collective(comm, lambda: check(args))
     model = scorer = None
     try:
         if comm.rank == 0:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_CKPT, TINY_CONFIG, load_script
+from ldm import sampling_run
 from ldm import calibration
 from ldm.calibration import CalibrationError, read_steps
 from ldm.models.diffusion.deepcache import DeepCache
@@ -219,7 +220,7 @@ def test_resumed_auto_run_reuses_the_recorded_steps(auto3, tmp_path, monkeypatch
              "--cache", "fd", "--key_steps", "auto:3", "--output_dir", str(tmp_path)]
     with pytest.raises(SystemExit) as stopped:
         image_sample.run([*flags, "--stop_after_batches", "1"])
-    assert stopped.value.code == image_sample.STOPPED_EXIT_CODE
+    assert stopped.value.code == sampling_run.STOPPED_EXIT_CODE
     shards = json.loads((tmp_path / "shards_2x64x64x3" / "settings.json").read_text())
     assert shards["calibrated_steps"] == auto3 and shards["faster_diffusion"]["key_steps"] == "auto:3"
     shards["calibrated_steps"] = [0, 4, 8]  # other steps than calibration gives: the resumed run must take them
@@ -228,7 +229,7 @@ def test_resumed_auto_run_reuses_the_recorded_steps(auto3, tmp_path, monkeypatch
     def no_calibration(*args, **kwargs):
         raise AssertionError("auto:K calibrated again on --resume")
 
-    monkeypatch.setattr(image_sample.cli, "auto_steps", no_calibration)
+    monkeypatch.setattr(sampling_run.cli, "auto_steps", no_calibration)
     assert image_sample.run([*flags, "--resume"]) == 0
     record = json.loads((tmp_path / "samples_2x64x64x3.json").read_text())
     assert record["calibrated_steps"] == [0, 4, 8] and record["faster_diffusion"]["key_steps"] == "auto:3"

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG, load_script
+from ldm import sampling_run
 from ldm import cli
 from ldm.compile import (bucket_for, choose_buckets, compile_unet, decoder_call_steps, mode_buckets, padded_decode,
                          use_compile_cache, warm_up)
@@ -167,9 +168,9 @@ class OneRank:
 def test_rank_0_compiles_first_and_the_others_then_load_its_cache(monkeypatch, rank, order):
     image_sample = load_script("scripts/image_sample.py")
     log = []
-    monkeypatch.setattr(image_sample.cli, "compile_for", lambda *a: log.append("compile") or "compiled in 9.0 s")
+    monkeypatch.setattr(sampling_run.cli, "compile_for", lambda *a: log.append("compile") or "compiled in 9.0 s")
     args = argparse.Namespace(compile=True, batch_size=2)
-    line = image_sample.compile_in_turn(OneRank(rank, 3, log), None, args, None)
+    line = sampling_run.compile_in_turn(OneRank(rank, 3, log), None, args, None)
     assert log == order
     assert line == ("compiled in 9.0 s; the other 2 process(es) then took at most 2.0 s" if rank == 0 else None)
-    assert image_sample.compile_in_turn(OneRank(rank, 3, []), None, argparse.Namespace(compile=False), None) is None
+    assert sampling_run.compile_in_turn(OneRank(rank, 3, []), None, argparse.Namespace(compile=False), None) is None

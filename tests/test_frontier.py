@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from conftest import REPO, load_script
+from ldm import sampling_run
 from test_timing import ScriptedClock
 from ldm.models.diffusion.modes import make_mode
 from ldm.sampling import sample_latents
 from ldm.util import load_model
 
-sys.path.insert(0, str(REPO / "scripts"))  # frontier.py imports image_sample.py as a script run from there does
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,7 +214,7 @@ def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
     (job,), _ = frontier.check(frontier.parse_args(flags))
     job.args.stop_after_batches = 1
     with pytest.raises(SystemExit):
-        frontier.image_sample.sample(job.args, frontier.Comm())
+        frontier.sampling_run.sample(job.args, frontier.Comm())
     capsys.readouterr()
     assert run(flags) == 0
     assert "made 6 of 12 images" in capsys.readouterr().out
@@ -222,11 +222,11 @@ def test_an_interrupted_mode_resumes(inputs, tmp_path, capsys):
 
 
 def test_an_interrupted_run_says_to_rerun_the_same_command(inputs, tmp_path, monkeypatch, capsys):
-    """frontier.py has no --resume: image_sample.py's advice to rerun with it becomes frontier's own."""
+    """frontier.py has no --resume: the sampling run's advice to rerun with it becomes frontier's own."""
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(frontier.image_sample, "sample_batch", interrupted)
+    monkeypatch.setattr(sampling_run, "sample_batch", interrupted)
     assert run(argv(inputs, tmp_path / "out", modes=["ddim@2"])) == 130
     err = capsys.readouterr().err
     assert "rerun the same frontier.py command to continue" in err and "--resume" not in err

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script
+from ldm import sampling_run
 from ldm import cli, shards
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.sampling import generate, sample_generators, sample_labels, to_uint8
@@ -200,16 +201,16 @@ def test_finished_run_is_recognised(reference, tmp_path):
 
 def test_both_spellings_of_each_flag():
     """The published flag names and the shorter ones shared with infer_ldm.py set the same options."""
-    published = image_sample.parse_args(["--config_path", "c.yaml", "--model_path", "m.ckpt", "--ddim_steps", "50",
+    published = sampling_run.parse_args(["--config_path", "c.yaml", "--model_path", "m.ckpt", "--ddim_steps", "50",
                                          "--ddim_eta", "0.5", "--classifier_scale", "3", "--use_faster_diffusion",
                                          "True", "--tqdm_disable", "yes"])
-    short = image_sample.parse_args(["--config", "c.yaml", "--ckpt", "m.ckpt", "--steps", "50", "--eta", "0.5",
+    short = sampling_run.parse_args(["--config", "c.yaml", "--ckpt", "m.ckpt", "--steps", "50", "--eta", "0.5",
                                      "--scale", "3", "--faster_diffusion", "--tqdm_disable"])
     assert vars(published) == vars(short)
     assert (published.config, published.steps, published.scale, published.cache) == ("c.yaml", 50, 3.0, "fd")
-    assert image_sample.parse_args(["--use_faster_diffusion", "False"]).cache == "none"
-    assert image_sample.parse_args(["--use_faster_diffusion", "True", "--cache", "deepcache"]).cache == "deepcache"
-    defaults = image_sample.parse_args([])
+    assert sampling_run.parse_args(["--use_faster_diffusion", "False"]).cache == "none"
+    assert sampling_run.parse_args(["--use_faster_diffusion", "True", "--cache", "deepcache"]).cache == "deepcache"
+    defaults = sampling_run.parse_args([])
     assert (defaults.scale, defaults.seed, defaults.sampler, defaults.cache, defaults.key_steps) == (
         1.5, 0, "ddim", "none", "ldm250")
 
@@ -221,7 +222,7 @@ def test_interrupted_overwrite_says_how_to_continue_it(tmp_path, capsys):
     new = [*first, "--classifier_scale", "2"]
     with pytest.raises(SystemExit) as stopped:
         image_sample.run([*new, "--overwrite", "--stop_after_batches", "1"])
-    assert stopped.value.code == image_sample.STOPPED_EXIT_CODE
+    assert stopped.value.code == sampling_run.STOPPED_EXIT_CODE
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         image_sample.run([*new, "--resume"])
@@ -291,11 +292,11 @@ def test_out_of_memory_is_one_line_and_keeps_finished_batches(tmp_path, monkeypa
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return sample_latents(*args, **kwargs)
-    sample_latents = image_sample.sample_latents
-    monkeypatch.setattr(image_sample, "sample_latents", second_batch_runs_out)
+    sample_latents = sampling_run.sample_latents
+    monkeypatch.setattr(sampling_run, "sample_latents", second_batch_runs_out)
     status = image_sample.run(command(tmp_path, "--batch_size", "2", "--use_faster_diffusion", "true",
                                       "--key_steps", "uniform:3")[2:])
-    assert status == image_sample.OUT_OF_MEMORY_EXIT_CODE
+    assert status == sampling_run.OUT_OF_MEMORY_EXIT_CODE
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "error: the GPU ran out of memory at batches of 2 samples; 1 finished batches are saved in "), lines
@@ -312,14 +313,14 @@ def test_full_disk_is_one_line_and_resumes(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         written.append(path)
         write_shard(path, *args)
-    write_shard = image_sample.write_shard
-    monkeypatch.setattr(image_sample, "write_shard", disk_fills_up)
+    write_shard = sampling_run.write_shard
+    monkeypatch.setattr(sampling_run, "write_shard", disk_fills_up)
     argv = command(tmp_path, "--batch_size", "2")[2:]
-    assert image_sample.run(argv) == image_sample.WRITE_FAILED_EXIT_CODE
+    assert image_sample.run(argv) == sampling_run.WRITE_FAILED_EXIT_CODE
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: cannot write {tmp_path / SHARDS / 'batch_000001.npz'}: No space left on device; 1 finished "
                      f"batches are saved in {tmp_path / SHARDS}: rerun the same command with --resume"]
-    monkeypatch.setattr(image_sample, "write_shard", write_shard)
+    monkeypatch.setattr(sampling_run, "write_shard", write_shard)
     assert image_sample.run([*argv, "--resume"]) == 0
     assert load(tmp_path / FINAL)[0].shape == (N, 64, 64, 3) and not [p for p in tmp_path.rglob("*.tmp")]
 
@@ -329,7 +330,7 @@ def test_a_path_in_the_way_of_the_run_is_refused_before_sampling(in_the_way, tmp
     path = tmp_path / in_the_way
     path.mkdir() if in_the_way != SHARDS else path.write_text("x")
     with pytest.raises(cli.UsageError, match="in the way of this run's files"):
-        image_sample.check_run(image_sample.parse_args(command(tmp_path, "--overwrite")[2:]))
+        sampling_run.check_run(sampling_run.parse_args(command(tmp_path, "--overwrite")[2:]))
 
 
 def test_ten_class_model_draws_its_own_labels(ten_class_files, tiny_model, tmp_path):
@@ -445,7 +446,7 @@ def test_bad_input(case, tmp_path, capsys):
     out = tmp_path / "out"
     argv = command(out, *make_flags(tmp_path))[2:]
     try:
-        image_sample.check_run(image_sample.parse_args(argv))
+        sampling_run.check_run(sampling_run.parse_args(argv))
     except cli.UsageError as e:
         message = f"error: {e}"
     except SystemExit as e:
@@ -543,8 +544,8 @@ def test_images_that_decode_to_nan_stop_the_run(tmp_path):
 def test_cpu_out_of_memory_is_one_line_like_the_gpus(tmp_path, monkeypatch, capsys):
     def out_of_memory(*args, **kwargs):
         return torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own error
-    monkeypatch.setattr(image_sample, "sample_latents", out_of_memory)
-    assert image_sample.run(command(tmp_path, "--batch_size", "2")[2:]) == image_sample.OUT_OF_MEMORY_EXIT_CODE
+    monkeypatch.setattr(sampling_run, "sample_latents", out_of_memory)
+    assert image_sample.run(command(tmp_path, "--batch_size", "2")[2:]) == sampling_run.OUT_OF_MEMORY_EXIT_CODE
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: the CPU ran out of memory at batches of 2 samples; rerun with a smaller --batch_size"]
 
@@ -579,7 +580,6 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path):
     result = run(out, "--scale", "1e38", "--batch_size", "5")
     assert result.returncode == cli.BAD_INPUT
     assert sorted(p.name for p in out.iterdir()) == [SHARDS]  # the shards' settings were written
-    assert image_sample.FolderLock is shards.FolderLock
     with shards.FolderLock(tmp_path / "c" / "d"):
         assert (tmp_path / "c" / "d" / ".lock").exists()
     assert sorted(os.listdir(tmp_path)) == ["a"]
@@ -640,8 +640,8 @@ def test_a_full_disk_before_sampling_is_a_failed_write(tmp_path, monkeypatch, ca
     """Exit status 5 as for a full disk during sampling (the README's), not 2, and nothing sampled."""
     def disk_full(path, settings):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(image_sample, "write_settings", disk_full)
-    assert image_sample.run(command(tmp_path, "--batch_size", "5")[2:]) == image_sample.WRITE_FAILED_EXIT_CODE
+    monkeypatch.setattr(sampling_run, "write_settings", disk_full)
+    assert image_sample.run(command(tmp_path, "--batch_size", "5")[2:]) == sampling_run.WRITE_FAILED_EXIT_CODE
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: cannot write {tmp_path / SHARDS / 'settings.json'}: No space left on device; nothing was sampled: "
         "rerun the same command once it can write there"]
@@ -711,10 +711,10 @@ def test_a_signal_to_one_rank_ends_the_whole_mpi_job(rank, signum, tmp_path):
 
 def test_a_missing_cin256_checkpoint_comes_with_the_download_command(tmp_path):
     """download_model.py fetches cin256-v2's weights: suggested for that config only (the tiny one: see BAD_INPUTS)."""
-    args = image_sample.parse_args(["--model_path", str(tmp_path / "m.ckpt")])
+    args = sampling_run.parse_args(["--model_path", str(tmp_path / "m.ckpt")])
     with pytest.raises(cli.UsageError, match=r"download it with `python scripts/download_model.py --out .*m\.ckpt`"):
         cli.check_files(args)
-    args = image_sample.parse_args(["--model_path", str(tmp_path / "m.ckpt"), "--config_path", str(TINY_CONFIG)])
+    args = sampling_run.parse_args(["--model_path", str(tmp_path / "m.ckpt"), "--config_path", str(TINY_CONFIG)])
     with pytest.raises(cli.UsageError, match="goes with the config") as refused:
         cli.check_files(args)
     assert "download_model" not in str(refused.value)
