@@ -157,6 +157,7 @@ def calibrated(tmp_path_factory):
     return files
 
 
+@pytest.mark.slow
 def test_calibrate_writes_the_steps_the_curve_and_a_plot(calibrated, capsys):
     record = json.loads(calibrated["fd"].read_text())
     assert (record["S"], record["K"], record["guidance"], record["feature"]) == (10, 4, 1.5, "encoder")
@@ -191,6 +192,7 @@ def auto3(tiny_model):
                                   lambda steps: make_mode("ddim", "fd", key_steps=list(steps)), 10, 1.5, "encoder")
 
 
+@pytest.mark.slow
 def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, auto3, tmp_path, capsys):
     """--key_steps @FILE and auto:K sample as the library does with those steps; --full_steps @FILE likewise."""
     labels = sample_labels(0, range(2), 1000)
@@ -213,6 +215,7 @@ def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, au
     assert record["faster_diffusion"]["key_steps"] == "auto:3" and record["calibrated_steps"] == auto
 
 
+@pytest.mark.slow
 def test_resumed_auto_run_reuses_the_recorded_steps(auto3, tmp_path, monkeypatch):
     """auto:K is calibrated once per run: the shards' record keeps the steps, and --resume samples with them
     (calibrating again could give other steps on other hardware, mixing two step sets in one .npz)."""

@@ -129,6 +129,7 @@ def tile_rows(path, count):
     return [picture[infer_ldm.PAD + r * row_height:][:64, label_width + infer_ldm.PAD:] for r in range(count)]
 
 
+@pytest.mark.slow
 def test_compare_takes_a_list_of_modes(tiny_model, tmp_path, capsys):
     out = tmp_path / "compare.png"
     names = ["ddim", "dpmpp2m+deepcache:3", "plms+fd:uniform:4"]
@@ -151,6 +152,7 @@ def test_compare_takes_a_list_of_modes(tiny_model, tmp_path, capsys):
     assert table[1].split()[3] == "1.00x"
 
 
+@pytest.mark.slow
 def test_bare_compare_and_compare_reference_rows(tmp_path, capsys):
     """A bare --compare adds plain DDIM; --compare_reference adds it and the reference layout; repeats are dropped."""
     for flags, labels in ((["--compare"], ["DDIM", "DDIM + FD uniform:3"]),

@@ -126,6 +126,7 @@ def two_level_model(tiny_model):
     return model
 
 
+@pytest.mark.slow
 def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(two_level_model, monkeypatch, request,
                                                                       tmp_path):
     """Inductor on the CPU. The compile cache lives in pytest's cache folder: the first run compiles (under a

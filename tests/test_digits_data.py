@@ -57,6 +57,7 @@ def test_images_vary_in_every_channel_and_cover_all_classes():
     assert not np.allclose(per_image[:, 0], per_image[:, 1]) and 40 < channel_means.mean() < 215
 
 
+@pytest.mark.slow
 def test_make_digits_script_writes_adm_npz_and_refuses_the_reference_seed(tmp_path):
     out = tmp_path / "train.npz"
     result = run_script("make_digits.py", "--num", 25, "--seed", 7, "--out", out, "--workers", 2)
@@ -72,6 +73,7 @@ def test_make_digits_script_writes_adm_npz_and_refuses_the_reference_seed(tmp_pa
     assert list(tmp_path.iterdir()) == [out]
 
 
+@pytest.mark.slow
 def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(tmp_path):
     data = tmp_path / "train.npz"
     assert run_script("make_digits.py", "--num", 64, "--seed", 1, "--out", data, "--workers", 1).returncode == 0
@@ -145,6 +147,7 @@ def test_trainer_runs_each_stage_resumes_and_exports_a_strictly_loadable_model(t
     torch.testing.assert_close(model.first_stage_model.encoder.conv_in.weight, retrained["encoder.conv_in.weight"])
 
 
+@pytest.mark.slow
 def test_exported_classifier_graph_computes_the_same_logits():
     torch.manual_seed(0)
     classifier = DigitClassifier().eval()

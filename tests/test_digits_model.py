@@ -19,6 +19,8 @@ from ldm.data.digits import REFERENCE_SEED, make_digits
 from ldm.sampling import generate, num_classes, reconstruct, sample_generators, to_uint8, unconditional_class
 from ldm.util import instantiate_from_config, load_model
 
+pytestmark = pytest.mark.slow  # the shipped model sampled and scored end to end
+
 MODEL = REPO / "models" / "digits32"
 CONFIG, CKPT, CLASSIFIER = MODEL / "config.yaml", MODEL / "model.safetensors", MODEL / "classifier.pb"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

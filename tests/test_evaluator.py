@@ -299,6 +299,7 @@ def test_interrupt_in_the_tensorflow_run_is_one_line(graphs, precomputed_ref, mo
     assert signal.getsignal(signal.SIGTERM) is sigterm_handler
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_the_run_stops_in_one_line(graphs, tmp_path, signum, status):
     """A real Ctrl-C (SIGINT) or SIGTERM to the running command, while it reads the reference's activations."""
@@ -349,6 +350,7 @@ def test_too_few_images_for_the_features_is_a_warning(graphs, precomputed_ref, t
         assert any(line.startswith(f"warning: {paths[which]} holds {words}") for line in warnings_)
 
 
+@pytest.mark.slow
 def test_cli_prints_adm_lines_and_writes_json(graphs, precomputed_ref, tmp_path):
     pb, _ = graphs["dynamic"]
     ref_path, sample_path = precomputed_ref

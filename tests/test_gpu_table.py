@@ -35,6 +35,7 @@ def test_rows_run_fp16_before_fp32_eager_before_compiled_fasterdiffusion_first()
     assert rows[12] == ("fd", "1", "fp16", "compiled") and rows[24] == ("fd", "1", "fp32", "eager")
 
 
+@pytest.mark.slow
 def test_dry_run_on_the_cpu(tmp_path, capsys):
     out = tmp_path / "table.md"
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "2", "--config", str(TINY_CONFIG), "--precisions",
@@ -157,6 +158,7 @@ def test_the_first_row_is_planned_at_the_assumed_rate():
     assert estimates[1] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", [None, 8])
 def test_flops_per_image_are_those_of_the_rows_batch(cap):
     """With a cap of 8 rows, decoder calls hold 4 steps at batch 1 and 2 at batch 2 (4 rows a step), which share

@@ -73,6 +73,7 @@ def reference(request, tmp_path_factory):
     return (request.param, out, *load(out / FINAL))
 
 
+@pytest.mark.slow
 def test_npz_format(reference):
     mode, out, _, _ = reference
     path = out / FINAL
@@ -98,6 +99,7 @@ def test_npz_format(reference):
     assert images.std() > 0
 
 
+@pytest.mark.slow
 def test_mpi_matches_one_process(reference, tmp_path):
     mode, _, images, labels = reference
     result = run(tmp_path, "--batch_size", "2", *MODES[mode], processes=2)
@@ -109,6 +111,7 @@ def test_mpi_matches_one_process(reference, tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])
 
 
+@pytest.mark.slow
 def test_matches_generate(reference, tiny_model):
     """The script's samples 3 and 4 are ldm.sampling.generate's for those indices."""
     mode, _, images, _ = reference
@@ -133,6 +136,7 @@ def plant_temporaries(folder, name):
     return live
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["fd"], indirect=True)
 def test_resume_after_kill(reference, tmp_path):
     mode, _, images, labels = reference
@@ -158,6 +162,7 @@ def test_resume_after_kill(reference, tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD, live[0]])  # stale temporaries removed
 
 
+@pytest.mark.slow
 def test_resume_after_checkpoint_copied_and_touched(tmp_path):
     """The checkpoint is identified by its content: a copy elsewhere with a new mtime resumes the shards."""
     first, second = tmp_path / "a" / "model.ckpt", tmp_path / "b" / "model.ckpt"
@@ -173,6 +178,7 @@ def test_resume_after_checkpoint_copied_and_touched(tmp_path):
     assert "made 2 of 5 images" in resumed.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["ddim"], indirect=True)
 def test_finished_run_is_recognised(reference, tmp_path):
     mode, out, images, _ = reference
@@ -215,6 +221,7 @@ def test_both_spellings_of_each_flag():
         1.5, 0, "ddim", "none", "ldm250")
 
 
+@pytest.mark.slow
 def test_interrupted_overwrite_says_how_to_continue_it(tmp_path, capsys):
     first = command(tmp_path, "--batch_size", "2")[2:]
     assert image_sample.run(first) == 0
@@ -235,6 +242,7 @@ def test_interrupted_overwrite_says_how_to_continue_it(tmp_path, capsys):
     assert json.loads((tmp_path / RECORD).read_text())["scale"] == 2.0
 
 
+@pytest.mark.slow
 def test_npz_without_record_is_not_overwritten(tmp_path):
     np.savez(tmp_path / FINAL, np.zeros((N, 64, 64, 3), np.uint8), np.zeros(N, np.int64))
     result = run(tmp_path)
@@ -242,6 +250,7 @@ def test_npz_without_record_is_not_overwritten(tmp_path):
     assert not load(tmp_path / FINAL)[0].any()
 
 
+@pytest.mark.slow
 def test_default_output_dir_depends_on_the_settings(tmp_path):
     """Without --output_dir, runs with other settings write to other folders (under ./outputs/samples), named
     after the model: tests/fixtures/tiny/config.yaml is 'tiny'."""
@@ -253,6 +262,7 @@ def test_default_output_dir_depends_on_the_settings(tmp_path):
                                                                for s in "01"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_line_on_resuming(tmp_path):
     proc = subprocess.Popen(command(tmp_path, "--num_samples", "200", "--batch_size", "1", "--steps", "250"),
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -333,6 +343,7 @@ def test_a_path_in_the_way_of_the_run_is_refused_before_sampling(in_the_way, tmp
         sampling_run.check_run(sampling_run.parse_args(command(tmp_path, "--overwrite")[2:]))
 
 
+@pytest.mark.slow
 def test_ten_class_model_draws_its_own_labels(ten_class_files, tiny_model, tmp_path):
     config, ckpt = ten_class_files
     result = run(tmp_path, "--batch_size", "5", config=config, ckpt=ckpt)
@@ -457,6 +468,7 @@ def test_bad_input(case, tmp_path, capsys):
     check_bad_input(message, words, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["negative seed", "bad checkpoint", "x0 model", "unsupported UNet",
                                   "concatenated conditioning"])
 def test_bad_input_command_line(case, tmp_path):
@@ -467,6 +479,7 @@ def test_bad_input_command_line(case, tmp_path):
     check_bad_input(result.stderr, words, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no samples", "bad checkpoint"])
 def test_bad_input_mpi(case, tmp_path):
     """Checked on rank 0 before loading (no samples) or by every rank while loading (bad checkpoint)."""
@@ -502,6 +515,7 @@ def test_ranks_on_a_node_share_its_cores(monkeypatch, affinity):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_eta_at_the_schedule_limit_samples_finite_images(tmp_path):
     """The largest eta accepted (floored, as the refusal names it) still gives finite samples; just above is refused."""
     assert run(tmp_path, "--eta", "1.0069", "--batch_size", "5").returncode == 0
@@ -511,6 +525,7 @@ def test_eta_at_the_schedule_limit_samples_finite_images(tmp_path):
 # --- no silent garbage: sampling stops at the first non-finite latent ---------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_weights_are_refused_when_loading(tmp_path):
     state = torch.load(TINY_CKPT, weights_only=True)
     weights = state["state_dict"]
@@ -522,6 +537,7 @@ def test_nan_weights_are_refused_when_loading(tmp_path):
     check_bad_input(result.stderr, ["nan.ckpt holds NaN or infinite weights", name], tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_latents_that_overflow_stop_the_run_naming_batch_and_step(tmp_path):
     """--scale 1e38 fits float32, but guided noise predictions overflow it at the first step."""
     result = run(tmp_path, "--scale", "1e38", "--batch_size", "2")
@@ -532,6 +548,7 @@ def test_latents_that_overflow_stop_the_run_naming_batch_and_step(tmp_path):
     assert not (tmp_path / FINAL).exists() and not list((tmp_path / SHARDS).glob("batch_*"))
 
 
+@pytest.mark.slow
 def test_images_that_decode_to_nan_stop_the_run(tmp_path):
     """A scale_factor so small that latents / scale_factor overflow: finite latents, NaN images."""
     (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.read_text().replace("params:\n", "params:\n    scale_factor: 1e-45\n", 1))
@@ -567,6 +584,7 @@ def test_a_folder_held_by_another_run_is_refused(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])  # the run's own lock is gone with it
 
 
+@pytest.mark.slow
 def test_the_lock_file_of_a_dead_run_is_not_in_the_way(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -574,6 +592,7 @@ def test_the_lock_file_of_a_dead_run_is_not_in_the_way(tmp_path):
     assert run(tmp_path, "--batch_size", "5").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_refused_run_leaves_no_folder_behind(tmp_path):
     """The lock's folder is created for the run and removed when the run wrote nothing in it."""
     out = tmp_path / "a" / "b"
@@ -585,6 +604,7 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_never_mix(tmp_path):
     """Two runs into one folder at the same moment: one samples, the other is refused (in use, or, if it came
     after, finished with other settings); the .npz holds the winner's images."""
@@ -600,6 +620,7 @@ def test_two_runs_started_together_never_mix(tmp_path):
     assert_same_images(load(tmp_path / FINAL)[0], load(alone / FINAL)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
 def test_a_damaged_npz_is_refused_with_how_to_redo_it(damage, tmp_path):
     assert run(tmp_path, "--batch_size", "5").returncode == 0
@@ -618,6 +639,7 @@ def test_a_damaged_npz_is_refused_with_how_to_redo_it(damage, tmp_path):
     assert "already done" in run(tmp_path, "--batch_size", "5").stdout
 
 
+@pytest.mark.slow
 def test_a_checksum_catches_what_the_zip_does_not(tmp_path):
     """Images rewritten whole (a valid .npz of the right shape) disagree with the record's checksum."""
     assert run(tmp_path, "--batch_size", "5").returncode == 0
@@ -628,6 +650,7 @@ def test_a_checksum_catches_what_the_zip_does_not(tmp_path):
     assert "do not match the checksum in its record" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unreadable_record_is_called_unreadable(tmp_path):
     assert run(tmp_path, "--batch_size", "5").returncode == 0
     (tmp_path / RECORD).write_text("{ not json")
@@ -655,6 +678,7 @@ def interruptible():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path):
     proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=interruptible)
@@ -681,6 +705,7 @@ def rank_processes(marker):
     return ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, signum", [(1, signal.SIGTERM), (0, signal.SIGINT)])
 def test_a_signal_to_one_rank_ends_the_whole_mpi_job(rank, signum, tmp_path):
     """A real signal to one rank's process (not to mpiexec): every rank ends, with the one line on resuming."""
@@ -720,6 +745,7 @@ def test_a_missing_cin256_checkpoint_comes_with_the_download_command(tmp_path):
     assert "download_model" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_names_the_config(tmp_path):
     """The digits checkpoint with the tiny config (as run_image_sample.sh with MODEL_PATH alone would give it)."""
     result = run(tmp_path / "out", "--model_path", str(REPO / "models/digits32/model.safetensors"))

@@ -61,6 +61,7 @@ def pictures(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_compare_picture_layout(pictures):
     size, picture = pictures["compare"]
     assert size == expected_size(rows=2, cols=len(CLASSES))
@@ -118,6 +119,7 @@ def test_ddim_only_without_faster_diffusion(tmp_path):
     assert size == expected_size(rows=1, cols=len(CLASSES))
 
 
+@pytest.mark.slow
 def test_cpu_run_says_how_long_and_labels_its_progress_bars(tmp_path, capsys):
     """Without --steps on the CPU: CPU_STEPS steps, one line with the expected time; bars say what they count."""
     argv = [a for a in SMALL if a not in ("--steps", "10")] + ["--compare", "--classes", "1", "--repeats", "2",

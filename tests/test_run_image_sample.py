@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO, TINY_CKPT, TINY_CONFIG
 from test_evaluator import POOL_DIM, SMALL, SPATIAL_DIM, build_fake_inception, fake_weights, random_images, random_stats
 
+pytestmark = pytest.mark.slow  # the whole pipeline under mpiexec, with the evaluator
+
 SCRIPT = REPO / "run_image_sample.sh"
 
 

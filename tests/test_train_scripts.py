@@ -12,7 +12,7 @@ from ldm.util import write_atomic
 
 CONFIG = REPO / "configs" / "latent-diffusion" / "digits32.yaml"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: the trainers
 
 
 def assert_usage_error(result, message):
