@@ -331,6 +331,7 @@ class Scorer:
             self.network = evaluator.InceptionNetwork(self.args.inception_path, threads=self.args.tf_threads)
             acts = self.network.read_activations(self.args.ref)
             self.ref = acts, evaluator.read_statistics(self.args.ref, acts)
+            evaluator.warn_if_too_few_images([path], self.network.feature_dims)  # every mode has as many images
         acts = self.network.read_activations(path)
         metrics = evaluator.score(self.network, *self.ref, acts, evaluator.read_statistics(path, acts),
                                   log=lambda *a: None)

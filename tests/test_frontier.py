@@ -415,3 +415,11 @@ def test_every_named_set_passes_the_checks(name, inputs, tmp_path):
     jobs, _ = frontier.check(frontier.parse_args(flags))
     assert [(job.spec, job.guidance) for job in jobs] == [(m, g) for m in frontier.SETS[name] for g in (1.5, 2.5)]
     assert len({job.folder for job in jobs}) == len(jobs)
+
+
+def test_too_few_samples_for_the_features_is_one_warning(inputs, tmp_path, capsys):
+    """5 samples a mode, fewer than the test graph's 7 spatial features: one warning line for the whole frontier."""
+    flags = argv(inputs, tmp_path / "out", "--guidance", "1.5", "--num_samples", "5", modes=["ddim@2", "ddim@4"])
+    assert run(flags) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "holds 5 images, fewer than the 7 features of sFID" in warnings[0], warnings
