@@ -63,7 +63,11 @@ def check_run(args):
     output_dir = args.output_dir if args.output_dir is not None else default_output_dir(settings, args.config)
     cli.check_writable_folder(output_dir, "--output_dir")
     files = RunFiles(output_dir, args.num_samples, settings["image_shape"])
-    settings, state = run_state(args, settings, files)
+    try:
+        settings, state = run_state(args, settings, files)
+    except cli.UsageError:  # what it saw may be another run's work in progress: look again, holding the folder
+        with FolderLock(files.output_dir):
+            settings, state = run_state(args, settings, files)
     return settings, files, state
 
 

@@ -584,6 +584,25 @@ def test_a_folder_held_by_another_run_is_refused(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == sorted([FINAL, RECORD])  # the run's own lock is gone with it
 
 
+def test_a_run_in_progress_is_reported_in_use_not_as_an_earlier_run(tmp_path, capsys):
+    """The checks made before taking the folder may see another run's first batches: that run is named, not
+    taken for an interrupted one."""
+    argv = command(tmp_path, "--batch_size", "2")[2:]
+    with pytest.raises(SystemExit):
+        image_sample.run([*argv, "--stop_after_batches", "1"])
+    capsys.readouterr()
+    with shards.FolderLock(tmp_path):  # that run, still going
+        with pytest.raises(SystemExit) as refused:
+            image_sample.run([*argv, "--scale", "2"])
+    assert refused.value.code == cli.BAD_INPUT
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path} is in use by another run (process {os.getpid()} on {socket.gethostname()}); "
+        "wait for it to end, or choose another --output_dir"]
+    with pytest.raises(SystemExit) as alone:  # once it has ended, the saved batch is what the line names
+        image_sample.run([*argv, "--scale", "2"])
+    assert alone.value.code == cli.BAD_INPUT and "--resume" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_lock_file_of_a_dead_run_is_not_in_the_way(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
