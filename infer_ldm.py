@@ -32,8 +32,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from ldm import cli  # noqa: E402
 from ldm.compile import run_mode_calls  # noqa: E402
 from ldm.distributed import share_cpu_threads  # noqa: E402
-from ldm.models.diffusion.deepcache import DeepCache  # noqa: E402
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion  # noqa: E402
+from ldm.models.diffusion.caches import CACHES  # noqa: E402
+from ldm.models.diffusion.modes import split_spec  # noqa: E402
 from ldm.sampling import generate, sample_latents, to_uint8  # noqa: E402
 from ldm.timing import alternate, device_clock  # noqa: E402
 from ldm.util import write_atomic  # noqa: E402
@@ -72,6 +72,7 @@ def check_args(args):
     for flag, value in (("--n_per_class", args.n_per_class), ("--repeats", args.repeats)):
         if value is not None and value < 1:
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")
+    cli.apply_mode_flag(args)
     device = cli.check_device(args)
     if args.steps is None:
         args.steps = CPU_STEPS if device.type == "cpu" else PUBLISHED_STEPS
@@ -91,11 +92,13 @@ def check_args(args):
 def sampling_modes(args, calibrate_on=None):
     """The Mode of each row: the --compare modes (plain DDIM for a bare --compare), the flags' mode and, with
     --compare_reference, the flags' FasterDiffusion with the reference context layout; repeats dropped."""
-    if args.compare_reference and args.cache != "fd":
-        raise cli.UsageError(f"--compare_reference adds a FasterDiffusion row: it needs --cache fd, not {args.cache}")
+    layouts = [c for c, cls in CACHES.items() if any(o.name == "context_layout" for o in cls.options)]
+    if args.compare_reference and args.cache not in layouts:
+        raise cli.UsageError(f"--compare_reference adds a row with the published fork's context layout: it needs "
+                             f"--cache {' or '.join(layouts)}, not {args.cache}")
     names = args.compare or (["ddim"] if args.compare is not None or args.compare_reference else [])
     modes = [cli.make_mode(args, name, calibrate_on=calibrate_on) for name in names]
-    rows = [cli.split_mode_name(name)[:2] for name in names]
+    rows = [split_spec(name)[:2] for name in names]
     modes.append(cli.make_mode(args, calibrate_on=calibrate_on, rows=rows))
     if args.compare_reference:
         modes.append(cli.make_mode(args, context_layout="reference", calibrate_on=calibrate_on))
@@ -103,19 +106,8 @@ def sampling_modes(args, calibrate_on=None):
 
 
 def row_label(mode):
-    """The label lines of a mode's row: solver, then cache (FasterDiffusion: context layout and key steps)."""
-    solver, _, _ = mode.label.partition(" + ")
-    cache = mode.cache
-    if isinstance(cache, FasterDiffusion):
-        keys = cache.key_steps if isinstance(cache.key_steps, str) else f"{len(cache.key_steps)} key steps"
-        lines = ["FasterDiffusion", f"{cache.context_layout} context", keys]
-    elif isinstance(cache, DeepCache):
-        lines = ["DeepCache", f"{len(cache.full_steps)} full steps" if cache.full_steps is not None
-                 else f"N={cache.interval}{' nonuniform' if cache.nonuniform else ''}"]
-        lines += [f"branch {cache.branch}"] if cache.branch else []
-    else:
-        return [solver]
-    return lines if solver == "DDIM" else [solver, *lines]
+    """The label lines of a mode's row: its label (Mode.label), solver and cache on lines of their own."""
+    return mode.label.split(" + ")
 
 
 def initial_noise(model, n, seed):
@@ -200,7 +192,7 @@ def time_rows(model, x_T, modes, args):
     """Sample each row --repeats times, the rows in turn (A B C A B C ...), timing each whole row; returns (Timings
     by row name, {row name: (tiles, stats)})."""
     def run(mode, repeat):
-        desc = " ".join(row_label(mode))
+        desc = mode.label
         if args.repeats > 1:  # the progress bars say which repeat they count
             desc += f", run {next(repeat)} of {args.repeats}"
         return sample_row(model, args.classes, x_T, mode, args, desc)

@@ -19,7 +19,7 @@ import torch
 from common import (at_least, build_model, check_model, check_steps, device_name, print_table, script_args, synchronize,
                     whole_numbers)
 from ldm import cli
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import make_cache
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents
 
 
@@ -32,7 +32,7 @@ def run_child(args):
     model = build_model(args.config, args.ckpt, args.device)
     plan = None
     if args.child != "ddim":
-        plan = FasterDiffusion(args.key_steps, max_decoder_batch=int(args.child) or None)
+        plan = make_cache("fd", key_steps=args.key_steps, max_decoder_batch=int(args.child) or None)
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

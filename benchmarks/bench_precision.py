@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import at_least, build_model, check_model, check_steps, device_name, print_table, run_checked, timed
 from ldm import cli
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import make_cache
 from ldm.sampling import (decode_latents, num_classes, sample_generators, sample_labels, sample_latents,
                           unconditional_class)
 from ldm.util import autocast
@@ -40,7 +40,7 @@ def quality_rows(name, model, steps, key_steps, fast, batch=2):
     """Relative deviation of fast-precision latents and images from fp32, for DDIM and FasterDiffusion."""
     labels = sample_labels(0, range(batch), num_classes(model))
     rows = []
-    for mode, plan in (("DDIM", None), (f"FD {key_steps}", FasterDiffusion(key_steps))):
+    for mode, plan in (("DDIM", None), (f"FD {key_steps}", make_cache("fd", key_steps=key_steps))):
         out = {}
         for precision in ("fp32", fast):
             latents, _ = sample_latents(model, labels, steps, 1.5, faster_diffusion=plan, precision=precision,

@@ -1,8 +1,8 @@
 """Time sampling modes (solver x cache) against the first one, alternating modes, and print a table per image.
 
-A mode is SAMPLER[+CACHE[:VALUE]][@PRECISION] (as ldm.cli.make_mode reads it): SAMPLER is ddim,
-plms, dpmpp2m or dpmpp3m; CACHE is fd (VALUE: key steps) or deepcache (VALUE: interval N); the cache options
-below apply to every mode with that cache, --eta to the DDIM modes. Without --modes: plain DDIM, then --sampler
+A mode is a mode string, SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...][@S] (`ldm.models.diffusion.modes`; S, if
+given, must be --steps), precision among its options: e.g. ddim+fd:0,5,10,precision=bf16. The cache options below
+apply to every mode with that cache, --eta to the DDIM modes. Without --modes: plain DDIM, then --sampler
 with --cache. Each mode is timed once (`ddim` and `ddim+none` are one). Bad flags are one `error:` line and exit
 status 2, before any sampling.
 
@@ -29,7 +29,8 @@ from ldm import cli  # noqa: E402
 from ldm.distributed import share_cpu_threads  # noqa: E402
 from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS  # noqa: E402
 from ldm.models.diffusion.guidance import unet_rows  # noqa: E402
-from ldm.models.diffusion.modes import CACHES, SAMPLERS  # noqa: E402
+from ldm.models.diffusion.caches import CACHES  # noqa: E402
+from ldm.models.diffusion.modes import SOLVERS, mode_arguments  # noqa: E402
 from ldm.models.diffusion.schedules import DPM_SKIP_TYPES  # noqa: E402
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents  # noqa: E402
 from ldm.compile import compile_unet, mode_buckets  # noqa: E402
@@ -40,18 +41,17 @@ from ldm.util import PRECISIONS, optimize_for_inference  # noqa: E402
 def parse_modes(args):
     """[(label, Mode, precision)] from --modes, or plain DDIM and --sampler/--cache, each mode once (`ddim` and
     `ddim+none` are one), checked against --steps as the sampling scripts check them (ldm.cli)."""
-    specs = [spec.partition("@") for spec in (args.modes or ["ddim", f"{args.sampler}+{args.cache}"])]
+    specs = args.modes or ["ddim", f"{args.sampler}+{args.cache}"]
     flags = script_args(args, ckpt=args.ckpt or "")
-    for sampler in dict.fromkeys(cli.split_mode_name(name)[0] for name, _, _ in specs):
-        cli.check_sampling(script_args(flags, sampler=sampler))  # steps for the solver, eta, scale, seed
     modes = {}
-    for name, _, precision in specs:
-        precision = precision or args.precision
-        if precision not in PRECISIONS:
-            raise cli.UsageError(f"unknown precision {precision!r} in mode {name!r}; "
-                                 f"choose one of {', '.join(PRECISIONS)}")
-        refuse_auto_steps("--modes", name, "bench_sampler.py")
-        mode = cli.make_mode(flags, name)
+    for spec in specs:
+        refuse_auto_steps("--modes", spec, "bench_sampler.py")
+        try:
+            precision = mode_arguments(spec)["precision"] or args.precision
+        except (ValueError, TypeError) as e:
+            raise cli.UsageError(cli.first_line(e)) from None
+        mode = cli.make_mode(flags, spec)
+        cli.check_sampling(script_args(flags, sampler=mode.sampler))  # steps for the solver, eta, scale, seed
         modes.setdefault((repr(mode), precision), (f"{mode.label} {precision}", mode, precision))
     return list(modes.values())
 
@@ -141,10 +141,10 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.5)
-    parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    parser.add_argument("--sampler", choices=list(SOLVERS), default="ddim")
     parser.add_argument("--cache", choices=list(CACHES), default="fd")
     parser.add_argument("--modes", nargs="+", default=None, metavar="MODE",
-                        help="SAMPLER[+CACHE[:VALUE]][@PRECISION] ... (e.g. ddim+fd:0,5,10@bf16); "
+                        help="SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...] ... (e.g. ddim+fd:0,5,10,precision=bf16); "
                              "overrides --sampler/--cache")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (of the DDIM modes)")
     parser.add_argument("--skip_type", choices=DPM_SKIP_TYPES, default="time_uniform", help="DPM-Solver++ spacing")

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ldm import cli
 from ldm.cli import on_off
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.models.diffusion.modes import make_cache
 from ldm.util import check_file, instantiate_from_config, load_model
 
 
@@ -241,6 +241,6 @@ def check_steps(steps, flag="--steps", key_steps=None, script=None):
     if key_steps is not None:
         refuse_auto_steps("--key_steps", key_steps, script)
         try:
-            FasterDiffusion(key_steps).groups(steps)
+            make_cache("fd", key_steps=key_steps).check(steps)
         except ValueError as e:
             raise cli.UsageError(cli.first_line(e)) from None

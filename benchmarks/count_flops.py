@@ -1,9 +1,9 @@
-"""UNet FLOPs per image of a DDIM sampling mode (plain, FasterDiffusion, DeepCache), counted without sampling.
+"""UNet FLOPs per image of a sampling mode (any solver and cache), counted without sampling.
 
-Each kind of UNet call a run makes is counted once on meta tensors (torch.utils.flop_counter: no weights, no
-arithmetic, a fraction of a second), then multiplied by how often the run makes it: the whole UNet every step; with
-FasterDiffusion the encoder once a group and the decoder once a call of each step count; with DeepCache the deep
-pass at its full steps and the shallow branch at the others. `gpu_table.py` counts its rows so, instead of running
+Each kind of UNet call a run makes (`Mode.unet_calls`) is counted once on meta tensors (torch.utils.flop_counter:
+no weights, no arithmetic, a fraction of a second), then multiplied by how often the run makes it: the whole UNet
+every step; with FasterDiffusion the encoder once a group and the decoder once a call of each step count; with
+DeepCache the deep pass at its full steps and the shallow branch at the others. `gpu_table.py` counts its rows so, instead of running
 each mode eagerly under the FLOP counter on the GPU; `tests/test_count_flops.py` checks the counts against sampling
 runs'.
 
@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import at_least, check_steps, print_table, script_args
 from ldm import cli
-from ldm.compile import decoder_call_steps, placeholder_inputs
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
+from ldm.compile import call_arguments, decoder_call_steps, placeholder_inputs
+from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import make_mode
 
@@ -37,25 +37,15 @@ def counted(call):
 
 @torch.inference_mode()
 def flops_per_image(model, mode, num_steps, batch_size, guided):
-    """UNet FLOPs per image of sampling num_steps DDIM steps with the mode at this batch size; `model` may be on the
+    """UNet FLOPs per image of sampling num_steps steps with the mode at this batch size; `model` may be on the
     meta device (a build_model(config, device="meta")), where nothing is computed."""
-    if mode.sampler != "ddim":
-        raise ValueError(f"FLOPs are counted here for the DDIM solver, not {mode.sampler}")
     rows = unet_rows(batch_size, guided)
-    unet, cache = model.model.diffusion_model, mode.cache
+    calls = UNetCalls(model, "fp32", SamplerStats())
     x, t, context = placeholder_inputs(model, rows)
-    if cache is None:
-        total = num_steps * counted(lambda: unet(x, t, context))
-    elif isinstance(cache, FasterDiffusion):
-        skips, mid = unet.encode(x, t, context)
-        total = len(cache.groups(num_steps)) * counted(lambda: unet.encode(x, t, context)) + sum(
-            calls * counted(lambda: unet.decode(skips, mid, t.repeat(n), context.repeat(n, 1, 1)))
-            for n, calls in decoder_call_steps(cache, num_steps, rows).items())
-    else:  # DeepCache
-        full = len(cache.full_steps_for(num_steps))
-        _, deep = unet.forward_deep(x, t, context, branch=cache.branch)
-        total = (full * counted(lambda: unet.forward_deep(x, t, context, branch=cache.branch))
-                 + (num_steps - full) * counted(lambda: unet.forward_shallow(x, deep, t, context, branch=cache.branch)))
+    total = 0
+    for call, count in mode.unet_calls(num_steps, rows).items():
+        arguments = call_arguments(model.unet, call, x, t, context)
+        total += count * counted(lambda: getattr(calls, call.method)(*arguments))
     return total / batch_size
 
 

@@ -1,8 +1,7 @@
 """`--batch_size auto`: the largest batch whose sampling fits the GPU's free memory, found by a short probe.
 
-A probe at batch b runs once the calls of the sampling mode that need the most memory (`largest_calls`): the whole
-UNet; with FasterDiffusion its encoder and its largest decoder call (the largest group, or max_decoder_batch rows);
-with DeepCache its deep and shallow halves; then the VQ decoding of b latents, which runs in chunks of
+A probe at batch b runs once each kind of UNet call of the sampling mode (`Mode.unet_calls`; of decoder calls the
+one of most steps), then the VQ decoding of b latents (`largest_calls`), which runs in chunks of
 `ldm.sampling.DECODE_BATCH` images, so that the UNet's calls decide. `largest_batch` searches b by doubling, then
 bisection, so a few probes suffice. The probe measures allocated memory; `use_expandable_segments`
 keeps the allocator's fragmentation from eating the difference (on an H100, FasterDiffusion at the probed batch
@@ -13,7 +12,6 @@ import os
 import torch
 
 from ldm.compile import decoder_call_steps, run_each_call
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.sampling import decode_latents
 
@@ -46,10 +44,9 @@ def largest_calls(model, mode, num_steps, batch_size, guided, precision):
     """Run the mode's most memory-hungry UNet calls and the VQ decoding at this batch size; returns the rows of
     the largest UNet call."""
     rows = unet_rows(batch_size, guided)
-    steps = ()
-    if isinstance(mode.cache, FasterDiffusion):
-        steps = (max(decoder_call_steps(mode.cache, num_steps, rows)),)
-    run_each_call(model, [mode], rows, precision, steps)
+    decoder = decoder_call_steps(mode, num_steps, rows)
+    steps = (max(decoder),) if decoder else ()
+    run_each_call(model, [mode], num_steps, rows, precision, steps)
     latents = torch.zeros(batch_size, model.channels, model.image_size, model.image_size, device=model.device)
     decode_latents(model, latents, precision)
     return rows * max(steps, default=1)

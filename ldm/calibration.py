@@ -26,8 +26,9 @@ with `auto_steps`.
 import numpy as np
 import torch
 
+from ldm.models.diffusion.caches import CACHES
 from ldm.models.diffusion.modes import Mode, make_mode
-from ldm.models.diffusion.steps import (AUTO, FEATURES, STEP_OPTIONS, CalibrationError, auto_count,  # noqa: F401
+from ldm.models.diffusion.steps import (AUTO, CalibrationError, auto_count,  # noqa: F401
                                         check_count, check_loop_indices, evenly_spaced, is_calibrated, read_steps)
 from ldm.sampling import num_classes, sample_generators, sample_labels, sample_latents, unconditional_class
 from ldm.util import autocast
@@ -37,6 +38,11 @@ SEARCH_SAMPLES = 8  # samples of the distance that the search minimises (--searc
 CALIBRATION_SEED = 0
 SEARCH_MOVES = (-1, 1, -2, 2)  # how far one key step may move in one try
 SEARCH_SWEEPS = 3  # passes over the key steps
+
+
+def calibrated_caches():
+    """{cache name: the feature it reuses} of the caches that take calibrated steps."""
+    return {name: cls.feature for name, cls in CACHES.items() if cls.steps_option is not None}
 
 
 def choose_steps(change, k):
@@ -102,8 +108,9 @@ def feature_changes(model, mode, steps, scale, feature, num_samples=CALIBRATION_
     The samples have the labels and noise of sample indices 0..num_samples-1 of `seed` (ldm.sampling); with
     guidance the feature covers both branches, as the cache holds them.
     """
-    if feature not in FEATURES.values():
-        raise ValueError(f"feature must be one of {', '.join(FEATURES.values())}, not {feature!r}")
+    features = set(calibrated_caches().values())
+    if feature not in features:
+        raise ValueError(f"feature must be one of {', '.join(sorted(features))}, not {feature!r}")
     plain = Mode(mode.sampler, None, mode.eta, mode.skip_type, mode.lower_order_final)
     indices = range(num_samples)
     labels = sample_labels(seed, indices, num_classes(model)).to(model.device)
@@ -184,11 +191,11 @@ def search_steps(distance, starts, steps, moves=SEARCH_MOVES, sweeps=SEARCH_SWEE
 
 
 def cached_at(mode, cache, **options):
-    """cached(steps): the Mode of the solver `mode` with the cache (a FEATURES name) and its options, its key or
+    """cached(steps): the Mode of the solver `mode` with the cache (a calibrated_caches name) and its options, its key or
     full steps at `steps`."""
     def cached(steps):
         return make_mode(mode.sampler, cache, mode.eta, mode.skip_type, mode.lower_order_final, **options,
-                         **{STEP_OPTIONS[cache]: list(steps)})
+                         **{CACHES[cache].steps_option: list(steps)})
 
     return cached
 

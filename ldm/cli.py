@@ -17,16 +17,15 @@ import sys
 import torch
 
 from ldm.autobatch import AUTO_BATCH
-from ldm.calibration import (FEATURES, STEP_OPTIONS, auto_count, auto_steps, cached_at, evenly_spaced, is_calibrated,
-                             read_steps)
+from ldm.calibration import auto_count, auto_steps, cached_at, evenly_spaced, is_calibrated, read_steps
 from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_cache, warm_up
+from ldm.models.diffusion.caches import CACHES
 from ldm.models.diffusion.ddim import make_ddim_timesteps
-from ldm.models.diffusion.deepcache import DeepCache
-from ldm.models.diffusion.faster_diffusion import CONTEXT_LAYOUTS, FasterDiffusion
 from ldm.models.diffusion.guidance import unet_rows
-from ldm.models.diffusion.modes import CACHES, MAIN_OPTION, SAMPLERS
+from ldm.models.diffusion.modes import SOLVERS, mode_arguments, split_spec
 from ldm.models.diffusion.modes import make_mode as make_library_mode
-from ldm.models.diffusion.schedules import DPM_SKIP_TYPES, max_ddim_eta
+from ldm.models.diffusion.options import OptionError, boolean, fits_float32, non_negative_float, step_list  # noqa: F401
+from ldm.models.diffusion.schedules import max_ddim_eta
 from ldm.modules.attention import ATTENTION_BACKENDS
 from ldm.sampling import num_classes
 from ldm.util import (PRECISIONS, ArchitectureMismatch, build_model, check_file, check_precision, file_sha256, load_model,
@@ -130,13 +129,7 @@ def first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def str2bool(value):
-    """Booleans as the published flags spell them: yes/true/t/y/1 or no/false/f/n/0."""
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, not {value!r}")
+str2bool = boolean  # the published scripts' name
 
 
 def add_bool_flag(group, *names, default, help):
@@ -182,74 +175,38 @@ class CacheFlag(argparse.Action):
         setattr(namespace, self.dest, "fd" if enabled else "none")
 
 
-def step_list(value):
-    """'0,3,8' -> [0, 3, 8]; '@file.json' and 'auto:K' stay strings (calibrated steps, see ldm.calibration)."""
-    if value.startswith("@") or value.startswith("auto:"):
-        return value
-    try:
-        return [int(s) for s in value.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected loop indices such as 0,3,8 (or @FILE.json, auto:K), "
-                                         f"not {value!r}") from None
-
-
-FD_FLAGS = ("key_steps", "context_layout", "noise_injection", "injection_scale", "injection_threshold",
-            "max_decoder_batch")
-# DeepCache and DPM-Solver++ flags -> the option they set; None means not given.
-DEEPCACHE_FLAGS = {"cache_interval": "interval", "nonuniform": "nonuniform", "pow": "pow",
-                   "full_steps": "full_steps", "branch": "branch"}
-DPM_FLAGS = ("skip_type", "lower_order_final")
+def option_flag(group, option, parser):
+    """A flag of a solver's or a cache's Option, unless the parser has it already (an option two caches share)."""
+    if f"--{option.dest}" in parser._option_string_actions:
+        return
+    if option.parse is boolean:
+        add_bool_flag(group, f"--{option.dest}", default=option.default, help=option.help)
+    else:
+        group.add_argument(f"--{option.dest}", type=option.parse, choices=option.choices, default=option.default,
+                           help=option.help)
 
 
 def add_mode_args(parser):
-    """Solver and cache (`ldm.models.diffusion.modes`) with their options; `--faster_diffusion` is an alias."""
+    """Solver and cache with their options, made from their declarations (`ldm.models.diffusion.modes`,
+    `ldm.models.diffusion.caches`); `--mode` names them all at once; `--faster_diffusion` is an alias."""
     group = parser.add_argument_group("solver and cache")
-    group.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+    group.add_argument("--mode", default=None, metavar="MODE",
+                       help="SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...][@S], e.g. dpmpp2m+deepcache:3,branch=1@20: "
+                            "the flags below in one string")
+    group.add_argument("--sampler", choices=list(SOLVERS), default="ddim",
                        help="solver: ddim, plms, dpmpp2m or dpmpp3m (DPM-Solver++ multistep, order 2 or 3)")
     group.add_argument("--cache", choices=list(CACHES), default="none",
-                       help="none, fd (FasterDiffusion: encoder at key steps) or deepcache (deep features reused)")
+                       help="; ".join(f"{name}" + (f" ({cls.title})" if cls.title else "") for name, cls in CACHES.items()))
     group.add_argument("--faster_diffusion", "--use_faster_diffusion", dest="cache", action=CacheFlag,
                        help="the published flag: true = --cache fd, false = --cache none")
-    group.add_argument("--skip_type", choices=DPM_SKIP_TYPES, default=None,
-                       help="DPM-Solver++ time spacing (default time_uniform)")
-    add_bool_flag(group, "--lower_order_final", default=None,
-                  help="DPM-Solver++: lower orders at the last steps when S < 10 (default true)")
-    fd = parser.add_argument_group("FasterDiffusion (--cache fd)")
-    fd.add_argument("--key_steps", default="ldm250",
-                    help="loop indices where the encoder runs: ldm250, ldm250-fast, uniform:N, a list 0,1,2,5, "
-                         "@FILE.json (scripts/calibrate.py) or auto:K (calibrated now)")
-    fd.add_argument("--context_layout", choices=CONTEXT_LAYOUTS, default="paired",
-                    help="class context of the parallel decoder rows ('reference' = the published fork's)")
-    add_bool_flag(fd, "--noise_injection", default=True, help="prior noise injection at timesteps below 150")
-    fd.add_argument("--injection_scale", type=non_negative_float, default=None,
-                    help="weight of x_T added after each update below the threshold (default 0.003, as published)")
-    fd.add_argument("--injection_threshold", type=non_negative_float, default=None,
-                    help="noise injection at timesteps below this (default 150, as published)")
-    fd.add_argument("--max_decoder_batch", type=int, default=None,
-                    help="at most this many decoder rows per call (bounds memory; same result)")
-    deep = parser.add_argument_group("DeepCache (--cache deepcache)")
-    deep.add_argument("--cache_interval", type=int, default=None, help="a full UNet pass every N steps")
-    add_bool_flag(deep, "--nonuniform", default=None, help="with --cache_interval: full steps packed towards the start")
-    deep.add_argument("--pow", type=float, default=None, help="with --nonuniform: the power of the packing (1.5)")
-    deep.add_argument("--full_steps", type=step_list, default=None,
-                      help="explicit full steps instead of an interval: 0,3,8, @FILE.json or auto:K")
-    deep.add_argument("--branch", type=int, default=None, help="shallow branch depth (0 = DeepCache's LDM setting)")
-
-
-def fits_float32(number):
-    """Whether a number is finite in float32, the precision the samplers compute in (at most about 3.4e38)."""
-    return math.isfinite(number) and abs(number) <= torch.finfo(torch.float32).max
-
-
-def non_negative_float(value):
-    """A number of at least 0 that float32 can hold."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not fits_float32(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0 that float32 can hold, not {value!r}")
-    return number
+    for solver in SOLVERS.values():
+        for option in solver.options:
+            option_flag(group, option, parser)
+    for name, cls in CACHES.items():
+        if cls.options:
+            cache_group = parser.add_argument_group(f"{cls.title} (--cache {name})")
+            for option in cls.options:
+                option_flag(cache_group, option, parser)
 
 
 def on_off(value):
@@ -322,11 +279,7 @@ def is_cin256_config(path):
 def check_steps(sampler, steps):
     """The step count suits the solver: DDIM's and PLMS's uniform schedule, or DPM-Solver++'s order; a ValueError
     otherwise."""
-    order = SAMPLERS[sampler][1].get("order")
-    if order is None:
-        make_ddim_timesteps(steps)
-    elif steps < order:
-        raise ValueError(f"DPM-Solver++ of order {order} needs at least {order} steps, not {steps}")
+    SOLVERS[sampler].check_steps(steps)
 
 
 def check_sampling(args):
@@ -343,118 +296,148 @@ def check_sampling(args):
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, not {args.seed}")
 
 
+def option_owners(name):
+    """(caches, solvers) that take an option (by its flag's destination)."""
+    return ([c for c, cls in CACHES.items() if any(o.dest == name for o in cls.options)],
+            [s for s, solver in SOLVERS.items() if any(o.dest == name for o in solver.options)])
+
+
 def check_flags_fit(args, rows=()):
-    """Each cache's flags need that cache, DPM-Solver++ flags a DPM-Solver++ sampler, eta > 0 DDIM: in the
-    flags' mode or in one of rows, more (sampler, cache) pairs that take their options from the flags."""
+    """Each cache's flags need that cache, a solver's flags that solver, eta > 0 DDIM: in the flags' mode or in one
+    of rows, more (sampler, cache) pairs that take their options from the flags."""
     samplers = {args.sampler, *(sampler for sampler, _ in rows)}
     caches = {args.cache, *(cache for _, cache in rows)}
-    for flag in FD_FLAGS:
-        if flag in args.given and "fd" not in caches:
-            raise UsageError(f"--{flag} is a FasterDiffusion option: add --cache fd (the cache is {args.cache})")
-    for flag in DEEPCACHE_FLAGS:
-        if flag in args.given and "deepcache" not in caches:
-            raise UsageError(f"--{flag} is a DeepCache option: add --cache deepcache (the cache is {args.cache})")
-    for flag in DPM_FLAGS:
-        if flag in args.given and not any("order" in SAMPLERS[s][1] for s in samplers):
-            raise UsageError(f"--{flag} is a DPM-Solver++ option (--sampler dpmpp2m or dpmpp3m), "
+    for flag in sorted(args.given):
+        if flag == "eta":
+            continue
+        owning_caches, owning_solvers = option_owners(flag)
+        if owning_caches and not caches & set(owning_caches):
+            raise UsageError(f"--{flag} is a {CACHES[owning_caches[0]].title} option: add --cache {owning_caches[0]} "
+                             f"(the cache is {args.cache})")
+        if owning_solvers and not samplers & set(owning_solvers):
+            family = os.path.commonprefix([SOLVERS[s].label for s in owning_solvers]).strip()
+            raise UsageError(f"--{flag} is a {family} option (--sampler {' or '.join(owning_solvers)}), "
                              f"not one of {args.sampler}")
     if args.eta != 0 and "ddim" not in samplers:
         raise UsageError(f"--eta {args.eta:g} needs --sampler ddim; {args.sampler} is deterministic (eta 0)")
 
 
-def cache_options(args, cache, context_layout=None):
-    """The options of a cache (by option name) that the flags give; DeepCache's unset ones are left out."""
-    if cache == "fd":
-        return dict(key_steps=args.key_steps, context_layout=context_layout or args.context_layout,
-                    noise_injection=args.noise_injection, injection_scale=args.injection_scale,
-                    injection_threshold=args.injection_threshold, max_decoder_batch=args.max_decoder_batch)
-    if cache == "deepcache":
-        return {option: getattr(args, flag) for flag, option in DEEPCACHE_FLAGS.items()
-                if getattr(args, flag) is not None}
-    return {}
+def flag_options(args, cache):
+    """The options of a cache (by option name) that the flags give; those not given and without a default are
+    left out."""
+    return {o.name: getattr(args, o.dest) for o in CACHES[cache].options if getattr(args, o.dest, None) is not None}
 
 
-def split_mode_name(name):
-    """'SAMPLER[+CACHE[:VALUE]]' -> (sampler, cache, value or None), names checked."""
-    sampler, _, rest = name.strip().partition("+")
-    cache, _, value = rest.partition(":")
-    cache = cache or "none"
-    if sampler not in SAMPLERS:
-        raise UsageError(f"mode {name!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if cache not in CACHES:
-        raise UsageError(f"mode {name!r}: unknown cache {cache!r}; choose one of {', '.join(CACHES)}")
-    if value and cache == "none":
-        raise UsageError(f"mode {name!r}: a value needs a cache (fd:KEY_STEPS or deepcache:INTERVAL)")
-    return sampler, cache, value or None
+def shared_options(args):
+    """Every cache's and solver's options as the flags give them: the defaults of the modes of a --compare list."""
+    options = {}
+    for name in CACHES:
+        options.update(flag_options(args, name))
+    return dict(options, eta=args.eta, skip_type=args.skip_type or "time_uniform",
+                lower_order_final=args.lower_order_final is not False)
+
+
+def apply_mode_flag(args):
+    """--mode MODE sets the flags it names (solver, cache, their options, --steps from @S, --precision) as if they
+    were given one by one; a flag also given with another value is a UsageError. The mode is built and checked
+    from the flags later, as any."""
+    if args.mode is None:
+        return
+    try:
+        arguments = mode_arguments(args.mode, **shared_options(args))
+    except (ValueError, TypeError) as e:
+        raise UsageError(first_line(e)) from None
+    _, cache, value, texts, _ = split_spec(args.mode)
+    named = set(texts) | ({CACHES[cache].main_option, CACHES[cache].steps_option} if value is not None else set())
+    settings = {"sampler": arguments["sampler"], "cache": cache}
+    settings.update({key: arguments[key] for key in ("steps", "precision") if arguments[key] is not None})
+    for option in (*SOLVERS[arguments["sampler"]].options, *CACHES[cache].options):
+        if option.name in named:
+            settings[option.dest] = arguments.get(option.name)
+    for dest, value in settings.items():
+        if dest in args.given and getattr(args, dest) != value:
+            raise UsageError(f"--mode {args.mode} sets {dest} to {value}, and --{dest} to {getattr(args, dest)}: "
+                             "give it once")
+        setattr(args, dest, value)
+    args.given = args.given | set(settings)
+    args.mode = None  # applied: applying again changes nothing
 
 
 def resolve_steps(options, cache, args, mode, calibrate_on):
     """Calibrated key/full steps ('@FILE.json', 'auto:K') -> loop indices. Without calibrate_on (the checks
     before the weights are loaded), 'auto:K' stands for K uniformly spaced steps."""
-    key = STEP_OPTIONS.get(cache)
+    cls = CACHES[cache]
+    key = cls.steps_option
     spec = options.get(key)
     if not is_calibrated(spec):
         return options
-    feature = FEATURES[cache]
     if spec.startswith("@"):
-        steps = read_steps(spec[1:], args.steps, feature, file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None)
+        steps = read_steps(spec[1:], args.steps, cls.feature,
+                           file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None)
     elif calibrate_on is None:
         steps = evenly_spaced(args.steps, auto_count(spec, args.steps))
     else:
-        cached = cached_at(mode, cache, **{k: v for k, v in options.items() if k not in ("interval", key)})
-        steps = auto_steps(calibrate_on, spec, mode, cached, args.steps, args.scale, feature,
+        cached = cached_at(mode, cache, **{k: v for k, v in options.items() if k not in (cls.main_option, key)})
+        steps = auto_steps(calibrate_on, spec, mode, cached, args.steps, args.scale, cls.feature,
                            options.get("branch", 0), args.precision)
-    return {**{k: v for k, v in options.items() if k != "interval"}, key: steps}
+    return {**{k: v for k, v in options.items() if k not in (cls.main_option, key)}, key: steps}
 
 
 def make_mode(args, name=None, context_layout=None, calibrate_on=None, rows=()):
-    """The sampling mode of the flags, or of a mode name SAMPLER[+CACHE[:VALUE]] (VALUE: fd key steps, DeepCache
-    interval or calibrated full steps) with the flags' cache options, checked against --steps before any model work.
+    """The sampling mode of the flags, or of a mode string (`ldm.models.diffusion.modes`) with the flags' options
+    as its defaults, checked against --steps before any model work.
 
     calibrate_on: the loaded model, on which 'auto:K' steps are calibrated (see resolve_steps).
     rows: (sampler, cache) of the other modes sampled with these flags (see check_flags_fit).
     """
     if name is None:
         check_flags_fit(args, rows)
-        sampler, cache, value = args.sampler, args.cache, None
+        options = flag_options(args, args.cache)
+        if context_layout is not None:
+            options["context_layout"] = context_layout
+        where, cache = "", args.cache
+        solver = dict(sampler=args.sampler, eta=args.eta if args.sampler == "ddim" else 0.0)
+        if SOLVERS[args.sampler].fixed.get("order"):
+            solver.update(skip_type=args.skip_type or "time_uniform", lower_order_final=args.lower_order_final is not False)
     else:
-        sampler, cache, value = split_mode_name(name)
+        where = f"mode {name!r}: "
         try:
-            check_steps(sampler, args.steps)
-        except ValueError as e:
-            raise UsageError(f"mode {name!r}: --steps: {e}") from None
-    dpm = "order" in SAMPLERS[sampler][1]
-    options = cache_options(args, cache, context_layout)
-    if value is not None:
-        main = "full_steps" if cache == "deepcache" and is_calibrated(value) else MAIN_OPTION[cache]
-        options = {k: v for k, v in options.items() if k not in ("interval", "full_steps")}
-        options[main] = int(value) if main == "interval" and value.isdigit() else value
-    solver = dict(eta=args.eta if sampler == "ddim" else 0.0,
-                  skip_type=(args.skip_type or "time_uniform") if dpm else "time_uniform",
-                  lower_order_final=args.lower_order_final is not False if dpm else True)
+            arguments = mode_arguments(name, **shared_options(args))
+        except (ValueError, TypeError) as e:
+            raise UsageError(first_line(e)) from None
+        steps, _ = arguments.pop("steps"), arguments.pop("precision")
+        if steps is not None and steps != args.steps:
+            raise UsageError(f"{where}its @{steps} differs from --steps {args.steps}")
+        cache = arguments.pop("cache")
+        solver = {k: arguments.pop(k) for k in ("sampler", "eta", "skip_type", "lower_order_final") if k in arguments}
+        options = arguments
     try:
-        options = resolve_steps(options, cache, args, make_library_mode(sampler, **solver), calibrate_on)
-        mode = make_library_mode(sampler, cache, **solver, **options)
-        if isinstance(mode.cache, FasterDiffusion):
-            mode.cache.groups(args.steps)
-        elif isinstance(mode.cache, DeepCache):
-            mode.cache.full_steps_for(args.steps)
+        check_steps(solver["sampler"], args.steps)
+    except ValueError as e:
+        raise UsageError(f"{where}--steps: {e}") from None
+    what = CACHES[cache].title or "mode"
+    try:
+        options = resolve_steps(options, cache, args, make_library_mode(**solver), calibrate_on)
+        mode = make_library_mode(cache=cache, **solver, **options)
+        mode.check(args.steps)
     except (ValueError, TypeError) as e:
-        what, why = {"fd": "FasterDiffusion", "deepcache": "DeepCache"}.get(cache, "mode"), first_line(e)
+        why = first_line(e)
         if name is not None:
-            raise UsageError(f"mode {name!r}: {why}") from None
+            raise UsageError(f"{where}{why}") from None
         raise UsageError(why if why.startswith(what) else f"{what}: {why}") from None
     return mode
 
 
 def check_mode_fits(mode, model, steps):
-    """What only the model tells: the depth of DeepCache's shallow branch, and whether DDIM's eta keeps its noise
-    within the model's schedule at S steps (past that every sample is NaN)."""
-    if isinstance(mode.cache, DeepCache):
-        try:
-            model.model.diffusion_model.check_branch(mode.cache.branch)
-        except ValueError as e:
-            raise UsageError(f"--branch: {e}") from None
+    """What only the model tells: whether the cache fits the UNet (DeepCache's branch depth, say), and whether
+    DDIM's eta keeps its noise within the model's schedule at S steps (past that every sample is NaN)."""
+    try:
+        mode.plan.check_unet(model.model.diffusion_model)
+    except OptionError as e:
+        option = next(o for o in mode.plan.options if o.name == e.option)
+        raise UsageError(f"--{option.dest}: {e}") from None
+    except ValueError as e:
+        raise UsageError(first_line(e)) from None
     if mode.eta:
         limit = max_ddim_eta(torch.from_numpy(model.config_alphas_cumprod),
                              make_ddim_timesteps(steps, model.num_timesteps))

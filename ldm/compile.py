@@ -1,8 +1,8 @@
 """torch.compile of the UNet and its halves for sampling: a few shapes, compiled once before sampling, cached on disk.
 
-Sampling meets few shapes: the whole UNet (one graph) and the encoder at the batch's rows (twice the batch with
-guidance), DeepCache's two halves at the same rows, and FasterDiffusion's decoder at n steps of those rows for
-every size n of its decoder calls. `compile_unet` pads n > 1 up to the nearest of a few bucket sizes
+Sampling meets few shapes (`Mode.unet_calls` says which): the whole UNet (one graph) and its parts at the batch's
+rows (twice the batch with guidance), and the decoder at n steps of those rows for every size n of a cache's
+decoder calls. `compile_unet` pads n > 1 up to the nearest of a few bucket sizes
 (`choose_buckets`): the padding repeats the last step and its rows are dropped. Every UNet row is computed on its
 own (no operation mixes rows), so the other rows do not change. `warm_up` then compiles every shape of a mode
 before sampling.
@@ -17,13 +17,11 @@ from collections import Counter
 import torch
 
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls
-from ldm.models.diffusion.deepcache import DeepCache
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.sampling import unconditional_class
 
 COMPILE_CACHE = "outputs/cache/torch_compile"
-MAX_DECODER_SHAPES = 4  # bucket sizes for FasterDiffusion's decoder calls of more than one step
+MAX_DECODER_SHAPES = 4  # bucket sizes for decoder calls of more than one step
 RECOMPILE_LIMIT = 64  # compiled shapes kept per UNet method (torch's default, 8, is too few for several batch sizes)
 
 
@@ -34,15 +32,9 @@ def use_compile_cache(folder=COMPILE_CACHE):
 
 
 def decoder_call_steps(plan, num_steps, rows):
-    """How many decoder calls of each step count (Counter) a FasterDiffusion plan makes over num_steps steps."""
-    counts = Counter()
-    for start, stop in plan.groups(num_steps):
-        size = stop - start
-        per_call = plan.steps_per_call(size, rows)
-        counts[per_call] += size // per_call
-        if size % per_call:
-            counts[size % per_call] += 1
-    return counts
+    """How many decoder calls of each step count (Counter) a cache plan or a mode makes over num_steps steps."""
+    return Counter({call.steps: count for call, count in plan.unet_calls(num_steps, rows).items()
+                    if call.method == "decode"})
 
 
 def choose_buckets(counts, max_shapes=MAX_DECODER_SHAPES):
@@ -150,18 +142,16 @@ def compile_unet(model, buckets=(), cuda_graphs=None):
 
 
 def mode_buckets(modes, num_steps, rows, max_shapes=MAX_DECODER_SHAPES):
-    """Bucket sizes for the FasterDiffusion decoder calls of the modes (see choose_buckets)."""
+    """Bucket sizes for the decoder calls of the modes (see choose_buckets)."""
     counts = Counter()
     for mode in modes:
-        if isinstance(mode.cache, FasterDiffusion):
-            counts += decoder_call_steps(mode.cache, num_steps, rows)
+        counts += decoder_call_steps(mode, num_steps, rows)
     return choose_buckets(counts, max_shapes)
 
 
 def decoder_steps(modes, num_steps, rows, buckets=()):
-    """The step counts of the modes' FasterDiffusion decoder calls, padded to buckets."""
-    return {bucket_for(n, buckets) for mode in modes if isinstance(mode.cache, FasterDiffusion)
-            for n in decoder_call_steps(mode.cache, num_steps, rows)}
+    """The step counts of the modes' decoder calls, padded to buckets."""
+    return {bucket_for(n, buckets) for mode in modes for n in decoder_call_steps(mode, num_steps, rows)}
 
 
 def placeholder_inputs(model, rows):
@@ -173,28 +163,39 @@ def placeholder_inputs(model, rows):
     return x, t, model.get_learned_conditioning({model.cond_stage_key: labels})
 
 
+def call_arguments(unet, call, x, t, context):
+    """The arguments of a UNetCalls method for one kind of call on placeholder inputs; the features it takes
+    (the encoder's, or the deep ones of DeepCache's whole pass) are computed here, so that the call alone can be
+    run, timed or counted."""
+    if call.method == "decode":
+        skips, mid = unet.encode(x, t, context)
+        return skips, mid, t.repeat(call.steps), context.repeat(call.steps, 1, 1)
+    if call.method == "forward_deep":
+        return x, t, context, call.branch
+    if call.method == "forward_shallow":
+        _, deep = unet.forward_deep(x, t, context, branch=call.branch)
+        return x, deep, t, context, call.branch
+    return x, t, context
+
+
+COMPILED_METHODS = {"full": "forward", "encode": "encode", "decode": "decode", "forward_deep": "decode_deep",
+                    "forward_shallow": "forward_shallow"}  # the UNet method each kind of call runs compiled
+
+
 @torch.inference_mode()
-def run_each_call(model, modes, rows, precision, decoder_steps=()):
-    """Run once, on `rows` rows, each kind of UNet call that sampling with the modes makes, in the precision: the
-    whole UNet (plain solvers, PLMS); with FasterDiffusion its encoder and its decoder at each of decoder_steps;
-    with DeepCache its deep and shallow halves. Returns the set of (UNet method, rows) that ran."""
+def run_each_call(model, modes, num_steps, rows, precision, decoder_steps=()):
+    """Run once, on `rows` rows, each kind of UNet call that sampling num_steps steps with the modes makes
+    (Mode.unet_calls), in the precision; decoder calls at each of decoder_steps steps. Returns the set of (UNet
+    method, rows) that ran."""
     x, t, context = placeholder_inputs(model, rows)
     calls = UNetCalls(model, precision, SamplerStats())
+    kinds = dict.fromkeys(call._replace(steps=1) for mode in modes for call in mode.unet_calls(num_steps, rows))
     shapes = set()
-    for mode in modes:
-        if mode.cache is None or mode.sampler == "plms":  # plain steps; PLMS's first step evaluates twice
-            calls.full(x, t, context)
-            shapes.add(("forward", rows))
-        if isinstance(mode.cache, FasterDiffusion):
-            skips, mid = calls.encode(x, t, context)
-            shapes.add(("encode", rows))
-            for n in sorted(decoder_steps):
-                calls.decode(skips, mid, t.repeat(n), context.repeat(n, 1, 1))
-                shapes.add(("decode", n * rows))
-        elif isinstance(mode.cache, DeepCache):
-            _, deep = calls.forward_deep(x, t, context, mode.cache.branch)
-            calls.forward_shallow(x, deep, t, context, mode.cache.branch)
-            shapes |= {("decode_deep", rows), ("forward_shallow", rows)}
+    for kind in kinds:
+        for steps in (sorted(decoder_steps) if kind.method == "decode" else (1,)):
+            call = kind._replace(steps=steps)
+            getattr(calls, call.method)(*call_arguments(model.unet, call, x, t, context))
+            shapes.add((COMPILED_METHODS[call.method], steps * rows))
     return shapes
 
 
@@ -202,7 +203,7 @@ def run_mode_calls(model, modes, num_steps, batch_size, guided, precision, bucke
     """Run once each kind of UNet call, at each shape, that sampling with the modes meets at this batch size
     (run_each_call); returns the set of (UNet method, rows) that ran."""
     rows = unet_rows(batch_size, guided)
-    return run_each_call(model, modes, rows, precision, decoder_steps(modes, num_steps, rows, buckets))
+    return run_each_call(model, modes, num_steps, rows, precision, decoder_steps(modes, num_steps, rows, buckets))
 
 
 def warm_up(model, modes, num_steps, batch_size, guided, precision, buckets=()):

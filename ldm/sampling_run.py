@@ -19,11 +19,9 @@ from tqdm import tqdm
 
 from ldm import cli
 from ldm.autobatch import AUTO_BATCH, auto_batch_size
-from ldm.calibration import AUTO, STEP_OPTIONS
+from ldm.calibration import AUTO
 from ldm.distributed import first_error
-from ldm.models.diffusion.deepcache import DeepCache
-from ldm.models.diffusion.faster_diffusion import INJECTION_SCALE, INJECTION_THRESHOLD, FasterDiffusion
-from ldm.models.diffusion.modes import SAMPLERS
+from ldm.models.diffusion.caches import CACHES
 from ldm.sampling import decode_latents, image_shape, num_classes, sample_generators, sample_labels, sample_latents
 from ldm.sampling import to_uint8
 from ldm.shards import (FolderLock, RunFiles, batch_range, check_samples, default_output_dir, finished_batches,
@@ -88,9 +86,9 @@ def run_settings(args, model, mode):
     """What defines the images (checkpoint and config by content), and the batch size that places the shards.
 
     DDIM and FasterDiffusion runs are recorded as before other solvers and caches existed (so their records
-    and default folders still match); the other modes add what defines them.
+    and default folders still match: "faster_diffusion" is null without it); the other modes add what defines
+    them. 'auto:K' steps are recorded as asked, their loop indices as calibrated_steps (see calibrate_once).
     """
-    fd = mode.cache if isinstance(mode.cache, FasterDiffusion) else None
     settings = {
         "config_sha256": file_sha256(args.config, cache_from_bytes=None),
         "checkpoint_sha256": file_sha256(args.ckpt),
@@ -101,28 +99,26 @@ def run_settings(args, model, mode):
         "eta": args.eta,
         "scale": args.scale,
         "precision": args.precision,
-        "faster_diffusion": None if fd is None else {
-            "key_steps": args.key_steps if AUTO.fullmatch(args.key_steps) else list(fd.key_steps_for(args.steps)),
-            "context_layout": fd.context_layout, "noise_injection": fd.noise_injection},
+        "faster_diffusion": None,
         "batch_size": args.batch_size,
     }
-    for option, published in (("injection_scale", INJECTION_SCALE), ("injection_threshold", INJECTION_THRESHOLD)):
-        if fd is not None and getattr(fd, option) != published:  # recorded only where not the published value
-            settings["faster_diffusion"][option] = getattr(fd, option)
+    if args.save_latents:  # recorded only when saved, so that earlier runs' records still match
+        settings.update(save_latents=True, latent_shape=[model.channels, model.image_size, model.image_size])
     if mode.sampler != "ddim":
         settings["sampler"] = mode.sampler
-    if "order" in SAMPLERS[mode.sampler][1]:
+    if mode.is_dpm:
         settings.update(skip_type=mode.skip_type, lower_order_final=mode.lower_order_final)
-    if isinstance(mode.cache, DeepCache):
-        full_steps = args.full_steps if isinstance(args.full_steps, str) and AUTO.fullmatch(args.full_steps) else \
-            list(mode.cache.full_steps_for(args.steps))
-        settings["deepcache"] = {"full_steps": full_steps, "branch": mode.cache.branch}
+    record = mode.plan.record(args.steps)
+    option = calibrated_option(args)
+    if option:
+        record[mode.plan.record_key or mode.plan.name][option] = getattr(args, option)
+    settings.update(record)
     return settings
 
 
 def calibrated_option(args):
     """The flag of the cache's steps ('key_steps' or 'full_steps') when it asks for 'auto:K' steps, else None."""
-    option = STEP_OPTIONS.get(args.cache)
+    option = CACHES[args.cache].steps_option
     value = getattr(args, option, None) if option else None
     return option if isinstance(value, str) and AUTO.fullmatch(value) else None
 
@@ -135,9 +131,7 @@ def calibrate_once(comm, args, model, settings):
         setattr(args, option, list(settings["calibrated_steps"]))
     mode = collective(comm, lambda: cli.make_mode(args, calibrate_on=model))
     if option:
-        cache = mode.cache
-        steps = cache.key_steps_for(args.steps) if option == "key_steps" else cache.full_steps_for(args.steps)
-        settings["calibrated_steps"] = [int(i) for i in steps]
+        settings["calibrated_steps"] = [int(i) for i in mode.cache.steps_for(args.steps)]
     return mode
 
 
@@ -227,7 +221,8 @@ class NotFinite(Exception):
 
 
 def sample_batch(model, indices, args, mode):
-    """Sample indices -> (uint8 NHWC images, labels, sampling seconds, decoding seconds); NotFinite names the first
+    """Sample indices -> (uint8 NHWC images, labels, float32 latents with --save_latents else None, sampling seconds,
+    decoding seconds); NotFinite names the first
     step whose latents are NaN or infinite (checked on the device, read once per batch)."""
     start = clock(model.device)
     labels = sample_labels(args.seed, indices, num_classes(model))
@@ -244,7 +239,8 @@ def sample_batch(model, indices, args, mode):
     if not bool(torch.isfinite(images).all()):
         raise NotFinite(f"{where}: the decoded images are NaN or infinite")
     images = to_uint8(images).cpu().numpy()
-    return images, labels.numpy(), sampled - start, clock(model.device) - sampled
+    kept = latents.float().cpu().numpy() if args.save_latents else None
+    return images, labels.numpy(), kept, sampled - start, clock(model.device) - sampled
 
 
 def sample_shards(args, comm, model, mode, files):
@@ -268,8 +264,8 @@ def sample_shards(args, comm, model, mode, files):
         if files.shard(k).exists():
             continue
         indices = batch_range(k, b, n)
-        images, labels, ts, td = sample_batch(model, indices, args, mode)
-        write_shard(files.shard(k), images, labels, indices)
+        images, labels, latents, ts, td = sample_batch(model, indices, args, mode)
+        write_shard(files.shard(k), images, labels, indices, latents)
         sample_s, decode_s, made, written = sample_s + ts, decode_s + td, made + len(indices), written + 1
         refresh()
         if args.stop_after_batches is not None and written >= args.stop_after_batches:
@@ -304,6 +300,7 @@ class Outcome:
 def sample(args, comm, rerun="rerun the same command with --resume"):
     """Check, hold the folder, load, sample the missing batches, merge; returns (exit status, Outcome or None if
     stopped). rerun: what the lines of an interrupted run say continues it."""
+    collective(comm, lambda: cli.apply_mode_flag(args), everywhere=True)  # --mode sets the flags it names
     settings, files, _ = collective(comm, lambda: check_run(args))
     try:
         with hold_folder(comm, files.output_dir):
@@ -317,7 +314,8 @@ def sample(args, comm, rerun="rerun the same command with --resume"):
             raise
         device = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
         when = "before sampling" if args.batch_size == AUTO_BATCH else f"at batches of {args.batch_size} samples"
-        hint = ", or a smaller --max_decoder_batch" if settings["faster_diffusion"] else ""
+        bounded = any(o.name == "max_decoder_batch" for o in CACHES[args.cache].options)
+        hint = ", or a smaller --max_decoder_batch" if bounded else ""
         saved = saved_batches(files)
         rerun = f"{saved} finished batches are saved in {files.shard_dir}: rerun with a smaller --batch_size and " \
             "--overwrite" if saved else "rerun with a smaller --batch_size"
@@ -409,6 +407,9 @@ def parse_args(argv=None, description=None):
                      help="continue from the shards of an interrupted run (made with the same settings)")
     run.add_argument("--overwrite", action="store_true",
                      help="start over: replace a finished .npz (once the new one is complete) and discard shards")
+    run.add_argument("--save_latents", action="store_true",
+                     help="keep the final latents beside the images (`latents` in the .npz; evaluations/fidelity.py "
+                          "compares them)")
     run.add_argument("--stop_after_batches", type=int, default=None,
                      help=f"for testing: stop with exit status {STOPPED_EXIT_CODE} after this process has "
                           "written this many batches, as if the run were killed")

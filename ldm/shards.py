@@ -2,7 +2,8 @@
 
     <output_dir>/shards_<N>x<H>x<W>x<C>/batch_<k>.npz   samples [k*B, (k+1)*B): images, labels, indices
     <output_dir>/shards_<N>x<H>x<W>x<C>/settings.json   the settings the shards are made with
-    <output_dir>/samples_<N>x<H>x<W>x<C>.npz            arr_0 uint8 NHWC images, arr_1 int64 labels (ADM)
+    <output_dir>/samples_<N>x<H>x<W>x<C>.npz            arr_0 uint8 NHWC images, arr_1 int64 labels (ADM); with
+                                                        --save_latents, latents: float32 final latents NCHW
     <output_dir>/samples_<N>x<H>x<W>x<C>.json           the settings the .npz was made with, and its checksum
     <output_dir>/.lock                                  held by the process that runs in the folder
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm.cli import UsageError, first_line
+from ldm.models.diffusion.caches import CACHES
 from ldm.util import model_name, write_atomic
 
 SHARD_NAME = re.compile(r"batch_(\d+)\.npz")
@@ -31,7 +33,7 @@ SHARD_ONLY_SETTINGS = ("batch_size",)  # settings that place the shard boundarie
 # settings that follow from the others: the steps that 'auto:K' was calibrated to (recorded so that a resumed run
 # samples with the same steps instead of calibrating again)
 DERIVED_SETTINGS = ("calibrated_steps",)
-# what the record says of the .npz itself: the SHA-256 of its arrays' bytes (arr_0, then arr_1)
+# what the record says of the .npz itself: the SHA-256 of its arrays' bytes (arr_0, arr_1, then latents if saved)
 OUTPUT_FACTS = ("samples_sha256",)
 LOCK_NAME = ".lock"
 READ_CHUNK = 64 << 20
@@ -66,8 +68,8 @@ def mode_name(settings):
     """The sampling mode in a folder name: 'ddim' and 'fd' (DDIM with FasterDiffusion) as before other modes
     existed, else SAMPLER[-CACHE], e.g. 'plms', 'dpmpp2m-deepcache', 'ddim-deepcache'."""
     sampler = settings.get("sampler", "ddim")
-    cache = "fd" if settings.get("faster_diffusion") else "deepcache" if settings.get("deepcache") else None
-    if sampler == "ddim" and cache != "deepcache":
+    cache = next((name for name, cls in CACHES.items() if settings.get(cls.record_key or name)), None)
+    if sampler == "ddim" and cache in (None, "fd"):
         return cache or "ddim"
     return "-".join(filter(None, (sampler, cache)))
 
@@ -155,22 +157,36 @@ def batch_range(k, batch_size, num_samples):
     return range(k * batch_size, min((k + 1) * batch_size, num_samples))
 
 
-def write_shard(path, images, labels, indices):
-    write_atomic(path, lambda f: np.savez(f, images=images, labels=labels, indices=np.asarray(indices)))
+def write_shard(path, images, labels, indices, latents=None):
+    arrays = dict(images=images, labels=labels, indices=np.asarray(indices))
+    if latents is not None:
+        arrays["latents"] = latents
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def read_shard(path, indices, shape):
-    """(images, labels) of a shard, checked against the sample indices and image shape it must hold."""
+def read_shard(path, indices, shape, latent_shape=None):
+    """(images, labels, latents or None) of a shard, checked against the sample indices, image shape and (when
+    latents are saved) latent shape it must hold."""
     try:
         with np.load(path) as shard:
             images, labels, stored = shard["images"], shard["labels"], shard["indices"]
+            latents = shard["latents"] if latent_shape is not None else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise UsageError(f"shard {path} is unreadable ({e}); delete it and rerun with --resume") from None
+        raise UsageError(f"shard {path} is unreadable ({first_line(e)}); delete it and rerun with --resume") from None
     if (images.dtype != np.uint8 or images.shape != (len(indices), *shape)
-            or not np.array_equal(stored, np.asarray(indices))):
+            or not np.array_equal(stored, np.asarray(indices))
+            or latents is not None and (latents.dtype != np.float32 or latents.shape != (len(indices), *latent_shape))):
         raise UsageError(f"shard {path} does not hold samples {indices.start}..{indices.stop - 1}; "
                          "delete it and rerun with --resume")
-    return images, labels.astype(np.int64)
+    return images, labels.astype(np.int64), latents
+
+
+def _npy_member(zf, name, dtype, shape):
+    """An .npy member of a zip being written: its header written, the open member returned for the data."""
+    member = zf.open(name, "w", force_zip64=True)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(member, header)
+    return member
 
 
 def write_samples(files, settings):
@@ -178,23 +194,28 @@ def write_samples(files, settings):
     settings and checksum beside it, then delete the shards. A previous .npz is replaced only when the new one is
     complete."""
     n, b, shape = settings["num_samples"], settings["batch_size"], tuple(settings["image_shape"])
+    latent_shape = tuple(settings["latent_shape"]) if settings.get("save_latents") else None
+    batches = range((n + b - 1) // b)
     labels = np.empty(n, dtype=np.int64)
     checksum = hashlib.sha256()
 
     def write(f):
         with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": (n, *shape)}
-                np.lib.format.write_array_header_1_0(member, header)
-                for k in range((n + b - 1) // b):
+            with _npy_member(zf, "arr_0.npy", np.uint8, (n, *shape)) as member:
+                for k in batches:
                     indices = batch_range(k, b, n)
-                    images, labels[indices.start:indices.stop] = read_shard(files.shard(k), indices, shape)
+                    images, labels[indices.start:indices.stop], _ = read_shard(files.shard(k), indices, shape)
                     member.write(images.tobytes())
                     checksum.update(images.tobytes())
             with zf.open("arr_1.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, labels)
                 checksum.update(labels.tobytes())
+            if latent_shape is not None:  # a second pass over the shards, so that memory stays at one batch
+                with _npy_member(zf, "latents.npy", np.float32, (n, *latent_shape)) as member:
+                    for k in batches:
+                        latents = read_shard(files.shard(k), batch_range(k, b, n), shape, latent_shape)[2]
+                        member.write(latents.tobytes())
+                        checksum.update(latents.tobytes())
 
     files.record.unlink(missing_ok=True)  # never a record that describes another .npz
     write_atomic(files.samples, write)
@@ -231,6 +252,8 @@ def check_samples(files, record):
         with zipfile.ZipFile(files.samples) as zf:
             _stream_member(zf, "arr_0.npy", np.uint8, (n, *shape), checksum)
             _stream_member(zf, "arr_1.npy", np.int64, (n,), checksum)
+            if record.get("save_latents"):
+                _stream_member(zf, "latents.npy", np.float32, (n, *record["latent_shape"]), checksum)
         if record.get("samples_sha256", checksum.hexdigest()) != checksum.hexdigest():
             raise ValueError("its contents do not match the checksum in its record")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:

@@ -29,9 +29,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ldm import cli  # noqa: E402
 from ldm.distributed import share_cpu_threads  # noqa: E402
-from ldm.calibration import (CALIBRATION_SAMPLES, FEATURES, SEARCH_SAMPLES, STEP_OPTIONS,  # noqa: E402
+from ldm.calibration import (CALIBRATION_SAMPLES, SEARCH_SAMPLES, calibrated_caches,  # noqa: E402
                              CalibrationError, cached_at, calibrate, check_count, group_costs)
-from ldm.models.diffusion.modes import SAMPLERS, make_mode  # noqa: E402
+from ldm.models.diffusion.caches import CACHES  # noqa: E402
+from ldm.models.diffusion.modes import SOLVERS, make_mode  # noqa: E402
 from ldm.util import file_sha256, model_name, write_atomic  # noqa: E402
 
 
@@ -39,8 +40,10 @@ def check_args(args):
     """Everything that needs no weights; returns (mode, JSON path, PNG path)."""
     cli.check_files(args)
     cli.check_sampling(args)
-    if "branch" in args.given and args.cache != "deepcache":
-        raise cli.UsageError(f"--branch is a DeepCache option: add --cache deepcache (the cache is {args.cache})")
+    owners, _ = cli.option_owners("branch")
+    if "branch" in args.given and args.cache not in owners:
+        raise cli.UsageError(f"--branch is a {CACHES[owners[0]].title} option: add --cache {owners[0]} "
+                             f"(the cache is {args.cache})")
     try:
         mode = make_mode(args.sampler, eta=args.eta)
         check_count(args.K, args.steps)
@@ -98,8 +101,9 @@ def main(argv=None):
     try:
         mode, out, plot = check_args(args)
         model = cli.load(args, cli.check_device(args))
-        feature = FEATURES[args.cache]
-        cached = cached_at(mode, args.cache, **({"branch": args.branch} if args.cache == "deepcache" else {}))
+        feature = CACHES[args.cache].feature
+        branched = args.cache in cli.option_owners("branch")[0]
+        cached = cached_at(mode, args.cache, **({"branch": args.branch} if branched else {}))
         found = calibrate(model, mode, cached, args.steps, args.scale, feature, args.K, args.branch, args.precision,
                           args.num_samples, args.search_samples, args.seed)
     except (cli.UsageError, CalibrationError) as e:
@@ -108,7 +112,7 @@ def main(argv=None):
     record = {
         "model": {"config": args.config, "checkpoint": args.ckpt, "checkpoint_sha256": file_sha256(args.ckpt)},
         "S": args.steps, "sampler": args.sampler, "eta": args.eta, "guidance": args.scale, "K": args.K,
-        "steps": keys, "feature": feature, "cache": args.cache, "branch": args.branch if args.cache == "deepcache" else None,
+        "steps": keys, "feature": feature, "cache": args.cache, "branch": args.branch if branched else None,
         "num_samples": args.num_samples, "search_samples": args.search_samples, "seed": args.seed,
         "precision": args.precision, "distance": found["distance"],
         "change_steps": found["change_steps"], "uniform_steps": found["uniform_steps"],
@@ -122,7 +126,7 @@ def main(argv=None):
     distance = record["distance"]
     print(f"distance from the solver {distance['steps']:.4g} (K={args.K} evenly spaced steps: "
           f"{distance['uniform_steps']:.4g}, spreading the change: {distance['change_steps']:.4g}); plot {plot}")
-    print(f"wrote {out}: use --{STEP_OPTIONS[args.cache]} @{out}")
+    print(f"wrote {out}: use --{CACHES[args.cache].steps_option} @{out}")
     print(f"steps: {','.join(map(str, keys))}")
     return 0
 
@@ -134,9 +138,10 @@ def parse_args(argv=None):
     cli.add_device_args(parser)
     group = parser.add_argument_group("calibration")
     group.add_argument("-K", "--num_key_steps", dest="K", type=int, required=True, help="steps to choose (1..S)")
-    group.add_argument("--cache", choices=list(FEATURES), default="fd",
-                       help="fd: encoder features (key steps); deepcache: the deep feature (full steps)")
-    group.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="the solver whose trajectory is measured")
+    group.add_argument("--cache", choices=list(calibrated_caches()), default="fd",
+                       help="; ".join(f"{name}: the {feature} feature ({CACHES[name].steps_option})"
+                                      for name, feature in calibrated_caches().items()))
+    group.add_argument("--sampler", choices=list(SOLVERS), default="ddim", help="the solver whose trajectory is measured")
     group.add_argument("--branch", type=int, default=0, help="DeepCache's shallow branch (its deep feature is measured)")
     group.add_argument("--num_samples", type=int, default=CALIBRATION_SAMPLES,
                        help="samples of the change curve (indices 0..n-1 of --seed)")

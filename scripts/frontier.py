@@ -5,9 +5,8 @@
     mpiexec -n 8 python scripts/frontier.py --set default ...      # sampling on 8 processes (GPUs)
 
 Every mode is sampled with scripts/image_sample.py (the same --seed, so every mode gets the same labels and
-initial noise) and scored with evaluations/evaluator.py against --ref. A mode is
-SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S: VALUE is FasterDiffusion's key steps or DeepCache's interval (or
-calibrated steps, @FILE.json or auto:K), FLAG one of image_sample.py's mode flags (MODE_FLAGS), e.g. ddim@50,
+initial noise) and scored with evaluations/evaluator.py against --ref. A mode is a mode string with its steps,
+SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...]@S (`ldm.models.diffusion.modes`), e.g. ddim@50,
 ddim+fd:ldm250,context_layout=reference@250, dpmpp2m+deepcache:3,nonuniform=true@20, ddim,precision=bf16@50.
 --set names a list of modes (SETS); each mode runs once per --guidance value.
 
@@ -56,19 +55,17 @@ from matplotlib.ticker import FormatStrFormatter, FuncFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evaluations import evaluator  # noqa: E402
+from evaluations import evaluator, fidelity  # noqa: E402
 from ldm import cli  # noqa: E402
 from ldm.compile import run_mode_calls  # noqa: E402
 from ldm.distributed import Comm, share_cpu_threads  # noqa: E402
+from ldm.models.diffusion.modes import make_mode, mode_arguments  # noqa: E402
 from ldm import sampling_run  # noqa: E402
 from ldm.sampling import (image_shape, num_classes, reconstruct, sample_generators, sample_labels,  # noqa: E402
                           sample_latents)
 from ldm.timing import Timings, alternate, device_clock  # noqa: E402
 from ldm.util import PRECISIONS, file_sha256, model_name, write_atomic  # noqa: E402
 
-MODE_FLAGS = ("key_steps", "context_layout", "noise_injection", "injection_scale", "injection_threshold",
-              "max_decoder_batch", "cache_interval", "nonuniform", "pow", "full_steps", "branch", "skip_type",
-              "lower_order_final", "eta", "precision")
 _FD_PRESETS = [f"ddim+fd:{preset}{layout}@{s}" for s in (250,) for preset in ("ldm250", "ldm250-fast")
                for layout in ("", ",context_layout=reference")]
 SETS = {
@@ -77,8 +74,9 @@ SETS = {
     # the rows of RESULTS.md's quality table: up to 100 steps, and the 250-step ones (run with fewer samples)
     "quality": [*(f"ddim@{s}" for s in (100, 50, 25, 10)), *(f"ddim+fd:uniform:{n}@50" for n in range(2, 6))],
     "quality250": ["ddim@250", *_FD_PRESETS],
-    # the frontier: solvers at several S, both caches, calibrated against uniform key steps at equal K
-    "default": [*(f"ddim@{s}" for s in (10, 20, 25, 50, 100)), *(f"dpmpp2m@{s}" for s in (5, 10, 15, 20)),
+    # the frontier: solvers at several S (250-step DDIM the base of fidelity), both caches, calibrated against
+    # uniform key steps at equal K
+    "default": [*(f"ddim@{s}" for s in (10, 20, 25, 50, 100, 250)), *(f"dpmpp2m@{s}" for s in (5, 10, 15, 20)),
                 *(p.replace("@250", "@50") for p in _FD_PRESETS),
                 *(f"ddim+fd:{keys}@50" for n, k in ((2, 25), (3, 17), (4, 13), (5, 10))
                   for keys in (f"uniform:{n}", f"auto:{k}")),
@@ -98,6 +96,21 @@ SETS = {
 QUICK_SAMPLES, DEFAULT_SAMPLES = 250, 1000
 TIMING_BATCH = 32  # default images of a timed call (at most --batch_size)
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
+# --quality: the plot's y axis and the Pareto fronts' measure: (label, whether higher is better, the row's value)
+QUALITIES = {
+    "fid": ("FID", False, lambda r: r.get("fid")),
+    "fid_recon": ("FID against the reference's first-stage reconstructions", False, lambda r: r.get("fid_recon")),
+    "psnr": ("PSNR to the base mode (dB)", True, lambda r: fidelity_mean(r, "psnr")),
+    "ssim": ("SSIM to the base mode", True, lambda r: fidelity_mean(r, "ssim")),
+    "feature": ("feature distance to the base mode", False, lambda r: fidelity_mean(r, "feature_distance")),
+}
+FIDELITY_RESAMPLES, FIDELITY_BATCH = 1000, 500
+
+
+def fidelity_mean(row, key):
+    """A row's mean fidelity measure to its base mode; None for the base itself, or where it was not measured."""
+    measured = row.get("fidelity")
+    return None if not measured or measured["base"] == row["spec"] else measured[key]["mean"]
 
 
 class Job:
@@ -117,25 +130,18 @@ class Job:
 # Modes and checks (no model work)
 
 
-def mode_flags(spec):
-    """'SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S' -> image_sample.py flags."""
-    body, at, steps = spec.strip().rpartition("@")
-    if not at or not steps.isdigit():
-        raise cli.UsageError(f"mode {spec!r}: expected SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S, e.g. ddim+fd:uniform:4@50")
-    tokens = body.split(",")
-    name = ",".join(t for t in tokens if "=" not in t)
+def parse_spec(spec):
+    """A mode string with its steps -> make_mode's arguments (`ldm.models.diffusion.modes.mode_arguments`); a bad
+    one is a UsageError naming it. The mode itself is built and checked as its sampling run builds it, calibrated
+    steps resolved."""
     try:
-        sampler, cache, value = cli.split_mode_name(name)
-    except cli.UsageError as e:
-        raise cli.UsageError(str(e).replace(f"mode {name!r}", f"mode {spec!r}", 1)) from None
-    flags = ["--sampler", sampler, "--cache", cache, "--steps", steps]
-    if value is not None:
-        flags += ["--key_steps" if cache == "fd" else "--cache_interval" if value.isdigit() else "--full_steps", value]
-    for key, _, val in (t.partition("=") for t in tokens if "=" in t):
-        if key not in MODE_FLAGS:
-            raise cli.UsageError(f"mode {spec!r}: unknown option {key!r}; options: {', '.join(MODE_FLAGS)}")
-        flags += [f"--{key}", val]
-    return flags, cache
+        arguments = mode_arguments(spec)
+    except (ValueError, TypeError) as e:
+        raise cli.UsageError(cli.first_line(e)) from None
+    if arguments["steps"] is None:
+        raise cli.UsageError(f"mode {spec!r}: expected SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...]@S, e.g. "
+                             "ddim+fd:uniform:4@50")
+    return arguments
 
 
 def sample_args(argv, spec):
@@ -166,6 +172,18 @@ def check_batch(path, flag, shape):
                              f"{shape[0]}x{shape[1]}")
 
 
+def base_spec(args, modes):
+    """The mode that fidelity is measured against: --base, which must be one of the modes, or by default the most
+    expensive plain one (the most UNet calls an image)."""
+    if args.base is not None:
+        if args.base not in modes:
+            raise cli.UsageError(f"--base {args.base} is not one of the modes ({', '.join(modes)})")
+        return args.base
+    plain = {spec: sum(make_mode(**arguments).unet_calls(arguments["steps"], 1).values())
+             for spec, arguments in modes.items() if arguments["cache"] == "none"}
+    return max(plain, key=plain.get) if plain else None
+
+
 def check_graph(args, classes):
     """The feature graph has the evaluator's tensors; returns whether to report classifier accuracy."""
     try:
@@ -192,19 +210,22 @@ def check(args):
     cli.check_writable_folder(args.out, "--out")
     jobs = []
     for spec in dict.fromkeys(specs):
-        flags, cache = mode_flags(spec)
+        mode = parse_spec(spec)
         for guidance in args.guidance:
             folder = Path(args.out) / "samples" / f"n{args.num_samples}_seed{args.seed}" / f"{slug(spec)}_g{guidance:g}"
             argv = ["--config", args.config, "--ckpt", args.ckpt, "--num_samples", str(args.num_samples),
                     "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--scale", str(guidance),
-                    "--output_dir", str(folder), "--resume", "--tqdm_disable", "--precision", args.precision,
-                    *(["--device", args.device] if args.device else []), *flags]
-            job = Job(spec, guidance, sample_args(argv, spec), cache)
+                    "--output_dir", str(folder), "--resume", "--tqdm_disable", "--mode", spec,
+                    *(["--precision", args.precision] if mode["precision"] is None else []),
+                    *(["--device", args.device] if args.device else [])]
+            job = Job(spec, guidance, sample_args(argv, spec), mode["cache"])
             try:
+                cli.apply_mode_flag(job.args)
                 sampling_run.check_run(job.args)  # the mode, its steps, calibration files, the folder
             except cli.UsageError as e:
                 raise cli.UsageError(f"mode {spec!r}: {e}") from None
             jobs.append(job)
+    args.base = base_spec(args, {spec: parse_spec(spec) for spec in dict.fromkeys(specs)})
     model = cli.inspect_model(jobs[0].args)
     for path, flag in ((args.ref, "--ref"), (args.real, "--real")):
         if path:
@@ -318,23 +339,31 @@ def time_jobs(args, jobs):
 
 
 class Scorer:
-    """The evaluator's network and reference activations, made once (rank 0)."""
+    """The evaluator's network and the reference's activations, and those of its first-stage reconstructions, made
+    once (rank 0)."""
 
-    def __init__(self, args, accuracy):
-        self.args, self.accuracy = args, accuracy
-        self.network = self.ref = None
-        self.against = {"ref_sha256": file_sha256(args.ref), "graph_sha256": file_sha256(args.inception_path)}
+    def __init__(self, args, accuracy, reconstructed_ref):
+        self.args, self.accuracy, self.reconstructed_ref = args, accuracy, reconstructed_ref
+        self.network = self.ref = self.reconstructed = None
+        self.against = {"ref_sha256": file_sha256(args.ref), "graph_sha256": file_sha256(args.inception_path),
+                        "checkpoint_sha256": file_sha256(args.ckpt), "config_sha256": file_sha256(args.config)}
+
+    def activations(self, path):
+        """(pool, spatial) activations and statistics of an .npz."""
+        acts = self.network.read_activations(path)
+        return acts, evaluator.read_statistics(path, acts)
 
     def __call__(self, path):
-        """Metrics of an .npz (and the accuracy of its labels, when the graph classifies the model's classes)."""
+        """Metrics of an .npz, its FID against the reconstructed reference (fid_recon), and the accuracy of its labels
+        when the graph classifies the model's classes."""
         if self.network is None:
             self.network = evaluator.InceptionNetwork(self.args.inception_path, threads=self.args.tf_threads)
-            acts = self.network.read_activations(self.args.ref)
-            self.ref = acts, evaluator.read_statistics(self.args.ref, acts)
+            self.ref = self.activations(self.args.ref)
+            self.reconstructed = self.activations(self.reconstructed_ref())[1]
             evaluator.warn_if_too_few_images([path], self.network.feature_dims)  # every mode has as many images
-        acts = self.network.read_activations(path)
-        metrics = evaluator.score(self.network, *self.ref, acts, evaluator.read_statistics(path, acts),
-                                  log=lambda *a: None)
+        acts, stats = self.activations(path)
+        metrics = evaluator.score(self.network, *self.ref, acts, stats, log=lambda *a: None)
+        metrics["fid_recon"] = stats[0].frechet_distance(self.reconstructed[0])
         metrics = {k: float(v) for k, v in metrics.items()}
         if self.accuracy:
             with np.load(path) as npz:
@@ -342,6 +371,14 @@ class Scorer:
             predicted = self.network.compute_softmax(acts[0]).argmax(axis=1)
             metrics["accuracy"] = None if labels is None else float((predicted == labels).mean())
         return {**metrics, **self.against}
+
+    def fidelity(self, base_path, path):
+        """Per-pair fidelity of an .npz to the base mode's (evaluations/fidelity.py): means and 95% intervals."""
+        if self.network is None:
+            self.network = evaluator.InceptionNetwork(self.args.inception_path, threads=self.args.tf_threads)
+        base = fidelity.read_batch(base_path)
+        measures = fidelity.measure(self.network, base, {"samples": path}, FIDELITY_BATCH)
+        return fidelity.summarize(measures, FIDELITY_RESAMPLES, self.args.seed)["samples_vs_base"]
 
     def close(self):
         if self.network is not None:
@@ -372,9 +409,10 @@ def reconstructed_result(args):
 
 
 def write_reconstructions(model, images_path, path, batch_size):
-    """The images of an .npz through the model's first stage, as an .npz of the same layout (labels kept)."""
+    """The images of an .npz through the model's first stage, as an ADM .npz (labels kept; precomputed statistics of
+    the originals left out)."""
     with np.load(images_path) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+        arrays = {k: npz[k] for k in ("arr_0", "arr_1") if k in npz.files}
     images = torch.from_numpy(arrays["arr_0"])
     arrays["arr_0"] = torch.cat([reconstruct(model, images[i:i + batch_size])
                                  for i in range(0, len(images), batch_size)]).numpy()
@@ -384,21 +422,63 @@ def write_reconstructions(model, images_path, path, batch_size):
 
 
 def scored(result, scorer, against=None):
-    """Whether a result holds metrics made with the scorer's reference and graph, and from the inputs whose
+    """Whether a result holds metrics made with the scorer's reference, graph and model, and from the inputs whose
     hashes `against` gives."""
-    return result is not None and "fid" in result and \
+    return result is not None and "fid_recon" in result and \
         all(result.get(k) == v for k, v in {**scorer.against, **(against or {})}.items())
+
+
+def reconstructed_reference(args, get_model):
+    """The path of --ref's images through the model's first stage (made once, kept in <out>/reference/)."""
+    path = Path(args.out) / "reference" / "reconstructed.npz"
+    record = path.with_suffix(".json")
+    made_from = {"ref_sha256": file_sha256(args.ref), "checkpoint_sha256": file_sha256(args.ckpt),
+                 "config_sha256": file_sha256(args.config)}
+    if not path.is_file() or read_json(record) != made_from:
+        print(f"reconstructing the reference images through the first stage into {path}", flush=True)
+        write_reconstructions(get_model(), args.ref, path, args.batch_size)
+        write_json(record, made_from)
+    return str(path)
+
+
+def samples_checksum(path):
+    """The checksum of a sampling run's .npz, from its record."""
+    return (read_json(Path(path).with_suffix(".json")) or {}).get("samples_sha256")
+
+
+def fidelity_to_base(jobs, scorer, base):
+    """Each job's fidelity to the base mode at its guidance, unless measured against that base's samples (rank 0)."""
+    bases = {job.guidance: job for job in jobs if job.spec == base}
+    for job in jobs:
+        result, base_job = read_json(job.result), bases[job.guidance]
+        base_samples = read_json(base_job.result)["samples"]
+        made_from = {"base": base, "base_samples_sha256": samples_checksum(base_samples),
+                     "samples_sha256": samples_checksum(result["samples"])}
+        measured = result.get("fidelity") or {}
+        if {k: measured.get(k) for k in made_from} != made_from:
+            print(f"{job.label}: fidelity to {base}", flush=True)
+            write_json(job.result, {**result, "fidelity": {**made_from,
+                                                           **scorer.fidelity(base_samples, result["samples"])}})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Table, JSON, plot
 
 
-def pareto(rows, key):
-    """Whether each row is on its guidance's front of (key, FID): no other row at the same guidance is at least as
-    good in both and better in one."""
-    return [not any(o["guidance"] == r["guidance"] and o[key] <= r[key] and o["fid"] <= r["fid"]
-                    and (o[key], o["fid"]) != (r[key], r["fid"]) for o in rows) for r in rows]
+def quality_of(row, quality):
+    """(value, the same signed so that lower is better) of a row's quality measure; (None, None) where it has none."""
+    _, higher_is_better, value = QUALITIES[quality]
+    v = value(row)
+    return (None, None) if v is None else (v, -v if higher_is_better else v)
+
+
+def pareto(rows, key, quality="fid"):
+    """Whether each row is on its guidance's front of (key, quality): no other row at the same guidance is at least as
+    good in both and better in one. Rows without the measure (the base mode, for fidelity) are on no front."""
+    signed = [quality_of(r, quality)[1] for r in rows]
+    return [q is not None and not any(
+        o["guidance"] == r["guidance"] and p is not None and o[key] <= r[key] and p <= q and (o[key], p) != (r[key], q)
+        for o, p in zip(rows, signed)) for r, q in zip(rows, signed)]
 
 
 def speedups(rows):
@@ -415,16 +495,20 @@ def fmt(value, digits=4):
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def answer(rows):
-    """Per guidance: the fastest mode at least as good (FID) as 100-step DDIM, and by how much."""
+def answer(rows, quality="fid"):
+    """Per guidance: the fastest mode at least as good as 100-step DDIM in the quality measure, and by how much."""
     lines = []
+    name = QUALITIES[quality][0]
     for g in dict.fromkeys(r["guidance"] for r in rows):
         base = next((r for r in rows if r["guidance"] == g and r["spec"] == "ddim@100"), None)
-        if base is None:
+        if base is None or quality_of(base, quality)[0] is None:
             continue
-        best = min((r for r in rows if r["guidance"] == g and r["fid"] <= base["fid"]), key=lambda r: r["s_per_img"])
-        lines.append(f"At guidance {g:g}, 100-step DDIM has FID {base['fid']:.4g} at {base['s_per_img']:.4g} s/img; "
-                     f"the fastest mode at least as good is `{best['spec']}` (FID {best['fid']:.4g}, "
+        value, signed = quality_of(base, quality)
+        good = [r for r in rows if r["guidance"] == g and quality_of(r, quality)[1] is not None
+                and quality_of(r, quality)[1] <= signed]
+        best = min(good, key=lambda r: r["s_per_img"])
+        lines.append(f"At guidance {g:g}, 100-step DDIM has {name} {value:.4g} at {base['s_per_img']:.4g} s/img; "
+                     f"the fastest mode at least as good is `{best['spec']}` ({quality_of(best, quality)[0]:.4g}, "
                      f"{best['s_per_img']:.4g} s/img), {base['s_per_img'] / best['s_per_img']:.2f}x faster.")
     return lines
 
@@ -448,30 +532,53 @@ def equal_k(rows):
             "| guidance | S | K | uniform | FID | calibrated | FID |", "|---|---|---|---|---|---|---|", *lines]
 
 
+def interval_text(measure, digits=4):
+    """'mean (low-high)' of a fidelity measure."""
+    low, high = measure["interval"]
+    return f"{measure['mean']:.{digits}g} ({low:.{digits}g}-{high:.{digits}g})"
+
+
+def fidelity_cells(row):
+    """PSNR, SSIM and feature distance to the base mode, each with its 95% interval ('base' on the base's row)."""
+    measured = row.get("fidelity")
+    if not measured:
+        return ["-"] * 3
+    if measured["base"] == row["spec"]:
+        return ["base"] * 3
+    return [interval_text(measured[k], digits) for k, digits in (("psnr", 4), ("ssim", 3), ("feature_distance", 3))]
+
+
 def markdown(rows, real, settings, reconstructed=None, timing=None):
     speed = speedups(rows)
-    head = ["guidance", "mode", "S", "s/img", "speed-up", "GFLOP/img", "encoder passes", "FID", "sFID", "IS",
-            "precision", "recall", "accuracy", "Pareto front"]
+    quality = settings.get("quality", "fid")
+    head = ["guidance", "mode", "S", "s/img", "speed-up", "GFLOP/img", "encoder passes", "FID", "FID vs recon.",
+            "sFID", "IS", "precision", "recall", "accuracy", "PSNR (dB)", "SSIM", "feature distance", "Pareto front"]
+    base = settings.get("base")
     lines = [f"# Speed-quality frontier of {settings['config']}", "",
              f"{settings['num_samples']} samples a mode (seed {settings['seed']}) against {settings['ref']}, features "
              f"of {settings['inception_path']}. Modes compute in {settings.get('precision', 'fp32')} unless they "
              "say `precision=...`. s/img: sampling seconds per image of one process, decoding excluded; "
-             "speed-up against the DDIM row with the most steps at the same guidance; Pareto front: no mode at the "
-             "same guidance is both faster (or cheaper in FLOPs) and better in FID." +
-             ("" if timing is None else f" Times: {timing_note(settings, timing)}."), "",
+             "speed-up against the DDIM row with the most steps at the same guidance. FID vs recon.: against the "
+             "reference images' first-stage reconstructions, what the samplers can reach. " +
+             ("" if base is None else f"PSNR, SSIM and feature distance (relative L2 of the feature graph's pool "
+                                      f"features): to `{base}` at the same guidance from the same seeds, mean and 95% "
+                                      "bootstrap interval over the pairs. ") +
+             f"Pareto front: no mode at the same guidance is both faster (or cheaper in FLOPs) and better in "
+             f"{QUALITIES[quality][0]}." + ("" if timing is None else f" Times: {timing_note(settings, timing)}."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, floor in (("real (held-out)", real), ("first stage (held-out, reconstructed)", reconstructed)):
         if floor:
             lines.append(f"| - | {name} | - | - | - | - | - | " + " | ".join(
-                fmt(floor.get(k)) for k in ("fid", "sfid", "inception_score", "precision", "recall", "accuracy"))
-                + " | - |")
+                fmt(floor.get(k)) for k in ("fid", "fid_recon", "sfid", "inception_score", "precision", "recall",
+                                            "accuracy")) + " | - | - | - | - |")
     for r, s in zip(rows, speed):
         front = " and ".join(name for name, on in (("time", r["front_time"]), ("FLOPs", r["front_flops"])) if on)
         lines.append(f"| {r['guidance']:g} | `{r['spec']}` | {r['S']} | {r['s_per_img']:.4g} | "
                      f"{'-' if s is None else f'{s:.2f}x'} | {r['gflops_per_img']:.4g} | {r['encoder_passes']} | " +
-                     " | ".join(fmt(r.get(k)) for k in ("fid", "sfid", "inception_score", "precision", "recall",
-                                                         "accuracy")) + f" | {front or '-'} |")
-    extra = answer(rows)
+                     " | ".join(fmt(r.get(k)) for k in ("fid", "fid_recon", "sfid", "inception_score", "precision",
+                                                         "recall", "accuracy")) +
+                     " | " + " | ".join(fidelity_cells(r)) + f" | {front or '-'} |")
+    extra = [line for q in dict.fromkeys((quality, "fid", "fid_recon", "psnr", "feature")) for line in answer(rows, q)]
     return "\n".join(lines + ([""] + extra if extra else []) + equal_k(rows)) + "\n"
 
 
@@ -547,17 +654,21 @@ def _lift_overlapping(fig, labels, gap=1.0):
         placed.append(box)
 
 
-def plot(rows, real, path, key_columns=3, reconstructed=None):
-    """FID against s/img and against GFLOP/img, one colour per guidance, each guidance's Pareto front dashed in its
-    colour, one marker per cache, hollow in half precision; points are numbered in table order and named in a key
-    below, so that clustered modes stay readable."""
+def plot(rows, real, path, key_columns=3, reconstructed=None, quality="fid"):
+    """The quality measure (--quality) against s/img and against GFLOP/img, one colour per guidance, each guidance's
+    Pareto front dashed in its colour, one marker per cache, hollow in half precision; points are numbered in table
+    order and named in a key below, so that clustered modes stay readable. Rows without the measure (the base mode,
+    for fidelity) are left out."""
+    name, higher_is_better, _ = QUALITIES[quality]
+    rows = [r for r in rows if quality_of(r, quality)[0] is not None]
+    y = [quality_of(r, quality)[0] for r in rows]
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
     dtypes = set(r.get("dtype", "fp32") for r in rows)
-    markers = {"none": "o", "fd": "s", "deepcache": "^"}
+    markers = dict(zip(dict.fromkeys(r["cache"] for r in rows), "os^Dvp*hX<>"))
     names = [r["spec"] + (f" g{r['guidance']:g}" if len(colours) > 1 else "") for r in rows]
-    floors = [(floor["fid"], style, name) for floor, style, name in
+    floors = [(floor[quality], style, label) for floor, style, label in
               ((real, ":", "real held-out images"), (reconstructed, "-.", "their first-stage reconstructions"))
-              if floor and floor.get("fid") is not None]
+              if quality in ("fid", "fid_recon") and floor and floor.get(quality) is not None]
     key_lines = -(-len(rows) // key_columns)
     fig = plt.figure(figsize=(15, 6.5 + 0.16 * key_lines), dpi=110)
     grid = fig.add_gridspec(2, 2, height_ratios=(6.5, 0.16 * key_lines + 0.1))
@@ -565,31 +676,31 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
     for column, (key, front, xlabel) in enumerate((("s_per_img", "front_time", "seconds per image (sampling)"),
                                                    ("gflops_per_img", "front_flops", "UNet GFLOPs per image"))):
         ax = fig.add_subplot(grid[0, column])
-        for r in rows:
+        for r, v in zip(rows, y):
             colour = colours[r["guidance"]]
-            ax.scatter(r[key], r["fid"], marker=markers[r["cache"]], s=28, zorder=3, edgecolors=colour,
+            ax.scatter(r[key], v, marker=markers[r["cache"]], s=28, zorder=3, edgecolors=colour,
                        facecolors=colour if r.get("dtype", "fp32") == "fp32" else "white")
         for g, c in colours.items():
-            on = sorted((r[key], r["fid"]) for r in rows if r[front] and r["guidance"] == g)
-            ax.step([x for x, _ in on], [y for _, y in on], where="post", color=c, ls="--", lw=1, zorder=2)
+            on = sorted((r[key], v) for r, v in zip(rows, y) if r[front] and r["guidance"] == g)
+            ax.step([x for x, _ in on], [v for _, v in on], where="post", color=c, ls="--", lw=1, zorder=2)
         ax.plot([], [], color="black", ls="--", lw=1, label="Pareto front (per guidance)")
-        for fid, style, name in floors:
-            ax.axhline(fid, color="grey", ls=style, lw=1, label=f"{name} (FID {fid:.3g})")
+        for value, style, label in floors:
+            ax.axhline(value, color="grey", ls=style, lw=1, label=f"{label} ({value:.3g})")
         for g, c in colours.items():
             ax.scatter([], [], color=c, label=f"guidance {g:g}")
-        for cache in dict.fromkeys(r["cache"] for r in rows):
+        for cache in markers:
             ax.scatter([], [], color="grey", marker=markers[cache], label=f"cache {cache}")
         if len(dtypes) > 1:
             half = ", ".join(sorted(dtypes - {"fp32"}))
             ax.scatter([], [], marker="o", color="grey", label="fp32 (filled)")
             ax.scatter([], [], marker="o", edgecolors="grey", facecolors="white", label=f"{half} (hollow)")
         _set_scale(ax, "x", [r[key] for r in rows])
-        _set_scale(ax, "y", [r["fid"] for r in rows] + [fid for fid, _, _ in floors])
+        _set_scale(ax, "y", y + [value for value, _, _ in floors])
         ax.tick_params(which="both", labelsize=7)
         ax.margins(x=0.08, y=0.08)
-        labels_per_axis.append(_number_points(ax, [(r[key], r["fid"]) for r in rows]))
+        labels_per_axis.append(_number_points(ax, [(r[key], v) for r, v in zip(rows, y)]))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("FID (lower is better)")
+        ax.set_ylabel(f"{name} ({'higher' if higher_is_better else 'lower'} is better)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     key = fig.add_subplot(grid[1, :])
@@ -598,7 +709,7 @@ def plot(rows, real, path, key_columns=3, reconstructed=None):
         column, line = divmod(number - 1, key_lines)
         key.text(column / key_columns, 1 - line / key_lines, f"{number:>2}  {name}", fontsize=7, va="top",
                  family="monospace", transform=key.transAxes)
-    fig.suptitle("Speed-quality frontier: FID against time and against FLOPs")
+    fig.suptitle(f"Speed-quality frontier: {name} against time and against FLOPs")
     fig.tight_layout()
     for ax_labels in labels_per_axis:
         _lift_overlapping(fig, ax_labels)
@@ -616,12 +727,12 @@ def write_outputs(args, jobs, accuracy, timings):
                      "s_per_img_rounds": [t / args.timing_batch for t in timings.seconds[job.label]],
                      "s_per_img_spread": timings.spread(job.label)})
     for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
-        for r, on in zip(rows, pareto(rows, key)):
+        for r, on in zip(rows, pareto(rows, key, args.quality)):
             r[front] = on
     real = read_json(real_result(args)) if args.real else None
     reconstructed = read_json(reconstructed_result(args)) if args.real else None
     settings = {k: getattr(args, k) for k in ("config", "ckpt", "ref", "inception_path", "real", "num_samples", "seed",
-                                              "guidance", "precision", "repeats", "timing_batch")}
+                                              "guidance", "precision", "repeats", "timing_batch", "base", "quality")}
     settings["checkpoint_sha256"] = file_sha256(args.ckpt)
     out = Path(args.out)
     timing = {k: v for k, v in timings.record().items() if k != "runs"}  # the rounds are in the rows
@@ -629,7 +740,7 @@ def write_outputs(args, jobs, accuracy, timings):
                                        "real": real, "reconstructed": reconstructed, "rows": rows})
     write_atomic(out / "frontier.md",
                  lambda f: f.write(markdown(rows, real, settings, reconstructed, timing).encode()))
-    plot(rows, real, out / "frontier.png", reconstructed=reconstructed)
+    plot(rows, real, out / "frontier.png", reconstructed=reconstructed, quality=args.quality)
     print(f"times: {timing_note(settings, timing)}", flush=True)
     print(f"wrote {out / 'frontier.md'}, {out / 'frontier.json'}, {out / 'frontier.png'}", flush=True)
 
@@ -662,9 +773,13 @@ def main(args, comm):
     """Check everything, then sample, count and score each unfinished mode; returns the exit status."""
     jobs, accuracy = sampling_run.collective(comm, lambda: check(args))
     model = scorer = None
+
+    def rank0_model():
+        return load_fp32(jobs[0].args) if model is None else model
+
     try:
         if comm.rank == 0:
-            scorer = Scorer(args, accuracy)
+            scorer = Scorer(args, accuracy, lambda: reconstructed_reference(args, rank0_model))
         for job in jobs:
             if not comm.bcast(comm.rank == 0 and "s_per_img" in (read_json(job.result) or {})):
                 if model is None:  # on every process: warm-up; on rank 0 also FLOP counting
@@ -682,9 +797,11 @@ def main(args, comm):
                       f"{result['gflops_per_img']:.4g} GFLOP/img, FID {result['fid']:.4g}", flush=True)
             comm.wait_all()
         if comm.rank == 0:
-            timings = time_jobs(args, jobs)
+            if args.base is not None:
+                fidelity_to_base(jobs, scorer, args.base)
             if args.real:
-                score_floors(args, scorer, lambda: load_fp32(jobs[0].args) if model is None else model)
+                score_floors(args, scorer, rank0_model)
+            timings = time_jobs(args, jobs)
             write_outputs(args, jobs, accuracy, timings)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:
@@ -701,7 +818,7 @@ def parse_args(argv=None):
     cli.add_model_args(parser)
     group = parser.add_argument_group("frontier")
     group.add_argument("--modes", nargs="+", default=None, metavar="MODE",
-                       help="modes SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S (instead of --set)")
+                       help="modes SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...]@S (instead of --set)")
     group.add_argument("--set", choices=list(SETS), default="default", help="a named list of modes")
     group.add_argument("--quick", action="store_true",
                        help=f"--set quick with {QUICK_SAMPLES} samples a mode (unless --num_samples)")
@@ -725,6 +842,12 @@ def parse_args(argv=None):
     scoring.add_argument("--real", default=None,
                          help="held-out real images .npz: rows for them (the floor) and for their first-stage "
                               "reconstructions")
+    scoring.add_argument("--base", default=None, metavar="MODE",
+                         help="the mode (of --modes or --set, at each guidance) that fidelity (PSNR, SSIM, feature "
+                              "distance, evaluations/fidelity.py) is measured against; default: the most expensive "
+                              "plain mode")
+    scoring.add_argument("--quality", choices=list(QUALITIES), default="fid",
+                         help="the plot's y axis and the Pareto fronts' measure (default fid)")
     scoring.add_argument("--classifier_accuracy", action="store_true",
                          help="report the share of samples the graph classifies as their label (automatic when the "
                               "graph's logits are exactly the model's classes)")

@@ -46,7 +46,7 @@ CHECKPOINTS = {"truncated": truncated, "of another model": of_another_model}
     (["--seed", "-1"], "--seed must be in 0.."),
     (["--device", "foo"], "--device 'foo' is not a device name"),
     (["--precision", "fp16"], "--precision fp16: fp16 needs a CUDA device"),
-    (["--modes", "ddim", "ddim@fp64"], "unknown precision 'fp64'"),
+    (["--modes", "ddim", "ddim,precision=fp64"], "precision must be one of fp32, bf16, fp16, not 'fp64'"),
     (["--modes", "ddim", "foo"], "mode 'foo': unknown sampler 'foo'"),
     (["--key_steps", "auto:3"], "--key_steps auto:3: bench_sampler.py needs explicit steps"),
     (["--modes", "ddim+deepcache:auto:3"], "--modes ddim+deepcache:auto:3: bench_sampler.py needs explicit steps"),
@@ -67,8 +67,8 @@ def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, modes", [([], ["DDIM fp32", "DDIM + FD uniform:4 fp32"]),
                                          (["--cache", "none"], ["DDIM fp32"]),
-                                         (["--modes", "ddim", "ddim+none", "ddim@fp32"], ["DDIM fp32"]),
-                                         (["--modes", "ddim", "ddim+fd:0,1@bf16"], ["DDIM fp32", "DDIM + FD 0,1 bf16"])])
+                                         (["--modes", "ddim", "ddim+none", "ddim,precision=fp32"], ["DDIM fp32"]),
+                                         (["--modes", "ddim", "ddim+fd:0,1,precision=bf16"], ["DDIM fp32", "DDIM + FD 0,1 bf16"])])
 def test_each_mode_is_one_row(argv, modes, capsys):
     """`ddim` and `ddim+none` (what --cache none adds to the plain DDIM row) are one mode, timed once."""
     assert exit_status(TINY + ["--warmup", "0"] + argv) == 0

@@ -252,7 +252,7 @@ def test_bad_combinations(case, script, tmp_path, capsys, monkeypatch):
     (["--compare", "ddim", "bogus+fd"], "mode 'bogus+fd': unknown sampler 'bogus'"),
     (["--compare", "ddim+cache"], "unknown cache 'cache'"),
     (["--compare", "plms+deepcache"], "mode 'plms+deepcache': cache 'deepcache' needs an interval"),
-    (["--compare_reference", "--cache", "none"], "--compare_reference adds a FasterDiffusion row"),
+    (["--compare_reference", "--cache", "none"], "--compare_reference adds a row with the published fork's context layout"),
 ])
 def test_bad_compare_lists(flags, words, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load", None)

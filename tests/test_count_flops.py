@@ -25,7 +25,8 @@ MODES = {"ddim": make_mode(), "fd": make_mode("ddim", "fd", key_steps=KEY_STEPS)
          "fd 8 rows": make_mode("ddim", "fd", key_steps=KEY_STEPS, max_decoder_batch=8),
          "fd 30 rows": make_mode("ddim", "fd", key_steps=KEY_STEPS, max_decoder_batch=30),
          "deepcache": make_mode("ddim", "deepcache", interval=3),
-         "deepcache branch 1": make_mode("ddim", "deepcache", full_steps=[0, 1, 5], branch=1)}
+         "deepcache branch 1": make_mode("ddim", "deepcache", full_steps=[0, 1, 5], branch=1),
+         "plms": make_mode("plms"), "dpmpp2m deepcache": make_mode("dpmpp2m", "deepcache", interval=3)}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,13 @@ def test_counted_calls_give_the_flops_of_sampling(tiny_model, meta_model, name, 
     a call at 4 rows a step and 2 at 3 (unguided); 30 rows, whole groups at 4 and 6 at 3."""
     counted = count_flops.flops_per_image(meta_model, MODES[name], 10, batch_size, scale != 1)
     assert counted == sampled_flops_per_image(tiny_model, MODES[name], batch_size, scale)
-    if name != "ddim":
+    if name not in ("ddim", "plms"):
         assert counted < count_flops.flops_per_image(meta_model, MODES["ddim"], 10, batch_size, scale != 1)
 
 
-def test_other_solvers_are_refused(meta_model):
-    with pytest.raises(ValueError, match="DDIM solver, not plms"):
-        count_flops.flops_per_image(meta_model, make_mode("plms"), 10, 1, True)
+def test_plms_counts_its_first_step_twice(meta_model):
+    assert count_flops.flops_per_image(meta_model, make_mode("plms"), 10, 1, True) == \
+        count_flops.flops_per_image(meta_model, make_mode(), 11, 1, True)
 
 
 def test_table_has_a_row_a_cap_and_more_work_with_smaller_calls(capsys):

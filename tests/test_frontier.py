@@ -95,15 +95,22 @@ def test_table_json_and_plot_agree(finished):
     table = table_rows((finished / "frontier.md").read_text())
     assert table[0][1] == "real (held-out)" and table[0][7] == f"{data['real']['fid']:.4g}"
     assert table[1][1] == "first stage (held-out, reconstructed)"
-    assert table[1][7:13] == [f"{data['reconstructed'][k]:.4g}" for k in
-                              ("fid", "sfid", "inception_score", "precision", "recall", "accuracy")]
+    assert table[1][7:14] == [f"{data['reconstructed'][k]:.4g}" for k in
+                              ("fid", "fid_recon", "sfid", "inception_score", "precision", "recall", "accuracy")]
     for cells, r in zip(table[2:], rows, strict=True):
         assert cells[1] == f"`{r['spec']}`" and cells[0] == f"{r['guidance']:g}" and cells[2] == str(r["S"])
         assert cells[3] == f"{r['s_per_img']:.4g}" and cells[5] == f"{r['gflops_per_img']:.4g}"
         assert cells[6] == str(r["encoder_passes"])
-        assert cells[7:12] == [f"{r[k]:.4g}" for k in ("fid", "sfid", "inception_score", "precision", "recall")]
-        assert cells[12] == f"{r['accuracy']:.4g}" and 0 <= r["accuracy"] <= 1
-        assert ("time" in cells[13]) == r["front_time"] and ("FLOPs" in cells[13]) == r["front_flops"]
+        assert cells[7:13] == [f"{r[k]:.4g}" for k in ("fid", "fid_recon", "sfid", "inception_score", "precision",
+                                                         "recall")]
+        assert cells[13] == f"{r['accuracy']:.4g}" and 0 <= r["accuracy"] <= 1
+        assert r["fidelity"]["base"] == "ddim@2" == data["settings"]["base"]  # the only plain mode
+        if r["spec"] == "ddim@2":
+            assert cells[14:17] == ["base"] * 3
+        else:
+            psnr = r["fidelity"]["psnr"]
+            assert cells[14] == f"{psnr['mean']:.4g} ({psnr['interval'][0]:.4g}-{psnr['interval'][1]:.4g})"
+        assert ("time" in cells[17]) == r["front_time"] and ("FLOPs" in cells[17]) == r["front_flops"]
     for key, front in (("s_per_img", "front_time"), ("gflops_per_img", "front_flops")):
         for g in (1.5, 3.0):  # each guidance has its own front
             same = [r for r in rows if r["guidance"] == g]
@@ -137,6 +144,37 @@ def test_the_reconstructed_row_is_the_real_images_through_the_first_stage(finish
         np.testing.assert_array_equal(made["arr_0"], expected)
         np.testing.assert_array_equal(made["arr_1"], real["arr_1"][:12])
     assert result["images"] == 12 and result["fid"] > 0
+
+
+def test_fid_recon_is_against_the_reference_through_the_first_stage(finished, inputs):
+    """The reconstructed reference is --ref through the model's first stage; each row's fid_recon is the FID of its
+    samples against it, computed here with the evaluator directly."""
+    evaluator, model = frontier.evaluator, load_model(str(inputs["config"]), str(inputs["ckpt"]))
+    reconstructed = finished / "reference" / "reconstructed.npz"
+    with np.load(inputs["folder"] / "ref.npz") as ref, np.load(reconstructed) as made:
+        np.testing.assert_array_equal(made["arr_0"], frontier.reconstruct(model, torch.from_numpy(ref["arr_0"])).numpy())
+    network = evaluator.InceptionNetwork(str(inputs["graph"]))
+    try:
+        against = evaluator.FIDStatistics.from_activations(network.read_activations(str(reconstructed))[0])
+        for r in json.loads((finished / "frontier.json").read_text())["rows"]:
+            ours = evaluator.FIDStatistics.from_activations(network.read_activations(r["samples"])[0])
+            assert r["fid_recon"] == pytest.approx(ours.frechet_distance(against), rel=1e-6)
+    finally:
+        network.close()
+
+
+def test_fidelity_is_that_of_fidelity_py_against_the_base(finished, inputs, tmp_path):
+    rows = json.loads((finished / "frontier.json").read_text())["rows"]
+    fidelity = load_script("evaluations/fidelity.py")
+    for r in rows:
+        base = next(o for o in rows if o["spec"] == "ddim@2" and o["guidance"] == r["guidance"])
+        report = tmp_path / "report.json"
+        assert fidelity.main([base["samples"], r["samples"], "--inception_path", str(inputs["graph"]),
+                              "--json", str(report)]) == 0
+        expected = json.loads(report.read_text())["samples_vs_base"]
+        for key in ("ssim", "feature_distance", "same_class"):
+            assert r["fidelity"][key]["mean"] == pytest.approx(expected[key]["mean"], rel=1e-9)
+            assert r["fidelity"][key]["interval"] == pytest.approx(expected[key]["interval"], rel=1e-9)
 
 
 def test_samples_are_image_sample_runs_with_the_same_seeds(finished):
@@ -283,9 +321,9 @@ def test_under_mpiexec_the_same_samples(finished, inputs, tmp_path):
 
 BAD = {
     "unknown sampler": (["--modes", "euler@10"], "mode 'euler@10': unknown sampler 'euler'"),
-    "no steps": (["--modes", "ddim"], "mode 'ddim': expected SAMPLER[+CACHE[:VALUE]][,FLAG=VALUE...]@S"),
+    "no steps": (["--modes", "ddim"], "mode 'ddim': expected SOLVER[+CACHE[:VALUE]][,OPTION=VALUE...]@S"),
     "unknown option": (["--modes", "ddim,colour=red@2"], "unknown option 'colour'"),
-    "bad option value": (["--modes", "ddim+fd:uniform:2,context_layout=diagonal@4"], "invalid choice: 'diagonal'"),
+    "bad option value": (["--modes", "ddim+fd:uniform:2,context_layout=diagonal@4"], "context_layout must be one of paired, reference, not 'diagonal'"),
     "K larger than S": (["--modes", "ddim+fd:auto:9@4"], "K must be in 1..4"),
     "steps off the schedule": (["--modes", "ddim@4", "ddim@7"], "mode 'ddim@7': --steps: 7 DDIM steps do not fit"),
     "reference of another size": (["--ref", "{folder}/small.npz"], "holds 32x32 images; the model makes 64x64"),
@@ -301,6 +339,7 @@ BAD = {
     "negative threads": (["--tf_threads", "-1"], "error: --tf_threads must be at least 0"),
     "no timing rounds": (["--repeats", "0"], "--repeats must be at least 1, not 0"),
     "empty timed call": (["--timing_batch", "0"], "--timing_batch must be at least 1, not 0"),
+    "a base that is not a mode": (["--base", "ddim@10"], "--base ddim@10 is not one of the modes (ddim@2, "),
 }
 
 

@@ -104,8 +104,8 @@ def test_timed_window_is_whole_periods_until_min_seconds(stop, every, min_second
 def test_eager_rows_run_each_call_shape_of_their_mode_before_timing(monkeypatch):
     events = []
     run_each_call, sample = ldm.compile.run_each_call, gpu_table.sample
-    monkeypatch.setattr(ldm.compile, "run_each_call", lambda model, modes, rows, precision, steps: (
-        events.append(("calls", modes, rows, steps)), run_each_call(model, modes, rows, precision, steps))[1])
+    monkeypatch.setattr(ldm.compile, "run_each_call", lambda model, modes, num_steps, rows, precision, steps: (
+        events.append(("calls", modes, rows, steps)), run_each_call(model, modes, num_steps, rows, precision, steps))[1])
     monkeypatch.setattr(gpu_table, "sample", lambda *a, **k: (events.append(("sample",)), sample(*a, **k))[1])
     args = gpu_table.parse_args(["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG), "--precisions", "fp32",
                                  "--key_steps", "0,3,5,7", "--modes", "fd"])

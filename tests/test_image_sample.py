@@ -20,7 +20,7 @@ from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script
 from ldm import sampling_run
 from ldm import cli, shards
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
-from ldm.sampling import generate, sample_generators, sample_labels, to_uint8
+from ldm.sampling import decode_latents, generate, sample_generators, sample_labels, to_uint8
 
 SCRIPT = REPO / "scripts" / "image_sample.py"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -772,3 +772,46 @@ def test_a_checkpoint_of_another_model_names_the_config(tmp_path):
     check_bad_input(result.stderr, ["does not match the model architecture", "missing keys", "does not match the "
                                     "checkpoint: give the config it was made with (--config; CONFIG_PATH for "
                                     "run_image_sample.sh)"], tmp_path / "out")
+
+
+# --- --save_latents ------------------------------------------------------------------------------------------
+
+
+def sample_in_process(out, *flags):
+    assert image_sample.run(command(out, "--batch_size", "2", *flags)[2:]) == 0
+    with np.load(out / FINAL) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def test_saved_latents_are_the_ones_the_images_decode_from(tiny_model, tmp_path):
+    saved = sample_in_process(tmp_path, "--save_latents")
+    assert saved["latents"].shape == (N, 3, 16, 16) and saved["latents"].dtype == np.float32
+    record = json.loads((tmp_path / RECORD).read_text())
+    assert record["save_latents"] is True and record["latent_shape"] == [3, 16, 16]
+    decoded = to_uint8(decode_latents(tiny_model, torch.from_numpy(saved["latents"]))).numpy()
+    assert_same_images(decoded, saved["arr_0"])
+    plain = sample_in_process(tmp_path / "plain")
+    assert sorted(plain) == ["arr_0", "arr_1"]  # without the flag, the ADM file as before
+    np.testing.assert_array_equal(plain["arr_0"], saved["arr_0"])
+
+
+def test_saved_latents_resume_and_are_verified(tmp_path, capsys):
+    whole = sample_in_process(tmp_path / "whole", "--save_latents")
+    argv = command(tmp_path / "resumed", "--batch_size", "2", "--save_latents")[2:]
+    with pytest.raises(SystemExit):
+        image_sample.run([*argv, "--stop_after_batches", "1"])
+    assert image_sample.run([*argv, "--resume"]) == 0
+    with np.load(tmp_path / "resumed" / FINAL) as npz:
+        np.testing.assert_array_equal(npz["latents"], whole["latents"])
+    capsys.readouterr()
+    assert image_sample.run(argv) == 0 and "already done" in capsys.readouterr().out
+    data = bytearray((tmp_path / "resumed" / FINAL).read_bytes())
+    with zipfile.ZipFile(tmp_path / "resumed" / FINAL) as zf:
+        data[zf.start_dir - 100] ^= 1  # inside the latents, the last member before the zip's directory
+    (tmp_path / "resumed" / FINAL).write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as refused:
+        image_sample.run(argv)
+    assert refused.value.code == cli.BAD_INPUT and "is damaged" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as other:  # the latents are part of the settings: not 'already done' without them
+        image_sample.run(command(tmp_path / "whole", "--batch_size", "2")[2:])
+    assert other.value.code == cli.BAD_INPUT and "save_latents: True -> None" in capsys.readouterr().err

@@ -129,7 +129,7 @@ def test_cpu_run_says_how_long_and_labels_its_progress_bars(tmp_path, capsys):
     notice = [line for line in err.splitlines() if line.startswith("on the CPU:")]
     assert len(notice) == 1 and "expected time up to about" in notice[0]
     assert "with 20 steps instead of the published 250 (pass --steps 250 for those: about" in notice[0]
-    assert "DDIM, run 2 of 2: classes" in err and "FasterDiffusion paired context uniform:3, run 1 of 2: classes" in err
+    assert "DDIM, run 2 of 2: classes" in err and "DDIM + FD uniform:3, run 1 of 2: classes" in err
 
 
 def test_cpu_notice_estimates_from_the_measured_step():

@@ -62,7 +62,7 @@ def test_parse_mode_gives_skip_type_to_dpm_solver_only():
     (lambda: parse_mode("ddim+fd"), "cache 'fd' needs key_steps"),
     (lambda: parse_mode("ddim:3"), "unknown sampler 'ddim:3'"),
     (lambda: parse_mode("ddim", colour=1), "colour is not an option of any cache"),
-    (lambda: Mode("ddim", cache="fd"), "cache must be None, a FasterDiffusion or a DeepCache, not str"),
+    (lambda: Mode("ddim", cache="fd"), "cache must be None or a cache plan (ldm.models.diffusion.caches), not str"),
 ])
 def test_bad_modes_fail_in_one_line(build, message):
     with pytest.raises((ValueError, TypeError)) as error:

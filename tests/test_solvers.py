@@ -305,7 +305,7 @@ def test_upstream_callbacks(solver, tiny_model, golden, conds):
     ("dpmpp3m", dict(steps=2), ValueError, "order 3 needs at least 3 steps"),
     ("dpmpp2m", dict(eta=0.5), ValueError, "eta must be 0"),
     ("plms", dict(eta=0.5), ValueError, "eta must be 0"),
-    ("plms", dict(cache="fd"), TypeError, "cache must be None, a FasterDiffusion or a DeepCache, not str"),
+    ("plms", dict(cache="fd"), TypeError, "cache must be None or a cache plan (ldm.models.diffusion.caches), not str"),
     ("ddim", dict(faster_diffusion=DeepCache(2)), TypeError, "faster_diffusion takes a FasterDiffusion plan"),
     ("ddim", dict(faster_diffusion=FasterDiffusion([0]), cache=DeepCache(2)), ValueError, "not both"),
     ("dpmpp2m", dict(cache=FasterDiffusion([0, 12])), ValueError, "go past the last loop index 9"),

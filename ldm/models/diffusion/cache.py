@@ -1,12 +1,15 @@
-"""What every cache strategy builds on: counted UNet calls, the run's statistics, and the plain strategy.
+"""What every cache builds on: the `Cache` protocol, counted UNet calls, the run's statistics, and no cache.
 
-A cache plan (`None`, `FasterDiffusion`, `DeepCache`) is bound to one sampling run with
-`bind_cache(plan, calls, guidance, timesteps, x_T)`, which checks the plan against the run before any model
-work and returns a strategy: `strategy(x, i)` gives the guided noise prediction at loop step i (0 = noisiest)
-and may reuse earlier work; `strategy.after_step(x, i)` may adjust x once the solver finished step i.
+A cache plan (`None` or a `Cache`, one module each, listed in `ldm.models.diffusion.caches`) is bound to one
+sampling run with `bind_cache(plan, calls, guidance, timesteps, x_T)`, which checks the plan against the run
+before any model work and returns a strategy: `strategy(x, i)` gives the guided noise prediction at loop step
+i (0 = noisiest) and may reuse earlier work; `strategy.after_step(x, i)` may adjust x once the solver finished
+step i. The solvers never know which cache they run with.
 """
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -117,7 +120,128 @@ class UNetCalls:
                              f"not a {type(guidance.context).__name__}")
 
 
-class Plain:
+class UNetCall(NamedTuple):
+    """One kind of UNet call a cache makes (a `UNetCalls` method): decode calls decode `steps` steps of rows at
+    once; DeepCache's halves take the shallow `branch`."""
+    method: str  # "full", "encode", "decode", "forward_deep" or "forward_shallow"
+    steps: int = 1
+    branch: int = 0
+
+
+class Cache:
+    """The protocol of a cache plan: everything the rest of the tool knows of a cache comes from here.
+
+    A subclass declares its `name` (in mode strings and `--cache`), `title` (in labels and help), `options`
+    (`ldm.models.diffusion.options.Option`, from which its flags and mode options are made), `main_option` (the
+    one `SOLVER+CACHE:VALUE` sets) and, if it takes calibrated steps, `steps_option` and `feature` (what
+    `ldm.calibration` measures). It implements `bind`, and whichever of the methods below differ from these
+    defaults. A plan holds no tensors.
+    """
+    name = None
+    title = None
+    record_key = None  # the key of its settings in a run's record, if not its name
+    options = ()
+    main_option = None
+    steps_option = None
+    feature = None
+
+    @classmethod
+    def from_options(cls, **options):
+        """The plan of these options (by name); a one-line ValueError for a combination that cannot work."""
+        return cls(**options)
+
+    @classmethod
+    def main_value(cls, text):
+        """The options that `CACHE:VALUE` sets, from VALUE."""
+        if cls.main_option is None:
+            raise ValueError(f"cache {cls.name!r} takes no value")
+        return {cls.main_option: option_named(cls, cls.main_option).read(text)}
+
+    def main_text(self):
+        """(VALUE of `CACHE:VALUE` for this plan or None, the options it sets), so that mode strings round-trip."""
+        if self.main_option is None:
+            return None, ()
+        option = option_named(self, self.main_option)
+        return option.text(getattr(self, self.main_option)), (self.main_option,)
+
+    def values(self):
+        """This plan's options, by name."""
+        return {option.name: getattr(self, option.name) for option in self.options}
+
+    def check(self, num_steps):
+        """A one-line ValueError if the plan cannot run num_steps steps."""
+        self.unet_calls(num_steps, 1)
+
+    def check_unet(self, unet):
+        """A ValueError (an OptionError names the option) if the plan does not fit this UNet."""
+
+    def label(self):
+        """The cache's part of a mode's label, e.g. 'FD uniform:4'."""
+        return self.title
+
+    def steps_for(self, num_steps):
+        """The loop indices of steps_option at num_steps steps (calibrated specs resolved)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no step list")
+
+    def record(self, num_steps):
+        """The settings a sampling run records for this plan: {key: value} merged into the run's record."""
+        return {self.record_key or self.name: self.values()}
+
+    def unet_calls(self, num_steps, rows):
+        """Counter of UNetCall: the UNet calls of num_steps steps at `rows` rows a step (FLOP counting, --compile's
+        shapes and --batch_size auto's probe read this)."""
+        raise NotImplementedError
+
+    def at_rows(self, rows, new_rows):
+        """This plan at new_rows rows a step, making per row the UNet work it makes at `rows` (see Mode.for_counting)."""
+        return self
+
+    def bind(self, calls, guidance, timesteps, x_T):
+        """The strategy for one sampling run (see the module docstring)."""
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self):
+        return hash(repr(self))
+
+    def __repr__(self):
+        values = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v!r}" for k, v in self.values().items())
+        return f"{type(self).__name__}({values})"
+
+
+def option_named(cache, name):
+    """The Option of a cache (class or plan) by name."""
+    for option in cache.options:
+        if option.name == name:
+            return option
+    raise KeyError(name)
+
+
+class NoCache(Cache):
+    """No cache: the whole UNet at every step (a mode's cache None)."""
+    name = "none"
+    title = ""
+
+    def unet_calls(self, num_steps, rows):
+        return Counter({UNetCall("full"): num_steps})
+
+    def record(self, num_steps):
+        return {}
+
+    def bind(self, calls, guidance, timesteps, x_T):
+        return Plain(calls, guidance, timesteps)
+
+
+class Strategy:
+    """Base of a cache's strategy for one run (see the module docstring): x is left as the solver made it."""
+
+    def after_step(self, x, i):
+        return x
+
+
+class Plain(Strategy):
     """No cache: the whole UNet at every step."""
 
     def __init__(self, calls, guidance, timesteps):
@@ -126,14 +250,11 @@ class Plain:
     def __call__(self, x, i):
         return self.guidance(self.calls.full, x, self.timesteps[i])
 
-    def after_step(self, x, i):
-        return x
-
 
 def bind_cache(plan, calls, guidance, timesteps, x_T):
     """The strategy of a cache plan (None: plain) for one run; an unusable plan fails here."""
     if plan is None:
         return Plain(calls, guidance, timesteps)
-    if not callable(getattr(plan, "bind", None)):
-        raise TypeError(f"cache must be None, a FasterDiffusion or a DeepCache, not {type(plan).__name__}")
+    if not isinstance(plan, Cache):
+        raise TypeError(f"cache must be None or a cache plan (ldm.models.diffusion.caches), not {type(plan).__name__}")
     return plan.bind(calls, guidance, timesteps, x_T)

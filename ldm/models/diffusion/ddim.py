@@ -3,7 +3,6 @@ from functools import partial
 
 import torch
 
-from ldm.models.diffusion.faster_diffusion import FasterDiffusion
 from ldm.models.diffusion.sampler import Sampler, check_upstream_arguments, randn
 from ldm.models.diffusion.schedules import ddim_parameters, make_ddim_timesteps
 from ldm.models.diffusion.solvers import sample_ddim
@@ -32,7 +31,7 @@ class DDIMSampler(Sampler):
                progress=False, count_flops=False, **kwargs):
         """Sample a batch; returns (x_0 latents, intermediates with 'x_inter', 'pred_x0' and 'stats').
 
-        cache: None, a FasterDiffusion or a DeepCache plan; faster_diffusion= is the older name for a
+        cache: None or a cache plan (`ldm.models.diffusion.caches`); faster_diffusion= is the older name for a
         FasterDiffusion cache. After every step: callback(step) and img_callback(pred_x0, step) as upstream,
         step_callback(step, timestep, x, pred_x0).
         """
@@ -40,7 +39,7 @@ class DDIMSampler(Sampler):
         if faster_diffusion is not None:
             if cache is not None:
                 raise ValueError("pass the cache once: faster_diffusion= or cache=, not both")
-            if not isinstance(faster_diffusion, FasterDiffusion):
+            if getattr(faster_diffusion, "name", None) != "fd":
                 raise TypeError(f"faster_diffusion takes a FasterDiffusion plan, not {type(faster_diffusion).__name__}"
                                 "; pass other caches as cache=")
             cache = faster_diffusion

@@ -6,9 +6,12 @@ count sampling steps from the noisiest (0) to the last (S - 1).
 """
 import math
 import operator
+from collections import Counter
 
 import numpy as np
 
+from ldm.models.diffusion.cache import Cache, Strategy, UNetCall
+from ldm.models.diffusion.options import Option, OptionError, boolean, number, step_list, whole_number
 from ldm.models.diffusion.steps import check_loop_indices, read_steps
 
 
@@ -20,7 +23,7 @@ def _loop_indices(steps, name):
     return check_loop_indices(steps, f"DeepCache {name}", "the first step runs the whole UNet")
 
 
-class DeepCache:
+class DeepCache(Cache):
     """Which steps run the whole UNet, and how much of it the other steps rerun.
 
     interval: N, full steps range(0, S, N); None (and no full_steps): every step is a full step.
@@ -33,6 +36,18 @@ class DeepCache:
       DeepCache's LDM setting (the first convolution and the last output block), larger is slower and closer
       to the full UNet.
     """
+    name = "deepcache"
+    title = "DeepCache"
+    options = (
+        Option("interval", whole_number, flag="cache_interval", help="a full UNet pass every N steps"),
+        Option("nonuniform", boolean, help="with an interval: full steps packed towards the start"),
+        Option("pow", number, help="with nonuniform: the power of the packing (1.5)"),
+        Option("full_steps", step_list, help="explicit full steps instead of an interval: 0,3,8, @FILE.json or auto:K"),
+        Option("branch", whole_number, help="shallow branch depth (0 = DeepCache's LDM setting)"),
+    )
+    main_option = "interval"
+    steps_option = "full_steps"
+    feature = "deep"
 
     def __init__(self, interval=None, nonuniform=False, pow=1.5, full_steps=None, branch=0):
         if interval is not None:
@@ -53,10 +68,54 @@ class DeepCache:
         self.full_steps = full_steps if calibrated or full_steps is None else _loop_indices(full_steps, "full_steps")
         self.branch = int(branch)
 
-    def __repr__(self):
-        full_steps = list(self.full_steps) if isinstance(self.full_steps, tuple) else self.full_steps
-        return (f"DeepCache(interval={self.interval}, nonuniform={self.nonuniform}, pow={self.pow}, "
-                f"full_steps={full_steps!r}, branch={self.branch})")
+    @classmethod
+    def from_options(cls, **options):
+        if "interval" not in options and "full_steps" not in options:
+            raise ValueError("cache 'deepcache' needs an interval (a full step every N steps) or full_steps")
+        return cls(**options)
+
+    @classmethod
+    def main_value(cls, text):
+        """deepcache:N is an interval; deepcache:0,3,8, :@FILE.json or :auto:K full steps."""
+        if text.isdigit():
+            return {"interval": int(text)}
+        return {"full_steps": step_list(text)}
+
+    def main_text(self):
+        if self.interval is not None:
+            return str(self.interval), ("interval",)
+        if isinstance(self.full_steps, tuple):  # a trailing comma keeps one full step from reading as an interval
+            return ",".join(map(str, self.full_steps)) + ("," if len(self.full_steps) == 1 else ""), ("full_steps",)
+        if self.full_steps is not None:
+            return self.full_steps, ("full_steps",)
+        return None, ()
+
+    def label(self):
+        if isinstance(self.full_steps, str):  # @calibration.json
+            label = f"DeepCache {self.full_steps}"
+        elif self.full_steps is not None:
+            label = f"DeepCache {len(self.full_steps)} full steps"
+        else:
+            label = f"DeepCache N={self.interval}{' nonuniform' if self.nonuniform else ''}"
+        return label + (f" branch {self.branch}" if self.branch else "")
+
+    def check_unet(self, unet):
+        try:
+            unet.check_branch(self.branch)
+        except ValueError as e:
+            raise OptionError("branch", str(e)) from None
+
+    def steps_for(self, num_steps):
+        return self.full_steps_for(num_steps)
+
+    def record(self, num_steps):
+        return {self.name: {"full_steps": list(self.full_steps_for(num_steps)), "branch": self.branch}}
+
+    def unet_calls(self, num_steps, rows):
+        """The whole UNet (keeping its deep features) at full steps, the shallow branch at the others."""
+        full = len(self.full_steps_for(num_steps))
+        return +Counter({UNetCall("forward_deep", branch=self.branch): full,
+                         UNetCall("forward_shallow", branch=self.branch): num_steps - full})
 
     def full_steps_for(self, num_steps):
         """The loop indices where the whole UNet runs, for num_steps sampling steps."""
@@ -83,7 +142,7 @@ class DeepCache:
         return _DeepCacheRun(full, self.branch, calls, guidance, timesteps)
 
 
-class _DeepCacheRun:
+class _DeepCacheRun(Strategy):
     """Full steps run the whole UNet and keep its deep features; other steps run the shallow branch on the
     current x (guidance rows included) against the features kept last."""
 
@@ -95,9 +154,6 @@ class _DeepCacheRun:
     def __call__(self, x, i):
         net = self._full if i in self.full_steps else self._shallow
         return self.guidance(net, x, self.timesteps[i])
-
-    def after_step(self, x, i):
-        return x
 
     def _full(self, x, t, context):
         out, self.deep = self.calls.forward_deep(x, t, context, self.branch)

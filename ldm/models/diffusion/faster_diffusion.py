@@ -7,9 +7,12 @@ import copy
 import math
 import operator
 import re
+from collections import Counter
 
 import torch
 
+from ldm.models.diffusion.cache import Cache, Strategy, UNetCall
+from ldm.models.diffusion.options import Option, boolean, non_negative_float, whole_number
 from ldm.models.diffusion.steps import AUTO, check_loop_indices, read_steps
 
 # Key steps of the published FasterDiffusion LDM scripts, for S = 250 (sentinel left out).
@@ -65,7 +68,7 @@ def parse_key_steps(spec):
     return check_loop_indices(steps, "key_steps", "the first step always runs the encoder")
 
 
-class FasterDiffusion:
+class FasterDiffusion(Cache):
     """Encoder propagation with parallel decoding and prior noise injection.
 
     key_steps: loop indices where the encoder runs (0 required; the final sentinel S optional), or a
@@ -77,6 +80,26 @@ class FasterDiffusion:
       reproduces the published fork, whose tiled context mismatches the feature rows in groups of 2+ steps.
     max_decoder_batch: at most this many decoder rows per call (at least one step's rows), to bound memory.
     """
+    name = "fd"
+    title = "FasterDiffusion"
+    options = (
+        Option("key_steps", str, default="ldm250",
+               help="loop indices where the encoder runs: ldm250, ldm250-fast, uniform:N, a list 0,1,2,5, "
+                    "@FILE.json (scripts/calibrate.py) or auto:K (calibrated now)"),
+        Option("parallel", boolean, help="decode a group's steps as one batch (default true; false: one at a time)"),
+        Option("noise_injection", boolean, default=True, help="prior noise injection at timesteps below 150"),
+        Option("injection_threshold", non_negative_float,
+               help="noise injection at timesteps below this (default 150, as published)"),
+        Option("injection_scale", non_negative_float,
+               help="weight of x_T added after each update below the threshold (default 0.003, as published)"),
+        Option("context_layout", str, default="paired", choices=CONTEXT_LAYOUTS,
+               help="class context of the parallel decoder rows ('reference' = the published fork's)"),
+        Option("max_decoder_batch", whole_number, help="at most this many decoder rows per call (bounds memory; "
+                                                       "same result)"),
+    )
+    main_option = steps_option = "key_steps"
+    feature = "encoder"
+    record_key = "faster_diffusion"
 
     def __init__(self, key_steps, parallel=True, noise_injection=True, injection_threshold=INJECTION_THRESHOLD,
                  injection_scale=INJECTION_SCALE, context_layout="paired", max_decoder_batch=None):
@@ -97,11 +120,40 @@ class FasterDiffusion:
         self.context_layout = context_layout
         self.max_decoder_batch = max_decoder_batch
 
-    def __repr__(self):
-        return (f"FasterDiffusion(key_steps={self.key_steps!r}, parallel={self.parallel}, "
-                f"noise_injection={self.noise_injection}, injection_threshold={self.injection_threshold}, "
-                f"injection_scale={self.injection_scale}, context_layout={self.context_layout!r}, "
-                f"max_decoder_batch={self.max_decoder_batch})")
+    @classmethod
+    def from_options(cls, **options):
+        if "key_steps" not in options:
+            raise ValueError("cache 'fd' needs key_steps (a preset such as ldm250 or uniform:4, or loop indices)")
+        return cls(**options)
+
+    def label(self):
+        keys = self.key_steps if isinstance(self.key_steps, str) else ",".join(map(str, self.key_steps))
+        return f"FD{'-ref' if self.context_layout == 'reference' else ''} {keys}"
+
+    def steps_for(self, num_steps):
+        return self.key_steps_for(num_steps)
+
+    def record(self, num_steps):
+        """As recorded since the first version: key steps, context layout and noise injection, and the injection's
+        threshold and scale where they are not the published ones."""
+        record = {"key_steps": list(self.key_steps_for(num_steps)), "context_layout": self.context_layout,
+                  "noise_injection": self.noise_injection}
+        for option, published in (("injection_scale", INJECTION_SCALE), ("injection_threshold", INJECTION_THRESHOLD)):
+            if getattr(self, option) != published:
+                record[option] = getattr(self, option)
+        return {self.record_key: record}
+
+    def unet_calls(self, num_steps, rows):
+        """The encoder once a group; the decoder once a call, each call holding steps_per_call steps."""
+        calls = Counter()
+        for start, stop in self.groups(num_steps):
+            calls[UNetCall("encode")] += 1
+            size = stop - start
+            per_call = self.steps_per_call(size, rows)
+            calls[UNetCall("decode", per_call)] += size // per_call
+            if size % per_call:
+                calls[UNetCall("decode", size % per_call)] += 1
+        return calls
 
     def key_steps_for(self, num_steps):
         """The key loop indices for num_steps sampling steps, without the sentinel."""
@@ -147,7 +199,7 @@ class FasterDiffusion:
         return _FasterDiffusionRun(self, groups, calls, guidance, timesteps, x_T)
 
 
-class _FasterDiffusionRun:
+class _FasterDiffusionRun(Strategy):
     """At a key step: the encoder once on that step's x, then the decoder for every step of its group (in
     chunks of steps_per_call steps, decoded when the solver first asks for one of them). In between, the
     solver's x is not used: the group's predictions all come from the key step's features."""

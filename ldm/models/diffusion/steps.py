@@ -4,9 +4,6 @@
 import json
 import re
 
-# The feature each cache reuses, and the option that holds its calibrated steps, by cache name.
-FEATURES = {"fd": "encoder", "deepcache": "deep"}
-STEP_OPTIONS = {"fd": "key_steps", "deepcache": "full_steps"}
 AUTO = re.compile(r"auto:(\d+)")
 
 
