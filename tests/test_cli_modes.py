@@ -257,3 +257,20 @@ def test_bad_combinations(case, script, tmp_path, capsys, monkeypatch):
 def test_bad_compare_lists(flags, words, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load", None)
     assert words in run_bad(infer_ldm, flags, tmp_path, capsys)
+
+
+def test_mode_flag_builds_what_the_flags_build():
+    """--mode MODE is the flags it names, given one by one; a flag given again with another value is refused."""
+    from ldm import sampling_run
+    for mode, flags in (("dpmpp2m+deepcache:3,branch=1,precision=bf16@20",
+                         ["--sampler", "dpmpp2m", "--cache", "deepcache", "--cache_interval", "3", "--branch", "1",
+                          "--precision", "bf16", "--steps", "20"]),
+                        ("ddim+fd:0,5,10,noise_injection=false@50",
+                         ["--cache", "fd", "--key_steps", "0,5,10", "--noise_injection", "false", "--steps", "50"])):
+        by_mode, by_flags = sampling_run.parse_args(["--mode", mode]), sampling_run.parse_args(flags)
+        cli.apply_mode_flag(by_mode)
+        assert (by_mode.steps, by_mode.precision) == (by_flags.steps, by_flags.precision)
+        assert cli.make_mode(by_mode) == cli.make_mode(by_flags)
+    twice = sampling_run.parse_args(["--mode", "ddim@50", "--steps", "20"])
+    with pytest.raises(cli.UsageError, match="--mode ddim@50 sets steps to 50, and --steps to 20: give it once"):
+        cli.apply_mode_flag(twice)

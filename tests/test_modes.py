@@ -5,7 +5,7 @@ import torch
 from ldm.models.diffusion.deepcache import DeepCache
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
-from ldm.models.diffusion.modes import Mode, make_mode, parse_mode
+from ldm.models.diffusion.modes import Mode, format_mode, make_mode, parse_mode
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.sampling import sample_latents
 
@@ -112,3 +112,31 @@ def test_work_per_image_at_one_batch_size_is_counted_at_another(tiny_model, mode
         assert counted.cache.max_decoder_batch == 6 and mode.cache.max_decoder_batch == 12
         # at 4 images a 12-row cap holds 1 step of 8 rows (guided) or 3 of 4 rows: 2 and 3 rows at one image
         assert [mode.for_counting(4, g).cache.max_decoder_batch for g in (True, False)] == [2, 3]
+
+
+@pytest.mark.parametrize("mode", [
+    make_mode(), make_mode("ddim", eta=0.5, steps=50), make_mode("plms", "deepcache", interval=5, nonuniform=True),
+    make_mode("dpmpp3m", "fd", key_steps=[0, 3, 7], context_layout="reference", skip_type="logSNR",
+              lower_order_final=False, precision="bf16", steps=20),
+    make_mode("ddim", "fd", key_steps="uniform:4", noise_injection=False, injection_scale=0.01, max_decoder_batch=64),
+    make_mode("dpmpp2m", "deepcache", full_steps=[0], branch=1), make_mode("ddim", "deepcache", full_steps="@cal.json"),
+    make_mode("ddim", "fd", key_steps=[0], parallel=False, precision="fp16")])
+def test_the_grammar_round_trips(mode):
+    spec = format_mode(mode)
+    assert parse_mode(spec) == mode and format_mode(parse_mode(spec)) == spec
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ddim+fd:uniform:4,interval=3", "interval is an option of 'deepcache', not of ddim+fd"),
+    ("ddim,skip_type=logSNR", "skip_type is an option of 'dpmpp2m', not of ddim+none"),
+    ("ddim+deepcache:3,branch=one", "branch: expected a whole number, not 'one'"),
+    ("ddim,precision=fp64", "precision must be one of fp32, bf16, fp16, not 'fp64'"),
+    ("ddim+none:3", "a value needs a cache"),
+    ("ddim,eta=1,eta=2", "option 'eta' is given twice"),
+    ("ddim@7", "7 DDIM steps do not fit"),
+])
+def test_the_grammar_refuses_in_one_line_naming_the_mode(spec, message):
+    with pytest.raises(ValueError) as error:
+        parse_mode(spec)
+    assert str(error.value).startswith(f"mode {spec!r}") and message in str(error.value)
+    assert "\n" not in str(error.value)
