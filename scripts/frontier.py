@@ -659,7 +659,7 @@ def plot(rows, real, path, key_columns=3, reconstructed=None, quality="fid"):
     Pareto front dashed in its colour, one marker per cache, hollow in half precision; points are numbered in table
     order and named in a key below, so that clustered modes stay readable. Rows without the measure (the base mode,
     for fidelity) are left out."""
-    name, higher_is_better, _ = QUALITIES[quality]
+    measure, higher_is_better, _ = QUALITIES[quality]
     rows = [r for r in rows if quality_of(r, quality)[0] is not None]
     y = [quality_of(r, quality)[0] for r in rows]
     colours = dict(zip(dict.fromkeys(r["guidance"] for r in rows), plt.cm.tab10.colors))
@@ -700,7 +700,7 @@ def plot(rows, real, path, key_columns=3, reconstructed=None, quality="fid"):
         ax.margins(x=0.08, y=0.08)
         labels_per_axis.append(_number_points(ax, [(r[key], v) for r, v in zip(rows, y)]))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"{name} ({'higher' if higher_is_better else 'lower'} is better)")
+        ax.set_ylabel(f"{measure} ({'higher' if higher_is_better else 'lower'} is better)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     key = fig.add_subplot(grid[1, :])
@@ -709,7 +709,7 @@ def plot(rows, real, path, key_columns=3, reconstructed=None, quality="fid"):
         column, line = divmod(number - 1, key_lines)
         key.text(column / key_columns, 1 - line / key_lines, f"{number:>2}  {name}", fontsize=7, va="top",
                  family="monospace", transform=key.transAxes)
-    fig.suptitle(f"Speed-quality frontier: {name} against time and against FLOPs")
+    fig.suptitle(f"Speed-quality frontier: {measure} against time and against FLOPs")
     fig.tight_layout()
     for ax_labels in labels_per_axis:
         _lift_overlapping(fig, ax_labels)
