@@ -333,8 +333,8 @@ def shared_options(args):
     options = {}
     for name in CACHES:
         options.update(flag_options(args, name))
-    return dict(options, eta=args.eta, skip_type=args.skip_type or "time_uniform",
-                lower_order_final=args.lower_order_final is not False)
+    return dict(options, eta=args.eta, skip_type=getattr(args, "skip_type", None) or "time_uniform",
+                lower_order_final=getattr(args, "lower_order_final", None) is not False)
 
 
 def apply_mode_flag(args):

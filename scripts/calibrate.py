@@ -38,6 +38,10 @@ from ldm.util import file_sha256, model_name, write_atomic  # noqa: E402
 
 def check_args(args):
     """Everything that needs no weights; returns (mode, JSON path, PNG path)."""
+    cli.apply_mode_flag(args)  # --mode SOLVER+CACHE[,OPTION=VALUE...][@S]: the flags it names
+    if args.cache not in calibrated_caches():
+        raise cli.UsageError(f"--mode: cache {args.cache!r} takes no calibrated steps; calibrate one of "
+                             f"{', '.join(calibrated_caches())}")
     cli.check_files(args)
     cli.check_sampling(args)
     owners, _ = cli.option_owners("branch")
@@ -138,6 +142,9 @@ def parse_args(argv=None):
     cli.add_device_args(parser)
     group = parser.add_argument_group("calibration")
     group.add_argument("-K", "--num_key_steps", dest="K", type=int, required=True, help="steps to choose (1..S)")
+    group.add_argument("--mode", default=None, metavar="MODE",
+                       help="the solver, cache and their options in one mode string, e.g. dpmpp2m+deepcache,branch=1@20 "
+                            "(instead of --sampler, --cache, --branch, --eta, --steps)")
     group.add_argument("--cache", choices=list(calibrated_caches()), default="fd",
                        help="; ".join(f"{name}: the {feature} feature ({CACHES[name].steps_option})"
                                       for name, feature in calibrated_caches().items()))

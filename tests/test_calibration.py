@@ -246,7 +246,19 @@ BAD = {
     "not a json name": (["-K", "3", "--out", "{tmp}/x.txt"], "--out {tmp}/x.txt: the file name must end in .json"),
     "branch too deep": (["-K", "3", "--cache", "deepcache", "--branch", "99"], "--branch: DeepCache branch must be"),
     "branch without DeepCache": (["-K", "3", "--branch", "1"], "--branch is a DeepCache option: add --cache deepcache"),
+    "a mode without a calibrated cache": (["-K", "3", "--mode", "ddim@10"], "cache 'none' takes no calibrated steps"),
+    "a mode of another cache's option": (["-K", "3", "--mode", "ddim+fd,branch=1@10"], "branch is an option of 'deepcache'"),
+    "a mode's branch too deep": (["-K", "3", "--mode", "ddim+deepcache,branch=99@10"], "--branch: DeepCache branch must be"),
 }
+
+
+def test_calibrate_mode_names_what_the_flags_name():
+    by_mode = calibrate.parse_args([*MODEL, "-K", "3", "--mode", "dpmpp2m+deepcache,branch=1,precision=bf16@20"])
+    calibrate.cli.apply_mode_flag(by_mode)
+    by_flags = calibrate.parse_args([*MODEL, "-K", "3", "--sampler", "dpmpp2m", "--cache", "deepcache", "--branch", "1",
+                                     "--precision", "bf16", "--steps", "20"])
+    assert {k: v for k, v in vars(by_mode).items() if k not in ("mode", "given")} == \
+        {k: v for k, v in vars(by_flags).items() if k not in ("mode", "given")}
 
 
 @pytest.mark.parametrize("case", list(BAD))
