@@ -42,9 +42,9 @@ def flops_per_image(model, mode, num_steps, batch_size, guided):
     rows = unet_rows(batch_size, guided)
     calls = UNetCalls(model, "fp32", SamplerStats())
     x, t, context = placeholder_inputs(model, rows)
-    total = 0
+    total, features = 0, {}
     for call, count in mode.unet_calls(num_steps, rows).items():
-        arguments = call_arguments(model.unet, call, x, t, context)
+        arguments = call_arguments(model.unet, call, x, t, context, features)
         total += count * counted(lambda: getattr(calls, call.method)(*arguments))
     return total / batch_size
 

@@ -22,6 +22,7 @@ from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_c
 from ldm.models.diffusion.caches import CACHES
 from ldm.models.diffusion.ddim import make_ddim_timesteps
 from ldm.models.diffusion.guidance import unet_rows
+from ldm.models.diffusion import modes
 from ldm.models.diffusion.modes import SOLVERS, mode_arguments, split_spec
 from ldm.models.diffusion.modes import make_mode as make_library_mode
 from ldm.models.diffusion.options import OptionError, boolean, fits_float32, non_negative_float, step_list  # noqa: F401
@@ -296,10 +297,9 @@ def check_sampling(args):
         raise UsageError(f"--seed must be in 0..{MAX_SEED}, not {args.seed}")
 
 
-def option_owners(name):
-    """(caches, solvers) that take an option (by its flag's destination)."""
-    return ([c for c, cls in CACHES.items() if any(o.dest == name for o in cls.options)],
-            [s for s, solver in SOLVERS.items() if any(o.dest == name for o in solver.options)])
+def option_owners(flag):
+    """(caches, solvers) that take a flag (by its destination)."""
+    return modes.option_owners(flag, by="dest")
 
 
 def check_flags_fit(args, rows=()):

@@ -163,18 +163,22 @@ def placeholder_inputs(model, rows):
     return x, t, model.get_learned_conditioning({model.cond_stage_key: labels})
 
 
-def call_arguments(unet, call, x, t, context):
+def call_arguments(unet, call, x, t, context, features=None):
     """The arguments of a UNetCalls method for one kind of call on placeholder inputs; the features it takes
-    (the encoder's, or the deep ones of DeepCache's whole pass) are computed here, so that the call alone can be
-    run, timed or counted."""
+    (the encoder's, or the deep ones of DeepCache's whole pass) are computed here, once per `features` dict that
+    the caller passes for its calls, so that the call alone can be run, timed or counted."""
+    features = {} if features is None else features
     if call.method == "decode":
-        skips, mid = unet.encode(x, t, context)
+        if "encoder" not in features:
+            features["encoder"] = unet.encode(x, t, context)
+        skips, mid = features["encoder"]
         return skips, mid, t.repeat(call.steps), context.repeat(call.steps, 1, 1)
     if call.method == "forward_deep":
         return x, t, context, call.branch
     if call.method == "forward_shallow":
-        _, deep = unet.forward_deep(x, t, context, branch=call.branch)
-        return x, deep, t, context, call.branch
+        if ("deep", call.branch) not in features:
+            features["deep", call.branch] = unet.forward_deep(x, t, context, branch=call.branch)[1]
+        return x, features["deep", call.branch], t, context, call.branch
     return x, t, context
 
 
@@ -190,11 +194,11 @@ def run_each_call(model, modes, num_steps, rows, precision, decoder_steps=()):
     x, t, context = placeholder_inputs(model, rows)
     calls = UNetCalls(model, precision, SamplerStats())
     kinds = dict.fromkeys(call._replace(steps=1) for mode in modes for call in mode.unet_calls(num_steps, rows))
-    shapes = set()
+    shapes, features = set(), {}
     for kind in kinds:
         for steps in (sorted(decoder_steps) if kind.method == "decode" else (1,)):
             call = kind._replace(steps=steps)
-            getattr(calls, call.method)(*call_arguments(model.unet, call, x, t, context))
+            getattr(calls, call.method)(*call_arguments(model.unet, call, x, t, context, features))
             shapes.add((COMPILED_METHODS[call.method], steps * rows))
     return shapes
 

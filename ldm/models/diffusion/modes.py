@@ -79,6 +79,14 @@ def solver_options(name):
     return tuple(option.name for option in SOLVERS[name].options)
 
 
+def option_owners(key, by="name"):
+    """([caches], [solvers]) that take an option, by its name (or by="dest": by its flag's destination)."""
+    def owns(options):
+        return any(getattr(option, by) == key for option in options)
+    return ([name for name, cls in CACHES.items() if owns(cls.options)],
+            [name for name, solver in SOLVERS.items() if owns(solver.options)])
+
+
 @dataclass(frozen=True)
 class Mode:
     """A solver (a SOLVERS name) with its options and a cache plan (None or a Cache); a mode string may also give
@@ -174,7 +182,7 @@ def make_cache(name, **options):
     allowed = cache_options(name)
     for key in options:
         if key not in allowed:
-            owners = [c for c in CACHES if key in cache_options(c)]
+            owners = option_owners(key)[0]
             where = f"an option of cache {owners[0]!r}" if owners else "not a cache option"
             raise ValueError(f"{key} is {where}, not of {name!r}" + (f" (its options: {', '.join(allowed)})"
                                                                      if allowed else ""))
@@ -263,8 +271,7 @@ def _mode_arguments(spec, defaults):
     for key, text in texts.items():
         option = next((o for o in (*solver.options, *cls.options, PRECISION) if o.name == key), None)
         if option is None:
-            owners = [name for name in CACHES if key in cache_options(name)] + \
-                     [name for name in SOLVERS if key in solver_options(name)]
+            owners = [name for names in option_owners(key) for name in names]
             options = ", ".join(o.name for o in (*solver.options, *cls.options, PRECISION))
             if owners:
                 raise ValueError(f"{key} is an option of {owners[0]!r}, not of {sampler}+{cache} (its options: {options})")
