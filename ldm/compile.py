@@ -34,7 +34,7 @@ def use_compile_cache(folder=COMPILE_CACHE):
 def decoder_call_steps(plan, num_steps, rows):
     """How many decoder calls of each step count (Counter) a cache plan or a mode makes over num_steps steps."""
     return Counter({call.steps: count for call, count in plan.unet_calls(num_steps, rows).items()
-                    if call.method == "decode"})
+                    if call.method == "decode" and call.shared})
 
 
 def choose_buckets(counts, max_shapes=MAX_DECODER_SHAPES):
@@ -172,6 +172,8 @@ def call_arguments(unet, call, x, t, context, features=None):
         if "encoder" not in features:
             features["encoder"] = unet.encode(x, t, context)
         skips, mid = features["encoder"]
+        if not call.shared:  # each step's own features: as many rows as the timesteps
+            skips, mid = [s.repeat(call.steps, 1, 1, 1) for s in skips], mid.repeat(call.steps, 1, 1, 1)
         return skips, mid, t.repeat(call.steps), context.repeat(call.steps, 1, 1)
     if call.method == "forward_deep":
         return x, t, context, call.branch
@@ -193,10 +195,15 @@ def run_each_call(model, modes, num_steps, rows, precision, decoder_steps=()):
     method, rows) that ran."""
     x, t, context = placeholder_inputs(model, rows)
     calls = UNetCalls(model, precision, SamplerStats())
-    kinds = dict.fromkeys(call._replace(steps=1) for mode in modes for call in mode.unet_calls(num_steps, rows))
+    calls_made = [call for mode in modes for call in mode.unet_calls(num_steps, rows)]
+    kinds = dict.fromkeys(call._replace(steps=1) for call in calls_made)
     shapes, features = set(), {}
     for kind in kinds:
-        for steps in (sorted(decoder_steps) if kind.method == "decode" else (1,)):
+        if kind.method == "decode" and kind.shared:
+            step_counts = sorted(decoder_steps)
+        else:  # calls whose steps have features of their own are never padded: as many shapes as step counts
+            step_counts = sorted({call.steps for call in calls_made if call._replace(steps=1) == kind})
+        for steps in step_counts:
             call = kind._replace(steps=steps)
             getattr(calls, call.method)(*call_arguments(model.unet, call, x, t, context, features))
             shapes.add((COMPILED_METHODS[call.method], steps * rows))

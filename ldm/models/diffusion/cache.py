@@ -122,10 +122,12 @@ class UNetCalls:
 
 class UNetCall(NamedTuple):
     """One kind of UNet call a cache makes (a `UNetCalls` method): decode calls decode `steps` steps of rows at
-    once; DeepCache's halves take the shallow `branch`."""
+    once, from one step's encoder features that they share or (shared=False) from features of their own for each
+    step; DeepCache's halves take the shallow `branch`."""
     method: str  # "full", "encode", "decode", "forward_deep" or "forward_shallow"
     steps: int = 1
     branch: int = 0
+    shared: bool = True
 
 
 class Cache:

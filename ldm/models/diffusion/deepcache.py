@@ -4,6 +4,7 @@ current x and reuse the deep decoder features of the last full step.
 A `DeepCache` object is a cache plan handed to a sampler (`cache=`); it holds no tensors. Loop indices
 count sampling steps from the noisiest (0) to the last (S - 1).
 """
+import functools
 import math
 import operator
 from collections import Counter
@@ -11,6 +12,7 @@ from collections import Counter
 import numpy as np
 
 from ldm.models.diffusion.cache import Cache, Strategy, UNetCall
+from ldm.models.diffusion.forecast import FORECAST, TaylorFeatures, check_order
 from ldm.models.diffusion.options import Option, OptionError, boolean, number, step_list, whole_number
 from ldm.models.diffusion.steps import check_loop_indices, read_steps
 
@@ -35,6 +37,8 @@ class DeepCache(Cache):
     branch: the shallow branch reruns input blocks 0..branch and the last branch + 1 output blocks; 0 is
       DeepCache's LDM setting (the first convolution and the last output block), larger is slower and closer
       to the full UNet.
+    forecast: 0 reuses the deep features of the last full step; m = 1 or 2 forecasts them at each shallow step
+      with a Taylor expansion of order m over the full steps so far (`ldm.models.diffusion.forecast`).
     """
     name = "deepcache"
     title = "DeepCache"
@@ -44,12 +48,13 @@ class DeepCache(Cache):
         Option("pow", number, help="with nonuniform: the power of the packing (1.5)"),
         Option("full_steps", step_list, help="explicit full steps instead of an interval: 0,3,8, @FILE.json or auto:K"),
         Option("branch", whole_number, help="shallow branch depth (0 = DeepCache's LDM setting)"),
+        FORECAST,
     )
     main_option = "interval"
     steps_option = "full_steps"
     feature = "deep"
 
-    def __init__(self, interval=None, nonuniform=False, pow=1.5, full_steps=None, branch=0):
+    def __init__(self, interval=None, nonuniform=False, pow=1.5, full_steps=None, branch=0, forecast=0):
         if interval is not None:
             if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
                 raise ValueError(f"DeepCache interval must be a positive number of steps, not {interval!r}")
@@ -67,6 +72,7 @@ class DeepCache(Cache):
         calibrated = isinstance(full_steps, str) and full_steps.startswith("@")
         self.full_steps = full_steps if calibrated or full_steps is None else _loop_indices(full_steps, "full_steps")
         self.branch = int(branch)
+        self.forecast = check_order(forecast, "DeepCache")
 
     @classmethod
     def from_options(cls, **options):
@@ -97,7 +103,8 @@ class DeepCache(Cache):
             label = f"DeepCache {len(self.full_steps)} full steps"
         else:
             label = f"DeepCache N={self.interval}{' nonuniform' if self.nonuniform else ''}"
-        return label + (f" branch {self.branch}" if self.branch else "")
+        return label + (f" branch {self.branch}" if self.branch else "") + (
+            f" forecast {self.forecast}" if self.forecast else "")
 
     def check_unet(self, unet):
         try:
@@ -109,7 +116,10 @@ class DeepCache(Cache):
         return self.full_steps_for(num_steps)
 
     def record(self, num_steps):
-        return {self.name: {"full_steps": list(self.full_steps_for(num_steps)), "branch": self.branch}}
+        record = {"full_steps": list(self.full_steps_for(num_steps)), "branch": self.branch}
+        if self.forecast:  # recorded only when used, so that earlier runs' records still match
+            record["forecast"] = self.forecast
+        return {self.name: record}
 
     def unet_calls(self, num_steps, rows):
         """The whole UNet (keeping its deep features) at full steps, the shallow branch at the others."""
@@ -139,25 +149,27 @@ class DeepCache(Cache):
         full = frozenset(self.full_steps_for(len(timesteps)))
         calls.check_splittable(guidance, "DeepCache")
         calls.unet.check_branch(self.branch)
-        return _DeepCacheRun(full, self.branch, calls, guidance, timesteps)
+        return _DeepCacheRun(full, self.branch, self.forecast, calls, guidance, timesteps)
 
 
 class _DeepCacheRun(Strategy):
     """Full steps run the whole UNet and keep its deep features; other steps run the shallow branch on the
-    current x (guidance rows included) against the features kept last."""
+    current x (guidance rows included) against the features kept last, or forecast from the full steps so far."""
 
-    def __init__(self, full_steps, branch, calls, guidance, timesteps):
+    def __init__(self, full_steps, branch, forecast, calls, guidance, timesteps):
         self.full_steps, self.branch, self.calls, self.guidance, self.timesteps = (
             full_steps, branch, calls, guidance, timesteps)
-        self.deep = None
+        self.deep = TaylorFeatures(forecast)
 
     def __call__(self, x, i):
         net = self._full if i in self.full_steps else self._shallow
-        return self.guidance(net, x, self.timesteps[i])
+        return self.guidance(functools.partial(net, i), x, self.timesteps[i])
 
-    def _full(self, x, t, context):
-        out, self.deep = self.calls.forward_deep(x, t, context, self.branch)
+    def _full(self, i, x, t, context):
+        out, deep = self.calls.forward_deep(x, t, context, self.branch)
+        self.deep.refresh(i, deep)
         return out
 
-    def _shallow(self, x, t, context):
-        return self.calls.forward_shallow(x, self.deep, t, context, self.branch)
+    def _shallow(self, i, x, t, context):
+        deep, = self.deep.at_step(i)
+        return self.calls.forward_shallow(x, deep, t, context, self.branch)

@@ -12,6 +12,7 @@ from collections import Counter
 import torch
 
 from ldm.models.diffusion.cache import Cache, Strategy, UNetCall
+from ldm.models.diffusion.forecast import FORECAST, TaylorFeatures, check_order
 from ldm.models.diffusion.options import Option, boolean, non_negative_float, whole_number
 from ldm.models.diffusion.steps import AUTO, check_loop_indices, read_steps
 
@@ -79,6 +80,10 @@ class FasterDiffusion(Cache):
     context_layout: "paired" decodes each guidance branch with its own class context; "reference"
       reproduces the published fork, whose tiled context mismatches the feature rows in groups of 2+ steps.
     max_decoder_batch: at most this many decoder rows per call (at least one step's rows), to bound memory.
+    forecast: 0 decodes every step of a group from its key step's encoder features; m = 1 or 2 forecasts them
+      at each step with a Taylor expansion of order m over the key steps so far (`ldm.models.diffusion.forecast`).
+      Each step of a group is forecast from key steps at or before the group's own, so a group still decodes in
+      parallel (its steps then no longer share features, so a decoder call costs as many whole decoder passes).
     """
     name = "fd"
     title = "FasterDiffusion"
@@ -96,13 +101,14 @@ class FasterDiffusion(Cache):
                help="class context of the parallel decoder rows ('reference' = the published fork's)"),
         Option("max_decoder_batch", whole_number, help="at most this many decoder rows per call (bounds memory; "
                                                        "same result)"),
+        FORECAST,
     )
     main_option = steps_option = "key_steps"
     feature = "encoder"
     record_key = "faster_diffusion"
 
     def __init__(self, key_steps, parallel=True, noise_injection=True, injection_threshold=INJECTION_THRESHOLD,
-                 injection_scale=INJECTION_SCALE, context_layout="paired", max_decoder_batch=None):
+                 injection_scale=INJECTION_SCALE, context_layout="paired", max_decoder_batch=None, forecast=0):
         if context_layout not in CONTEXT_LAYOUTS:
             raise ValueError(f"context_layout must be one of {CONTEXT_LAYOUTS}, not {context_layout!r}")
         if max_decoder_batch is not None and max_decoder_batch < 1:
@@ -119,6 +125,7 @@ class FasterDiffusion(Cache):
         self.injection_scale = injection_scale
         self.context_layout = context_layout
         self.max_decoder_batch = max_decoder_batch
+        self.forecast = check_order(forecast, "FasterDiffusion")
 
     @classmethod
     def from_options(cls, **options):
@@ -128,31 +135,35 @@ class FasterDiffusion(Cache):
 
     def label(self):
         keys = self.key_steps if isinstance(self.key_steps, str) else ",".join(map(str, self.key_steps))
-        return f"FD{'-ref' if self.context_layout == 'reference' else ''} {keys}"
+        forecast = f" forecast {self.forecast}" if self.forecast else ""
+        return f"FD{'-ref' if self.context_layout == 'reference' else ''} {keys}{forecast}"
 
     def steps_for(self, num_steps):
         return self.key_steps_for(num_steps)
 
     def record(self, num_steps):
         """As recorded since the first version: key steps, context layout and noise injection, and the injection's
-        threshold and scale where they are not the published ones."""
+        threshold and scale and the forecast where they are not the published ones."""
         record = {"key_steps": list(self.key_steps_for(num_steps)), "context_layout": self.context_layout,
                   "noise_injection": self.noise_injection}
-        for option, published in (("injection_scale", INJECTION_SCALE), ("injection_threshold", INJECTION_THRESHOLD)):
+        for option, published in (("injection_scale", INJECTION_SCALE), ("injection_threshold", INJECTION_THRESHOLD),
+                                  ("forecast", 0)):
             if getattr(self, option) != published:
                 record[option] = getattr(self, option)
         return {self.record_key: record}
 
     def unet_calls(self, num_steps, rows):
-        """The encoder once a group; the decoder once a call, each call holding steps_per_call steps."""
+        """The encoder once a group; the decoder once a call, each call holding steps_per_call steps (which share
+        the key step's features unless forecast)."""
         calls = Counter()
+        shared = not self.forecast
         for start, stop in self.groups(num_steps):
             calls[UNetCall("encode")] += 1
             size = stop - start
             per_call = self.steps_per_call(size, rows)
-            calls[UNetCall("decode", per_call)] += size // per_call
+            calls[UNetCall("decode", per_call, shared=shared)] += size // per_call
             if size % per_call:
-                calls[UNetCall("decode", size % per_call)] += 1
+                calls[UNetCall("decode", size % per_call, shared=shared)] += 1
         return calls
 
     def key_steps_for(self, num_steps):
@@ -208,6 +219,7 @@ class _FasterDiffusionRun(Strategy):
         self.plan, self.calls, self.guidance, self.timesteps, self.x_T = plan, calls, guidance, timesteps, x_T
         self.group_stop = dict(groups)
         self.pending = None
+        self.features = TaylorFeatures(plan.forecast)
 
     def __call__(self, x, i):
         if i in self.group_stop:
@@ -226,6 +238,8 @@ class _FasterDiffusionRun(Strategy):
         x_in = g.rows(x)
         rows = len(x_in)
         skips, mid = self.calls.encode(x_in, t[start].expand(rows), g.context)
+        if self.plan.forecast:
+            self.features.refresh(start, (*skips, mid))
         n = stop - start
         context = group_context(g.context, n, g.guided, self.plan.context_layout)
         per_call = self.plan.steps_per_call(n, rows)
@@ -233,6 +247,8 @@ class _FasterDiffusionRun(Strategy):
             last = min(first + per_call, n)
             t_rows = t[start + first:start + last].repeat_interleave(rows)
             ctx = context[first * rows:last * rows] if context is not None else None
+            if self.plan.forecast:  # each step its own features, step-major as the timesteps
+                *skips, mid = self.features.at_steps(range(start + first, start + last))
             yield from self.calls.decode(skips, mid, t_rows, ctx).split(rows)
 
 
