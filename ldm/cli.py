@@ -313,7 +313,7 @@ def check_flags_fit(args, rows=()):
         owning_caches, owning_solvers = option_owners(flag)
         if owning_caches and not caches & set(owning_caches):
             raise UsageError(f"--{flag} is a {CACHES[owning_caches[0]].title} option: add --cache {owning_caches[0]} "
-                             f"(the cache is {args.cache})")
+                             f"(the cache is {args.cache})" + modes.owner_reason(flag, by="dest"))
         if owning_solvers and not samplers & set(owning_solvers):
             family = os.path.commonprefix([SOLVERS[s].label for s in owning_solvers]).strip()
             raise UsageError(f"--{flag} is a {family} option (--sampler {' or '.join(owning_solvers)}), "

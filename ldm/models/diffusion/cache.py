@@ -8,7 +8,7 @@ step i. The solvers never know which cache they run with.
 """
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -27,6 +27,8 @@ class SamplerStats:
     decoder_calls, decoder_rows: calls of the whole decoder (output blocks) and the rows they decoded.
     shallow_passes: DeepCache calls that ran only the shallow branch.
     flops: UNet floating-point operations counted by torch.utils.flop_counter (with count_flops=True).
+    sample_full_steps, sample_shallow_steps: per sample of the batch, the steps it took the whole UNet and the
+      shallow branch (caches that decide per sample fill them; empty otherwise).
     """
     steps: int = 0
     full_passes: int = 0
@@ -35,6 +37,8 @@ class SamplerStats:
     decoder_rows: int = 0
     shallow_passes: int = 0
     flops: int = 0
+    sample_full_steps: list = field(default_factory=list)
+    sample_shallow_steps: list = field(default_factory=list)
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -103,6 +107,11 @@ class UNetCalls:
             out = self.unet.forward_shallow(x, deep, t, context, branch=branch)
         self.stats.shallow_passes += 1
         return out
+
+    def first_block(self, x, t, context):
+        """The output of the UNet's first input block (a probe of how far x has moved; not counted as a pass)."""
+        with self._autocast():
+            return self.unet.first_block(x, t, context)
 
     def _count_full(self, rows):
         self.stats.full_passes += 1

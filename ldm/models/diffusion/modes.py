@@ -87,6 +87,13 @@ def option_owners(key, by="name"):
             [name for name, solver in SOLVERS.items() if owns(solver.options)])
 
 
+def owner_reason(key, by="name"):
+    """'; ' + why an option is its owners' alone, where one of them says why; else ''."""
+    options = [o for cls in CACHES.values() for o in cls.options] + [o for s in SOLVERS.values() for o in s.options]
+    reason = next((o.owner_reason for o in options if getattr(o, by) == key and o.owner_reason), "")
+    return f": {reason}" if reason else ""
+
+
 @dataclass(frozen=True)
 class Mode:
     """A solver (a SOLVERS name) with its options and a cache plan (None or a Cache); a mode string may also give
@@ -184,8 +191,8 @@ def make_cache(name, **options):
         if key not in allowed:
             owners = option_owners(key)[0]
             where = f"an option of cache {owners[0]!r}" if owners else "not a cache option"
-            raise ValueError(f"{key} is {where}, not of {name!r}" + (f" (its options: {', '.join(allowed)})"
-                                                                     if allowed else ""))
+            raise ValueError(f"{key} is {where}, not of {name!r}" + (owner_reason(key) or (
+                f" (its options: {', '.join(allowed)})" if allowed else "")))
     if cls is NoCache:
         return None
     return cls.from_options(**options)
@@ -274,7 +281,8 @@ def _mode_arguments(spec, defaults):
             owners = [name for names in option_owners(key) for name in names]
             options = ", ".join(o.name for o in (*solver.options, *cls.options, PRECISION))
             if owners:
-                raise ValueError(f"{key} is an option of {owners[0]!r}, not of {sampler}+{cache} (its options: {options})")
+                raise ValueError(f"{key} is an option of {owners[0]!r}, not of {sampler}+{cache}" +
+                                 (owner_reason(key) or f" (its options: {options})"))
             raise ValueError(f"unknown option {key!r} of {sampler}+{cache} (its options: {options})")
         if option is PRECISION:
             precision = option.read(text)

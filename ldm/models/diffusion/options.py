@@ -21,6 +21,7 @@ class Option:
         flag: the command line's name for it where that is not `--name` (a published spelling).
         choices: the values it takes, if a few.
         format: value -> text, the inverse of parse (for mode strings).
+        owner_reason: why only its own caches or solvers take it, said when another is given it.
     """
     name: str
     parse: Callable[[str], Any]
@@ -29,6 +30,7 @@ class Option:
     flag: str = None
     choices: tuple = None
     format: Callable[[Any], str] = None
+    owner_reason: str = ""
 
     @property
     def dest(self):

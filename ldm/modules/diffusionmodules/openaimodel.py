@@ -279,6 +279,10 @@ class UNetModel(nn.Module):
         skips, mid = self.encode(x, timesteps, context, y)
         return self.decode(skips, mid, timesteps, context, y, out_dtype=x.dtype)
 
+    def first_block(self, x, timesteps, context=None, y=None):
+        """The output of input block 0 on x, with which every pass, the shallow branch's included, begins."""
+        return self.input_blocks[0](x.type(self.dtype), self.embed_time(timesteps, y), self._context(context))
+
     def check_branch(self, branch):
         """DeepCache's shallow branch reruns input blocks 0..branch and the last branch+1 output blocks."""
         last = len(self.output_blocks) - 1
