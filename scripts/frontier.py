@@ -82,6 +82,14 @@ SETS = {
                   for keys in (f"uniform:{n}", f"auto:{k}")),
                 *(f"ddim+deepcache:{n}{nonuniform}@50" for n in (2, 3, 5) for nonuniform in ("", ",nonuniform=true")),
                 "dpmpp2m+deepcache:2@20", "dpmpp2m+fd:uniform:2@20"],
+    # the next caches against the solvers (RESULTS.md): forecasting (TaylorSeer) for both caches, adaptive refresh
+    # at several thresholds, and both with DPM-Solver++; the solver rows are the default set's
+    "caches": [*(f"ddim@{s}" for s in (10, 20, 25, 50, 100, 250)), *(f"dpmpp2m@{s}" for s in (5, 10, 15, 20)),
+               *(f"ddim+fd:uniform:{n}{f}@50" for n in (2, 3, 5) for f in ("", ",forecast=1", ",forecast=2")),
+               *(f"ddim+deepcache:{n}{f}@50" for n in (2, 3, 5) for f in ("", ",forecast=1", ",forecast=2")),
+               *(f"ddim+adaptive:{d}@50" for d in (0.03, 0.05, 0.1, 0.2)),
+               "dpmpp2m+deepcache:2@20", "dpmpp2m+deepcache:2,forecast=1@20", "dpmpp2m+deepcache:2,forecast=2@20",
+               "dpmpp2m+fd:uniform:2@20", "dpmpp2m+fd:uniform:2,forecast=1@20", "dpmpp2m+adaptive:0.1@20"],
     # RESULTS.md's precision table: four modes in fp32 and in bf16
     "precision": [f"{mode}{dtype}@{s}" for mode, s in (("ddim", 50), ("ddim+fd:uniform:3", 50), ("dpmpp2m", 15),
                                                         ("ddim+deepcache:2", 50)) for dtype in ("", ",precision=bf16")],
@@ -94,6 +102,7 @@ SETS = {
                   "ddim+fd:ldm250,injection_scale=0.000632@250", "ddim+fd:ldm250@250"],
 }
 QUICK_SAMPLES, DEFAULT_SAMPLES = 250, 1000
+COUNT_IMAGES = 16  # images whose UNet work is averaged for a cache that decides per sample
 TIMING_BATCH = 32  # default images of a timed call (at most --batch_size)
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 # --quality: the plot's y axis and the Pareto fronts' measure: (label, whether higher is better, the row's value)
@@ -258,14 +267,27 @@ def warm_up(model, args):
 
 def count(model, mode, args):
     """UNet FLOPs and passes of an image of the mode at --batch_size images, counted on one (the passes do not depend
-    on the batch; FasterDiffusion's decoder calls hold as many steps as at --batch_size, see Mode.for_counting)."""
+    on the batch; FasterDiffusion's decoder calls hold as many steps as at --batch_size, see Mode.for_counting).
+    A cache that decides per sample is counted on COUNT_IMAGES images, one at a time, and averaged."""
     mode = mode.for_counting(args.batch_size, args.scale != 1)
-    labels = sample_labels(args.seed, [0], num_classes(model))
+    first = count_image(model, mode, args, 0)
+    if "full_steps_per_img" not in first:
+        return first
+    counts = [first] + [count_image(model, mode, args, i) for i in range(1, COUNT_IMAGES)]
+    return {key: sum(c[key] for c in counts) / len(counts) for key in first}
+
+
+def count_image(model, mode, args, index):
+    """UNet FLOPs and passes of sample `index` alone; with a per-sample cache, the steps it ran whole and shallow."""
+    labels = sample_labels(args.seed, [index], num_classes(model))
     _, intermediates = sample_latents(model, labels, args.steps, args.scale, mode=mode, precision=args.precision,
-                                      generators=sample_generators(args.seed, [0]), count_flops=True)
+                                      generators=sample_generators(args.seed, [index]), count_flops=True)
     s = intermediates["stats"]
-    return {"gflops_per_img": s.flops / 1e9, "encoder_passes": s.encoder_passes, "full_passes": s.full_passes,
-            "shallow_passes": s.shallow_passes, "decoder_rows_per_img": s.decoder_rows}
+    counts = {"gflops_per_img": s.flops / 1e9, "encoder_passes": s.encoder_passes, "full_passes": s.full_passes,
+              "shallow_passes": s.shallow_passes, "decoder_rows_per_img": s.decoder_rows}
+    if s.sample_full_steps:
+        counts.update(full_steps_per_img=s.sample_full_steps[0], shallow_steps_per_img=s.sample_shallow_steps[0])
+    return counts
 
 
 RERUN = "rerun the same frontier.py command"  # what continues an interrupted mode: frontier.py has no --resume
@@ -574,7 +596,7 @@ def markdown(rows, real, settings, reconstructed=None, timing=None):
     for r, s in zip(rows, speed):
         front = " and ".join(name for name, on in (("time", r["front_time"]), ("FLOPs", r["front_flops"])) if on)
         lines.append(f"| {r['guidance']:g} | `{r['spec']}` | {r['S']} | {r['s_per_img']:.4g} | "
-                     f"{'-' if s is None else f'{s:.2f}x'} | {r['gflops_per_img']:.4g} | {r['encoder_passes']} | " +
+                     f"{'-' if s is None else f'{s:.2f}x'} | {r['gflops_per_img']:.4g} | {r['encoder_passes']:g} | " +
                      " | ".join(fmt(r.get(k)) for k in ("fid", "fid_recon", "sfid", "inception_score", "precision",
                                                          "recall", "accuracy")) +
                      " | " + " | ".join(fidelity_cells(r)) + f" | {front or '-'} |")
