@@ -89,7 +89,7 @@ def check_args(args):
     return device, modes
 
 
-def sampling_modes(args, calibrate_on=None):
+def sampling_modes(args):
     """The Mode of each row: the --compare modes (plain DDIM for a bare --compare), the flags' mode and, with
     --compare_reference, the flags' FasterDiffusion with the reference context layout; repeats dropped."""
     layouts = [c for c, cls in CACHES.items() if any(o.name == "context_layout" for o in cls.options)]
@@ -97,11 +97,11 @@ def sampling_modes(args, calibrate_on=None):
         raise cli.UsageError(f"--compare_reference adds a row with the published fork's context layout: it needs "
                              f"--cache {' or '.join(layouts)}, not {args.cache}")
     names = args.compare or (["ddim"] if args.compare is not None or args.compare_reference else [])
-    modes = [cli.make_mode(args, name, calibrate_on=calibrate_on) for name in names]
+    modes = [cli.make_mode(args, name) for name in names]
     rows = [split_spec(name)[:2] for name in names]
-    modes.append(cli.make_mode(args, calibrate_on=calibrate_on, rows=rows))
+    modes.append(cli.make_mode(args, rows=rows))
     if args.compare_reference:
-        modes.append(cli.make_mode(args, context_layout="reference", calibrate_on=calibrate_on))
+        modes.append(cli.make_mode(args, context_layout="reference"))
     return list({repr(mode): mode for mode in modes}.values())
 
 
@@ -274,7 +274,7 @@ def main(argv=None):
     try:
         device, modes = check_args(args)
         model = cli.load(args, device)
-        modes = sampling_modes(args, calibrate_on=model)  # auto:K key steps calibrated on the model
+        modes = [cli.calibrate(mode, model, args) for mode in modes]  # auto:K steps calibrated on the model, once
         compiled = cli.compile_for(model, args, modes, args.n_per_class)
         if compiled:
             print(compiled, file=sys.stderr, flush=True)

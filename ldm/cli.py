@@ -13,11 +13,12 @@ import math
 import os
 import signal
 import sys
+from dataclasses import replace
 
 import torch
 
 from ldm.autobatch import AUTO_BATCH
-from ldm.calibration import auto_count, auto_steps, cached_at, evenly_spaced, is_calibrated, read_steps
+from ldm.calibration import auto_steps, is_calibrated, read_steps
 from ldm.compile import COMPILE_CACHE, compile_unet, mode_buckets, use_compile_cache, warm_up
 from ldm.models.diffusion.caches import CACHES
 from ldm.models.diffusion.ddim import make_ddim_timesteps
@@ -363,31 +364,35 @@ def apply_mode_flag(args):
     args.mode = None  # applied: applying again changes nothing
 
 
-def resolve_steps(options, cache, args, mode, calibrate_on):
-    """Calibrated key/full steps ('@FILE.json', 'auto:K') -> loop indices. Without calibrate_on (the checks
-    before the weights are loaded), 'auto:K' stands for K uniformly spaced steps."""
+def read_step_file(options, cache, args):
+    """Key/full steps '@FILE.json' -> the loop indices the file holds, checked against --steps, the cache's feature
+    and the checkpoint. Other specs stay as they are ('auto:K' is calibrated once the model is loaded: calibrate)."""
     cls = CACHES[cache]
     key = cls.steps_option
     spec = options.get(key)
-    if not is_calibrated(spec):
+    if not (is_calibrated(spec) and spec.startswith("@")):
         return options
-    if spec.startswith("@"):
-        steps = read_steps(spec[1:], args.steps, cls.feature,
-                           file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None)
-    elif calibrate_on is None:
-        steps = evenly_spaced(args.steps, auto_count(spec, args.steps))
-    else:
-        cached = cached_at(mode, cache, **{k: v for k, v in options.items() if k not in (cls.main_option, key)})
-        steps = auto_steps(calibrate_on, spec, mode, cached, args.steps, args.scale, cls.feature,
-                           options.get("branch", 0), args.precision)
+    steps = read_steps(spec[1:], args.steps, cls.feature, file_sha256(args.ckpt) if os.path.isfile(args.ckpt) else None)
     return {**{k: v for k, v in options.items() if k not in (cls.main_option, key)}, key: steps}
 
 
-def make_mode(args, name=None, context_layout=None, calibrate_on=None, rows=()):
-    """The sampling mode of the flags, or of a mode string (`ldm.models.diffusion.modes`) with the flags' options
-    as its defaults, checked against --steps before any model work.
+def calibrate(mode, model, args):
+    """The mode with its 'auto:K' steps calibrated on the loaded model (`ldm.calibration.auto_steps`); any other
+    mode as it is. A run calls it once, and records the steps it gives."""
+    spec = mode.plan.calibrating()
+    if spec is None:
+        return mode
+    solver = replace(mode, cache=None)
+    steps = auto_steps(model, spec, solver, mode.with_steps, args.steps, args.scale, mode.plan.feature,
+                       getattr(mode.plan, "branch", 0), args.precision)
+    return mode.with_steps(steps)
 
-    calibrate_on: the loaded model, on which 'auto:K' steps are calibrated (see resolve_steps).
+
+def make_mode(args, name=None, context_layout=None, rows=()):
+    """The sampling mode of the flags, or of a mode string (`ldm.models.diffusion.modes`) with the flags' options
+    as its defaults, checked against --steps before any model work. Steps of a file are read here, once; 'auto:K'
+    steps are left to `calibrate`.
+
     rows: (sampler, cache) of the other modes sampled with these flags (see check_flags_fit).
     """
     if name is None:
@@ -417,7 +422,7 @@ def make_mode(args, name=None, context_layout=None, calibrate_on=None, rows=()):
         raise UsageError(f"{where}--steps: {e}") from None
     what = CACHES[cache].title or "mode"
     try:
-        options = resolve_steps(options, cache, args, make_library_mode(**solver), calibrate_on)
+        options = read_step_file(options, cache, args)
         mode = make_library_mode(cache=cache, **solver, **options)
         mode.check(args.steps)
     except (ValueError, TypeError) as e:

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from ldm import cli
 from ldm.autobatch import AUTO_BATCH, auto_batch_size
-from ldm.calibration import AUTO
 from ldm.distributed import first_error
 from ldm.models.diffusion.caches import CACHES
 from ldm.sampling import decode_latents, image_shape, num_classes, sample_generators, sample_labels, sample_latents
@@ -38,8 +37,8 @@ INTERRUPT_GRACE_SECONDS = 1.0
 def check_run(args):
     """Every check that needs no weights: flags, files, the model's structure and what output_dir holds.
 
-    Returns (settings, files, state of an earlier run: fresh, resume, restart or done). `sample` reads the state
-    again once it holds the folder.
+    Returns (settings, files, state of an earlier run: fresh, resume, restart or done, the checked mode). `sample`
+    reads the state again once it holds the folder.
     """
     cli.check_files(args)
     cli.check_sampling(args)
@@ -66,7 +65,7 @@ def check_run(args):
     except cli.UsageError:  # what it saw may be another run's work in progress: look again, holding the folder
         with FolderLock(files.output_dir):
             settings, state = run_state(args, settings, files)
-    return settings, files, state
+    return settings, files, state, mode
 
 
 def run_state(args, settings, files):
@@ -77,7 +76,7 @@ def run_state(args, settings, files):
         shards = read_settings(files.shard_settings) or {}
         if args.batch_size == AUTO_BATCH:  # the shards' batch size, which placed them
             settings["batch_size"] = shards.get("batch_size", AUTO_BATCH)
-        if calibrated_option(args) and "calibrated_steps" in shards:  # the steps the shards were sampled with
+        if "calibrated_steps" in shards:  # the steps that the shards' 'auto:K' was calibrated to
             settings["calibrated_steps"] = shards["calibrated_steps"]
     return settings, previous_run(files, settings, resume=args.resume, overwrite=args.overwrite)
 
@@ -87,7 +86,8 @@ def run_settings(args, model, mode):
 
     DDIM and FasterDiffusion runs are recorded as before other solvers and caches existed (so their records
     and default folders still match: "faster_diffusion" is null without it); the other modes add what defines
-    them. 'auto:K' steps are recorded as asked, their loop indices as calibrated_steps (see calibrate_once).
+    them. 'auto:K' steps are recorded as asked (Cache.record), their loop indices as calibrated_steps (see
+    calibrate_once).
     """
     settings = {
         "config_sha256": file_sha256(args.config, cache_from_bytes=None),
@@ -108,31 +108,19 @@ def run_settings(args, model, mode):
         settings["sampler"] = mode.sampler
     if mode.is_dpm:
         settings.update(skip_type=mode.skip_type, lower_order_final=mode.lower_order_final)
-    record = mode.plan.record(args.steps)
-    option = calibrated_option(args)
-    if option:
-        record[mode.plan.record_key or mode.plan.name][option] = getattr(args, option)
-    settings.update(record)
+    settings.update(mode.plan.record(args.steps))
     return settings
 
 
-def calibrated_option(args):
-    """The flag of the cache's steps ('key_steps' or 'full_steps') when it asks for 'auto:K' steps, else None."""
-    option = CACHES[args.cache].steps_option
-    value = getattr(args, option, None) if option else None
-    return option if isinstance(value, str) and AUTO.fullmatch(value) else None
-
-
-def calibrate_once(comm, args, model, settings):
-    """The sampling mode; 'auto:K' steps are calibrated on rank 0 and recorded in settings['calibrated_steps'],
-    or, when resuming, taken from there (the steps the shards were sampled with)."""
-    option = calibrated_option(args)
-    if option and "calibrated_steps" in settings:
-        setattr(args, option, list(settings["calibrated_steps"]))
-    mode = collective(comm, lambda: cli.make_mode(args, calibrate_on=model))
-    if option:
-        settings["calibrated_steps"] = [int(i) for i in mode.cache.steps_for(args.steps)]
-    return mode
+def calibrate_once(comm, args, model, settings, mode):
+    """The checked mode, its 'auto:K' steps calibrated on rank 0 and recorded in settings['calibrated_steps'], or,
+    when resuming, taken from there (the steps the shards were sampled with)."""
+    if mode.plan.calibrating() is None:
+        return mode
+    if "calibrated_steps" not in settings:
+        settings["calibrated_steps"] = collective(
+            comm, lambda: [int(i) for i in cli.calibrate(mode, model, args).cache.steps_for(args.steps)])
+    return mode.with_steps(settings["calibrated_steps"])
 
 
 def compile_in_turn(comm, model, args, mode):
@@ -301,10 +289,10 @@ def sample(args, comm, rerun="rerun the same command with --resume"):
     """Check, hold the folder, load, sample the missing batches, merge; returns (exit status, Outcome or None if
     stopped). rerun: what the lines of an interrupted run say continues it."""
     collective(comm, lambda: cli.apply_mode_flag(args), everywhere=True)  # --mode sets the flags it names
-    settings, files, _ = collective(comm, lambda: check_run(args))
+    settings, files, _, mode = collective(comm, lambda: check_run(args))
     try:
         with hold_folder(comm, files.output_dir):
-            return sample_in_folder(args, comm, settings, files)
+            return sample_in_folder(args, comm, settings, files, mode)
     except KeyboardInterrupt as interrupt:
         total = "?" if args.batch_size == AUTO_BATCH else -(-args.num_samples // args.batch_size)
         line = f"stopped: {saved_batches(files)} of {total} batches are saved in {files.shard_dir}; {rerun} to continue"
@@ -340,7 +328,7 @@ def hold_folder(comm, folder):
         yield
 
 
-def sample_in_folder(args, comm, settings, files):
+def sample_in_folder(args, comm, settings, files, mode):
     """sample() once the run holds its folder: what it holds is read again, now that no other run can change it."""
     settings, state = collective(comm, lambda: run_state(args, settings, files))
     if state == "done":
@@ -350,7 +338,7 @@ def sample_in_folder(args, comm, settings, files):
                   f"pass --overwrite to sample them again\nsamples: {files.samples}", flush=True)
         return 0, Outcome(files, already_done=True)
     model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
-    mode = calibrate_once(comm, args, model, settings)
+    mode = calibrate_once(comm, args, model, settings, mode)
     if settings["batch_size"] == AUTO_BATCH:
         settings["batch_size"] = resolve_batch_size(comm, args, model, mode)
     args.batch_size = settings["batch_size"]

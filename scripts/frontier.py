@@ -311,12 +311,10 @@ def sample_job(job, comm, counter):
 
 def job_mode(job):
     """The job's mode as its run sampled it: 'auto:K' steps as calibrated then (recorded beside its samples)."""
-    args = argparse.Namespace(**vars(job.args))
-    option = sampling_run.calibrated_option(args)
-    if option:
-        record = read_json(Path(read_json(job.result)["samples"]).with_suffix(".json"))
-        setattr(args, option, list(record["calibrated_steps"]))
-    return cli.make_mode(args)
+    mode = cli.make_mode(argparse.Namespace(**vars(job.args)))
+    if mode.plan.calibrating():
+        mode = mode.with_steps(read_json(Path(read_json(job.result)["samples"]).with_suffix(".json"))["calibrated_steps"])
+    return mode
 
 
 def timing_key(args, jobs):

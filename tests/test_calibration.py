@@ -181,8 +181,14 @@ def test_calibration_files_are_read_by_the_caches(calibrated):
         FasterDiffusion(f"@{calibrated['fd']}").key_steps_for(20)
     with pytest.raises(ValueError, match="holds steps for the deep feature"):
         FasterDiffusion(f"@{calibrated['deepcache']}").key_steps_for(10)
-    with pytest.raises(ValueError, match="calibrated on the model"):
-        FasterDiffusion("auto:4")
+    for pending in (FasterDiffusion("auto:4"), DeepCache(full_steps="auto:4")):  # to calibrate once loaded
+        assert pending.calibrating() == "auto:4"
+        pending.check(10)  # K fits S
+        with pytest.raises(ValueError, match="cannot choose 4 of 3 steps"):
+            pending.check(3)
+        with pytest.raises(ValueError, match="calibrated on the model"):
+            pending.steps_for(10)
+        assert pending.with_steps([0, 3, 6, 8]).steps_for(10) == (0, 3, 6, 8)
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +219,27 @@ def test_image_sample_reads_files_and_calibrates_auto(calibrated, tiny_model, au
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99
     record = json.loads((tmp_path / "2" / "samples_2x64x64x3.json").read_text())
     assert record["faster_diffusion"]["key_steps"] == "auto:3" and record["calibrated_steps"] == auto
+
+
+@pytest.mark.slow
+def test_a_run_resolves_its_steps_once(calibrated, tmp_path, monkeypatch):
+    """A step file is read once per run (with its checks against S, the feature and the checkpoint) and 'auto:K'
+    calibrated once; the record keeps the loop indices."""
+    read, calibrated_runs = [], []
+    monkeypatch.setattr(sampling_run.cli, "read_steps", lambda *a, **k: read.append(a) or calibration.read_steps(*a, **k))
+    monkeypatch.setattr(sampling_run.cli, "auto_steps",
+                        lambda *a, **k: calibrated_runs.append(a) or calibration.auto_steps(*a, **k))
+    common = [*MODEL, "--steps", "10", "--num_samples", "2", "--tqdm_disable"]
+    assert image_sample.run([*common, "--output_dir", str(tmp_path / "file"), "--cache", "fd",
+                             "--key_steps", f"@{calibrated['fd']}"]) == 0
+    assert len(read) == 1 and not calibrated_runs
+    record = json.loads((tmp_path / "file" / "samples_2x64x64x3.json").read_text())
+    assert record["faster_diffusion"]["key_steps"] == json.loads(calibrated["fd"].read_text())["steps"]
+    assert image_sample.run([*common, "--output_dir", str(tmp_path / "auto"), "--cache", "deepcache",
+                             "--full_steps", "auto:3"]) == 0
+    assert len(read) == 1 and len(calibrated_runs) == 1
+    record = json.loads((tmp_path / "auto" / "samples_2x64x64x3.json").read_text())
+    assert record["deepcache"]["full_steps"] == "auto:3" and len(record["calibrated_steps"]) == 3
 
 
 @pytest.mark.slow

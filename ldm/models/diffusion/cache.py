@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from ldm.models.diffusion.steps import AUTO, auto_count
 from ldm.util import precision_context
 
 
@@ -180,8 +181,20 @@ class Cache:
         return {option.name: getattr(self, option.name) for option in self.options}
 
     def check(self, num_steps):
-        """A one-line ValueError if the plan cannot run num_steps steps."""
+        """A one-line ValueError if the plan cannot run num_steps steps (steps still to calibrate: if K fits)."""
+        if self.calibrating():
+            auto_count(self.calibrating(), num_steps)
+            return
         self.unet_calls(num_steps, 1)
+
+    def calibrating(self):
+        """'auto:K' while the plan's steps are still to be calibrated on the model (`ldm.calibration`), else None."""
+        value = getattr(self, self.steps_option, None) if self.steps_option else None
+        return value if isinstance(value, str) and AUTO.fullmatch(value) else None
+
+    def with_steps(self, steps):
+        """This plan with its steps_option at these loop indices (the steps that 'auto:K' was calibrated to)."""
+        return type(self)(**{**self.values(), self.steps_option: list(steps)})
 
     def check_unet(self, unet):
         """A ValueError (an OptionError names the option) if the plan does not fit this UNet."""

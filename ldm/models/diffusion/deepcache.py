@@ -14,7 +14,7 @@ import numpy as np
 from ldm.models.diffusion.cache import Cache, Strategy, UNetCall
 from ldm.models.diffusion.forecast import FORECAST, TaylorFeatures, check_order
 from ldm.models.diffusion.options import Option, OptionError, boolean, number, step_list, whole_number
-from ldm.models.diffusion.steps import check_loop_indices, read_steps
+from ldm.models.diffusion.steps import AUTO, check_loop_indices, is_calibrated, read_steps
 
 
 def _loop_indices(steps, name):
@@ -69,7 +69,7 @@ class DeepCache(Cache):
         self.interval = None if interval is None else int(interval)
         self.nonuniform = bool(nonuniform)
         self.pow = pow
-        calibrated = isinstance(full_steps, str) and full_steps.startswith("@")
+        calibrated = is_calibrated(full_steps)
         self.full_steps = full_steps if calibrated or full_steps is None else _loop_indices(full_steps, "full_steps")
         self.branch = int(branch)
         self.forecast = check_order(forecast, "DeepCache")
@@ -116,7 +116,8 @@ class DeepCache(Cache):
         return self.full_steps_for(num_steps)
 
     def record(self, num_steps):
-        record = {"full_steps": list(self.full_steps_for(num_steps)), "branch": self.branch}
+        full = self.calibrating() or list(self.full_steps_for(num_steps))  # 'auto:K' as asked, until calibrated
+        record = {"full_steps": full, "branch": self.branch}
         if self.forecast:  # recorded only when used, so that earlier runs' records still match
             record["forecast"] = self.forecast
         return {self.name: record}
@@ -129,6 +130,9 @@ class DeepCache(Cache):
 
     def full_steps_for(self, num_steps):
         """The loop indices where the whole UNet runs, for num_steps sampling steps."""
+        if isinstance(self.full_steps, str) and AUTO.fullmatch(self.full_steps):
+            raise ValueError(f"full_steps {self.full_steps!r} are calibrated on the model: resolve them first with "
+                             "ldm.calibration.auto_steps (the scripts do)")
         if isinstance(self.full_steps, str):
             return tuple(read_steps(self.full_steps[1:], num_steps, "deep"))
         if self.full_steps is not None:

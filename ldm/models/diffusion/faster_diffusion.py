@@ -117,7 +117,7 @@ class FasterDiffusion(Cache):
             if not (isinstance(value, (int, float)) and 0 <= value <= torch.finfo(torch.float32).max):
                 raise ValueError(f"{name} must be a number of at least 0 that float32 can hold, not {value!r}")
         self.key_steps = parse_key_steps(key_steps)
-        if isinstance(self.key_steps, str) and not re.fullmatch(r"uniform:\d+|@.+", self.key_steps):
+        if isinstance(self.key_steps, str) and not re.fullmatch(r"uniform:\d+|auto:\d+|@.+", self.key_steps):
             _preset_key_steps(self.key_steps, PRESET_STEPS)  # unknown names fail now, not at sampling time
         self.parallel = parallel
         self.noise_injection = noise_injection
@@ -144,7 +144,8 @@ class FasterDiffusion(Cache):
     def record(self, num_steps):
         """As recorded since the first version: key steps, context layout and noise injection, and the injection's
         threshold and scale and the forecast where they are not the published ones."""
-        record = {"key_steps": list(self.key_steps_for(num_steps)), "context_layout": self.context_layout,
+        keys = self.calibrating() or list(self.key_steps_for(num_steps))  # 'auto:K' as asked, until calibrated
+        record = {"key_steps": keys, "context_layout": self.context_layout,
                   "noise_injection": self.noise_injection}
         for option, published in (("injection_scale", INJECTION_SCALE), ("injection_threshold", INJECTION_THRESHOLD),
                                   ("forecast", 0)):

@@ -159,6 +159,10 @@ class Mode:
         """A one-line ValueError if the cache cannot run this many steps."""
         self.plan.check(steps)
 
+    def with_steps(self, steps):
+        """This mode with its cache's key or full steps at these loop indices (see Cache.with_steps)."""
+        return replace(self, cache=self.cache.with_steps(steps))
+
     def unet_calls(self, steps, rows):
         """Counter of UNetCall: every UNet call of sampling `steps` steps at `rows` rows a step."""
         return self.plan.unet_calls(steps, rows) + Counter({UNetCall("full"): self.solver.first_step_calls})
