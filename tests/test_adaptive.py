@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG, rel_err
+from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script, rel_err
 from ldm.models.diffusion.adaptive import AdaptiveDeepCache
 from ldm.models.diffusion.cache import UNetCall
 from ldm.models.diffusion.deepcache import DeepCache
@@ -17,6 +17,7 @@ from ldm.util import load_model
 from ldm.sampling import sample_generators, sample_labels, sample_latents
 
 DIGITS = REPO / "models" / "digits32"
+image_sample = load_script("scripts/image_sample.py")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest delta: no sample ever moves that far
 
 
@@ -149,12 +150,13 @@ FLAG_CASES = [
 
 
 @pytest.mark.parametrize("flags, message", FLAG_CASES)
-def test_bad_flags_are_one_line_and_exit_2_before_model_work(flags, message, tmp_path):
-    result = subprocess.run([sys.executable, "scripts/image_sample.py", "--config_path", str(TINY_CONFIG),
-                             "--model_path", str(TINY_CKPT), "--num_samples", "2", "--ddim_steps", "10",
-                             "--output_dir", str(tmp_path / "out"), *flags], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+def test_bad_flags_are_one_line_and_exit_2_before_model_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.run(["--config_path", str(TINY_CONFIG), "--model_path", str(TINY_CKPT), "--num_samples", "2",
+                          "--ddim_steps", "10", "--output_dir", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 

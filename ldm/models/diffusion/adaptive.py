@@ -8,7 +8,8 @@ shallow branch computes anyway) on the step's input, both guidance rows of the s
     d = mean |p(i) - p(a)| / mean |p(a)|,
 
 and the sample takes the whole UNet when d > adaptive (delta) or i - a >= max_interval, else the shallow branch
-against its own deep features of step a. Step 0 runs the whole UNet. The decisions are per sample, so a sample's
+against its own deep features of step a. Step 0 runs the whole UNet. Both passes begin with input block 0, so they take
+the probe's output instead of computing it again. The decisions are per sample, so a sample's
 result does not depend on the batch it is sampled in, nor on the number of processes.
 
 An `AdaptiveDeepCache` object is a cache plan handed to a sampler (`cache=`); it holds no tensors.
@@ -95,27 +96,37 @@ class _AdaptiveRun(Strategy):
         g, plan = self.guidance, self.plan
         x_in = g.rows(x)
         t = self.timesteps[i].expand(len(x_in))
-        probe = self.calls.first_block(x_in, t, g.context) if plan.probe == "first_block" else x_in
+        first = self.calls.first_block(x_in, t, g.context) if plan.probe == "first_block" else None
+        probe = x_in if first is None else first
         full = self.refresh(probe, i)
-        out = torch.empty_like(x_in, dtype=torch.float32)
         rows, shallow = self.rows_of(full), self.rows_of(~full)
-        if len(rows):
-            out[rows], deep = self.calls.forward_deep(*_take((x_in, t, g.context), rows), plan.branch)
-            self.keep(full, rows, probe, deep, i)
-        if len(shallow):
-            x_s, t_s, context_s = _take((x_in, t, g.context), shallow)
-            out[shallow] = self.calls.forward_shallow(x_s, _take((self.deep,), shallow)[0], t_s, context_s,
-                                                      plan.branch)
+        if not len(shallow):  # every sample takes the same pass: no rows to gather or scatter
+            out = self.full_pass(full, rows, x_in, t, first, probe, i)
+        elif not len(rows):
+            out = self.calls.forward_shallow(x_in, self.deep, t, g.context, plan.branch, first)
+        else:  # both passes begin with the probe's block: they take its output
+            out = torch.empty_like(x_in, dtype=torch.float32)
+            out[rows] = self.full_pass(full, rows, *_take((x_in, t, first), rows), probe, i)
+            x_s, t_s, first_s, deep_s = _take((x_in, t, first, self.deep), shallow)
+            out[shallow] = self.calls.forward_shallow(x_s, deep_s, t_s, _take((g.context,), shallow)[0], plan.branch,
+                                                      first_s)
+        stats = self.calls.stats
         for b, is_full in enumerate(full.tolist()):
-            counts = self.calls.stats.sample_full_steps if is_full else self.calls.stats.sample_shallow_steps
-            counts[b] += 1
+            (stats.sample_full_steps if is_full else stats.sample_shallow_steps)[b] += 1
         return g.combine(out)
+
+    def full_pass(self, full, rows, x, t, first, probe, i):
+        """The whole UNet on the rows of the samples marked in `full`, keeping what their later steps compare with."""
+        context = _take((self.guidance.context,), rows)[0]
+        out, deep = self.calls.forward_deep(x, t, context, self.plan.branch, first)
+        self.keep(full, rows, probe, deep, i)
+        return out
 
     def refresh(self, probe, i):
         """Which samples take the whole UNet at step i (a bool per sample)."""
         if self.reference is None:
             return torch.ones(self.batch, dtype=torch.bool, device=probe.device)
-        change = (probe.float() - self.reference).abs().flatten(1).mean(1)
+        change = (probe.float() - self.reference).abs_().flatten(1).mean(1)
         scale = self.reference.abs().flatten(1).mean(1)
         moved = self.per_sample(change) > self.plan.adaptive * self.per_sample(scale)
         if self.plan.max_interval is not None:

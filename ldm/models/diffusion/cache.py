@@ -97,15 +97,16 @@ class UNetCalls:
         self.stats.decoder_rows += len(t)
         return out
 
-    def forward_deep(self, x, t, context, branch):
+    def forward_deep(self, x, t, context, branch, first=None):
+        """The whole UNet, keeping its deep features; first: input block 0's output on x, if already computed."""
         with self._autocast():
-            out, deep = self.unet.forward_deep(x, t, context, branch=branch)
+            out, deep = self.unet.forward_deep(x, t, context, branch=branch, first=first)
         self._count_full(len(x))
         return out, deep
 
-    def forward_shallow(self, x, deep, t, context, branch):
+    def forward_shallow(self, x, deep, t, context, branch, first=None):
         with self._autocast():
-            out = self.unet.forward_shallow(x, deep, t, context, branch=branch)
+            out = self.unet.forward_shallow(x, deep, t, context, branch=branch, first=first)
         self.stats.shallow_passes += 1
         return out
 

@@ -217,14 +217,15 @@ class UNetModel(nn.Module):
         """The cross-attention context in the dtype of the weights."""
         return None if context is None else context.type(self.dtype)
 
-    def encode(self, x, timesteps, context=None, y=None):
-        """Run the input blocks and the middle block: returns (the 12 skip features, the middle feature)."""
+    def encode(self, x, timesteps, context=None, y=None, first=None):
+        """Run the input blocks and the middle block: returns (the 12 skip features, the middle feature). first: the
+        output of input block 0 on x where the caller has it (first_block), else computed here."""
         emb = self.embed_time(timesteps, y)
         context = self._context(context)
         h = x.type(self.dtype)
         skips = []
-        for module in self.input_blocks:
-            h = module(h, emb, context)
+        for k, module in enumerate(self.input_blocks):
+            h = first if k == 0 and first is not None else module(h, emb, context)
             skips.append(h)
         return skips, self.middle_block(h, emb, context)
 
@@ -289,14 +290,14 @@ class UNetModel(nn.Module):
         if not 0 <= branch <= last:
             raise ValueError(f"DeepCache branch must be in 0..{last} for this UNet, not {branch}")
 
-    def forward_deep(self, x, timesteps, context=None, y=None, branch=0):
+    def forward_deep(self, x, timesteps, context=None, y=None, branch=0, first=None):
         """forward(), also returning the deep features that forward_shallow reuses.
 
         They are the input of output block N-1-branch from the decoder side (the output of block
-        N-2-branch; the middle block's output when branch = N-1), for N output blocks.
+        N-2-branch; the middle block's output when branch = N-1), for N output blocks. first: as for encode.
         """
         self.check_branch(branch)
-        skips, mid = self.encode(x, timesteps, context, y)
+        skips, mid = self.encode(x, timesteps, context, y, first)
         return self.decode_deep(skips, mid, timesteps, context, y, branch, out_dtype=x.dtype)
 
     def decode_deep(self, skips, mid, timesteps, context=None, y=None, branch=0, out_dtype=None):
@@ -308,17 +309,17 @@ class UNetModel(nn.Module):
         h = self._output_blocks(deep, skips, emb, context, first_shallow, len(self.output_blocks))
         return self._head(h, out_dtype), deep
 
-    def forward_shallow(self, x, deep, timesteps, context=None, y=None, branch=0):
+    def forward_shallow(self, x, deep, timesteps, context=None, y=None, branch=0, first=None):
         """DeepCache's shallow branch: input blocks 0..branch on x, then the last branch+1 output blocks on
         the cached deep features and those fresh skips. branch=0 is DeepCache's LDM setting (the first
-        convolution, the last output block and the head)."""
+        convolution, the last output block and the head). first: as for encode."""
         self.check_branch(branch)
         emb = self.embed_time(timesteps, y)
         context = self._context(context)
         h = x.type(self.dtype)
         skips = []
-        for module in self.input_blocks[:branch + 1]:
-            h = module(h, emb, context)
+        for k, module in enumerate(self.input_blocks[:branch + 1]):
+            h = first if k == 0 and first is not None else module(h, emb, context)
             skips.append(h)
         n = len(self.output_blocks)
         return self._head(self._output_blocks(deep, skips, emb, context, n - 1 - branch, n), x.dtype)
