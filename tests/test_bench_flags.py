@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 TINY = ["--config", str(TINY_CONFIG), "--device", "cpu"]
 BASE = {"bench_decode_memory": TINY, "bench_memory": TINY + ["--steps", "10", "--key_steps", "uniform:3"],
         "bench_precision": TINY, "bench_weights": TINY, "check_compile": TINY + ["--steps", "10"],
-        "bench_sample_memory": []}
+        "bench_sample_memory": [], "bench_cache_steps": TINY}
 
 
 def status(script, argv):
@@ -35,6 +35,11 @@ FILES = {"malformed.yaml": malformed, "truncated.ckpt": truncated}
 NOT_A_NUMBER = "expected a whole number"
 STEPS_7 = "--steps: 7 DDIM steps do not fit the uniform schedule"
 CASES = {
+    "bench_cache_steps": [
+        (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
+        (["--interval", "x"], "argument --interval: expected a whole number, not 'x'"),
+        (["--device", "cuda:7"], "--device cuda:7: "),
+    ],
     "bench_decode_memory": [
         (["--batches", "0"], "argument --batches: expected a comma list of whole numbers of at least 1, not '0'"),
         (["--batches", "4,-2"], "argument --batches: expected a comma list"),
@@ -123,3 +128,12 @@ def test_decode_memory_table(capsys):
     assert status("bench_decode_memory", ["--batches", "1,2", "--chunk", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows] == ["batch", "1", "2"]
+
+
+def test_bench_cache_steps_times_each_step_and_prints_the_shares(capsys):
+    assert status("bench_cache_steps", ["--repeats", "2", "--calls", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("whole UNet (DeepCache full step)", "DeepCache shallow step", "DeepCache forecast 2 shallow step",
+                "adaptive shallow step (probe, decision)"):
+        assert f"| {row}" in out
+    assert "of a DeepCache N = 5 run of 20 steps" in out and "to a shallow step" in out
