@@ -34,8 +34,9 @@ WRITE_FAILED_EXIT_CODE = 5
 INTERRUPT_GRACE_SECONDS = 1.0
 
 
-def check_run(args):
-    """Every check that needs no weights: flags, files, the model's structure and what output_dir holds.
+def check_run(args, model=None):
+    """Every check that needs no weights: flags, files, the model's structure and what output_dir holds. model: the
+    config's model as `cli.inspect_model` builds it, where the caller has it (the frontier checks many modes of one).
 
     Returns (settings, files, state of an earlier run: fresh, resume, restart or done, the checked mode). `sample`
     reads the state again once it holds the folder.
@@ -54,7 +55,7 @@ def check_run(args):
             raise cli.UsageError(f"{flag} must be at least 1, not {value}")
     if args.output_dir == "":
         raise cli.UsageError("--output_dir is empty: give a folder, or leave the flag out for the default")
-    model = cli.inspect_model(args)
+    model = model or cli.inspect_model(args)
     cli.check_mode_fits(mode, model, args.steps)
     settings = run_settings(args, model, mode)
     output_dir = args.output_dir if args.output_dir is not None else default_output_dir(settings, args.config)

@@ -217,7 +217,7 @@ def check(args):
     if not os.path.isfile(args.inception_path):
         raise cli.UsageError(f"--inception_path {args.inception_path}: no such file (the feature graph)")
     cli.check_writable_folder(args.out, "--out")
-    jobs = []
+    jobs, model = [], None
     for spec in dict.fromkeys(specs):
         mode = parse_spec(spec)
         for guidance in args.guidance:
@@ -230,12 +230,14 @@ def check(args):
             job = Job(spec, guidance, sample_args(argv, spec), mode["cache"])
             try:
                 cli.apply_mode_flag(job.args)
-                sampling_run.check_run(job.args)  # the mode, its steps, calibration files, the folder
+                if model is None:  # the model's structure, built once for all modes
+                    cli.check_files(job.args)
+                    model = cli.inspect_model(job.args)
+                sampling_run.check_run(job.args, model)  # the mode, its steps, calibration files, the folder
             except cli.UsageError as e:
                 raise cli.UsageError(f"mode {spec!r}: {e}") from None
             jobs.append(job)
     args.base = base_spec(args, {spec: parse_spec(spec) for spec in dict.fromkeys(specs)})
-    model = cli.inspect_model(jobs[0].args)
     for path, flag in ((args.ref, "--ref"), (args.real, "--real")):
         if path:
             check_batch(path, flag, image_shape(model))
