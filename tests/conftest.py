@@ -127,7 +127,7 @@ def run_main(relative_path, *args):
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = script.main([str(a) for a in args])
+            status = (getattr(script, "main", None) or script.run)([str(a) for a in args])
     except SystemExit as stop:
         status = stop.code
         if isinstance(status, str):

@@ -162,8 +162,9 @@ def test_bad_flags_are_one_line_and_exit_2_before_model_work(flags, message, tmp
 
 @pytest.mark.slow
 def test_batch_sizes_and_processes_give_equal_samples(tmp_path):
-    """Batch 1, batch 4 and two MPI processes on the shipped digits model, at a threshold where its samples decide
-    differently (full steps 6, 7, 7, 7 of 10)."""
+    """Two MPI processes with batches of 2 give the samples of one process with a batch of 4, on the shipped digits
+    model at a threshold where its samples decide differently (full steps 6, 7, 7, 7 of 10); batch 1 against batch 4
+    in one process: test_decisions_are_per_sample_and_independent_of_the_batch."""
     def run(name, *extra, processes=1):
         cmd = [sys.executable, "scripts/image_sample.py", "--config_path", str(DIGITS / "config.yaml"),
                "--model_path", str(DIGITS / "model.safetensors"), "--num_samples", "4", "--ddim_steps", "10",
@@ -177,7 +178,5 @@ def test_batch_sizes_and_processes_give_equal_samples(tmp_path):
         with np.load(tmp_path / name / "samples_4x32x32x3.npz") as npz:
             return npz["latents"]
 
-    one, four = run("one", "--batch_size", "1"), run("four", "--batch_size", "4")
-    mpi = run("mpi", "--batch_size", "1", processes=2)
-    assert rel_err(torch.from_numpy(four), torch.from_numpy(one)) < 1e-4  # float rounding of other batch shapes
-    assert rel_err(torch.from_numpy(mpi), torch.from_numpy(one)) < 1e-4
+    four, mpi = run("four", "--batch_size", "4"), run("mpi", "--batch_size", "2", processes=2)
+    assert rel_err(torch.from_numpy(mpi), torch.from_numpy(four)) < 1e-4  # float rounding of other batch shapes

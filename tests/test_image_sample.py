@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script
+from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script, run_main
 from ldm import sampling_run
 from ldm import cli, shards
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
@@ -44,9 +44,12 @@ def command(out_dir, *flags, processes=1, config=TINY_CONFIG, ckpt=TINY_CKPT):
 
 
 def run(out_dir, *flags, processes=1, cwd=REPO, **model):
-    """Run image_sample.py (see command); later flags win."""
-    return subprocess.run(command(out_dir, *flags, processes=processes, **model), cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    """Run image_sample.py (see command); later flags win. One process from the repository runs in this one, as a
+    process would (conftest.run_main: no interpreter to start); several, or another folder, as processes."""
+    cmd = command(out_dir, *flags, processes=processes, **model)
+    if processes == 1 and cwd == REPO:
+        return run_main("scripts/image_sample.py", *cmd[2:])
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def load(path):
@@ -127,10 +130,11 @@ def test_matches_generate(reference, tiny_model):
 
 
 def plant_temporaries(folder, name):
-    """Temporary files of `name` as killed runs leave them, and one of a live process (this test)."""
+    """Temporary files of `name` as killed runs leave them, and one of a live process (this test's parent, not the
+    run, which may run in this process)."""
     folder.mkdir(parents=True, exist_ok=True)
     stale = [f".{name}.{socket.gethostname()}.999999999.tmp", f".{name}.999999999.tmp", f".{name}.elsewhere.7.tmp"]
-    live = f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    live = f".{name}.{socket.gethostname()}.{os.getppid()}.tmp"
     for tmp in [*stale, live]:
         (folder / tmp).write_bytes(b"partial")
     return live
