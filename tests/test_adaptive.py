@@ -53,6 +53,7 @@ def digits_model():
     return load_model(str(DIGITS / "config.yaml"), str(DIGITS / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_decisions_are_per_sample_and_independent_of_the_batch(digits_model):
     """On the shipped digits model the samples decide differently: each sample's latents and counts in a batch of
     four are those it gets alone (up to float rounding)."""

@@ -94,6 +94,7 @@ def test_modes_are_timed_in_turn_and_ranked_by_their_medians(monkeypatch, capsys
                                     "fp32 spread by 100% of their median (more than 20%): its time is uncertain")
 
 
+@pytest.mark.slow
 def test_openmp_threads_wait_passively_unless_told(tmp_path):
     """The script sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (libgomp then spins 0 times), unless the user
     chose a wait policy."""

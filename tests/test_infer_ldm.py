@@ -160,6 +160,7 @@ def test_compared_rows_are_timed_in_turn_and_ranked_by_their_medians(tmp_path, m
     assert one.repeats == 1
 
 
+@pytest.mark.slow
 def test_openmp_threads_wait_passively_unless_told():
     """infer_ldm.py sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (libgomp then spins 0 times before it
     sleeps), unless the user chose a wait policy."""
@@ -279,6 +280,7 @@ def test_bad_input_message(case, tmp_path, capsys, ten_class_files):
     check_bad_input(case, tmp_path, returncode, capsys.readouterr().err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing checkpoint", "bad checkpoint", "non-integer class"])
 def test_bad_input_command_line(case, tmp_path, ten_class_files):
     """The same as a command: one line on stderr, no traceback, exit status 2."""
@@ -352,6 +354,7 @@ def test_download_resumes_partial(server, tmp_path, have):
     assert not out.with_name("model.ckpt.partial").exists()
 
 
+@pytest.mark.slow
 def test_download_offline_is_one_line(tmp_path):
     out = tmp_path / "model.ckpt"
     result = subprocess.run([sys.executable, "scripts/download_model.py", "--url", "http://127.0.0.1:9/model.ckpt",

@@ -157,6 +157,7 @@ def test_gpu_profile_script_adds_eager_on_request(tmp_path):
     assert (tmp_path / "tables" / "best_flags").read_text() == "--inductor coordinate_descent_tuning=True\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["gpu_check", "gpu_profile"])
 def test_gpu_scripts_without_a_gpu_say_so_in_one_line(tmp_path, script):
     fake = tmp_path / "python"

@@ -130,6 +130,7 @@ def test_one_process_gets_no_more_threads_than_usable_cores(usable, before, afte
 
 @pytest.mark.parametrize("env, said", [({}, "True PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "False ACTIVE"),
                                        ({"GOMP_SPINCOUNT": "1000"}, "False None")])
+@pytest.mark.slow
 def test_passive_waits_are_set_before_torch_unless_the_user_chose(env, said):
     code = ("import os, sys; from ldm.distributed import passive_cpu_waits; assert 'torch' not in sys.modules; "
             "print(passive_cpu_waits(), os.environ.get('OMP_WAIT_POLICY'))")
