@@ -22,11 +22,10 @@ import torch  # noqa: E402
 from common import at_least, build_model, device_name, print_table, run_checked  # noqa: E402
 from ldm import cli  # noqa: E402
 from ldm.distributed import share_cpu_threads  # noqa: E402
-from ldm.models.diffusion.adaptive import AdaptiveDeepCache  # noqa: E402
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls  # noqa: E402
 from ldm.models.diffusion.ddim import make_ddim_timesteps  # noqa: E402
-from ldm.models.diffusion.deepcache import DeepCache  # noqa: E402
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance  # noqa: E402
+from ldm.models.diffusion.modes import make_cache  # noqa: E402
 from ldm.sampling import unconditional_class  # noqa: E402
 from ldm.timing import alternate, device_clock  # noqa: E402
 from ldm.util import optimize_for_inference  # noqa: E402
@@ -34,6 +33,11 @@ from ldm.util import optimize_for_inference  # noqa: E402
 STEPS = 20
 FULL = (0, 5, 10)  # full steps before the timed shallow step, so that order 2 has all its factors
 TIMED = 12  # the loop index of the timed shallow step
+
+
+def deepcache(**options):
+    """A DeepCache plan from the registry."""
+    return make_cache("deepcache", **options)
 
 
 def bound(plan, model, guidance, timesteps, x, warm):
@@ -55,12 +59,13 @@ def bench(args):
     guidance = ClassifierFreeGuidance(cond, uncond, args.scale)
     timesteps = torch.from_numpy(make_ddim_timesteps(STEPS)).flip(0).to(args.device)
     steps = {
-        "whole UNet (DeepCache full step)": (bound(DeepCache(full_steps=[0]), model, guidance, timesteps, x, ()), 0),
-        "DeepCache shallow step": (bound(DeepCache(full_steps=FULL), model, guidance, timesteps, x, FULL), TIMED),
+        "whole UNet (DeepCache full step)": (bound(deepcache(full_steps=[0]), model, guidance, timesteps, x, ()), 0),
+        "DeepCache shallow step": (bound(deepcache(full_steps=FULL), model, guidance, timesteps, x, FULL), TIMED),
         "DeepCache forecast 2 shallow step": (
-            bound(DeepCache(full_steps=FULL, forecast=2), model, guidance, timesteps, x, FULL), TIMED),
+            bound(deepcache(full_steps=FULL, forecast=2), model, guidance, timesteps, x, FULL), TIMED),
         "adaptive shallow step (probe, decision)": (
-            bound(AdaptiveDeepCache(float(torch.finfo(torch.float32).max)), model, guidance, timesteps, x, (0,)), 1),
+            bound(make_cache("adaptive", adaptive=float(torch.finfo(torch.float32).max)), model, guidance, timesteps,
+                  x, (0,)), 1),
     }
     runs = {label: (lambda s=strategy, i=i: [s(x, i) for _ in range(args.calls)]) for label, (strategy, i) in
             steps.items()}
