@@ -183,8 +183,9 @@ class Cache:
 
     def check(self, num_steps):
         """A one-line ValueError if the plan cannot run num_steps steps (steps still to calibrate: if K fits)."""
-        if self.calibrating():
-            auto_count(self.calibrating(), num_steps)
+        pending = self.calibrating()
+        if pending:
+            auto_count(pending, num_steps)
             return
         self.unet_calls(num_steps, 1)
 

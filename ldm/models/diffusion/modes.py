@@ -88,7 +88,7 @@ def option_owners(key, by="name"):
 
 
 def owner_reason(key, by="name"):
-    """'; ' + why an option is its owners' alone, where one of them says why; else ''."""
+    """': ' + why an option is its owners' alone, where one of them says why; else ''."""
     options = [o for cls in CACHES.values() for o in cls.options] + [o for s in SOLVERS.values() for o in s.options]
     reason = next((o.owner_reason for o in options if getattr(o, by) == key and o.owner_reason), "")
     return f": {reason}" if reason else ""
