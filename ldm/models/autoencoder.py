@@ -4,6 +4,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.diffusionmodules.util import Embedding
 
 
 class VectorQuantizer2(nn.Module):
@@ -14,7 +15,7 @@ class VectorQuantizer2(nn.Module):
         if remap is not None:
             raise NotImplementedError("codebook index remapping (remap) is not supported")
         self.e_dim = e_dim
-        self.embedding = nn.Embedding(n_e, e_dim)
+        self.embedding = Embedding(n_e, e_dim)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)

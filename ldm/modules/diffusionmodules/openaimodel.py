@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import avg_pool_nd, conv_nd, normalization, timestep_embedding
+from ldm.modules.diffusionmodules.util import Embedding, avg_pool_nd, conv_nd, normalization, timestep_embedding
 
 
 def cat_shared(h, skip, n):
@@ -159,7 +159,7 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            self.label_emb = Embedding(num_classes, time_embed_dim)
 
         def transformer(ch):
             # Upstream's head rule; with legacy=True a spatial transformer always uses d_head = ch // heads.

@@ -1,6 +1,8 @@
 """Conditioning encoders."""
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import Embedding
+
 
 class ClassEmbedder(nn.Module):
     """Class label -> one context token: {key: [N]} -> [N, 1, embed_dim]. The last class is 'unconditional'."""
@@ -8,7 +10,7 @@ class ClassEmbedder(nn.Module):
     def __init__(self, embed_dim, n_classes=1000, key="class"):
         super().__init__()
         self.key = key
-        self.embedding = nn.Embedding(n_classes, embed_dim)
+        self.embedding = Embedding(n_classes, embed_dim)
 
     def forward(self, batch, key=None):
         labels, count = batch[key or self.key], self.embedding.num_embeddings
