@@ -20,7 +20,7 @@ from ldm.models.diffusion.modes import Mode, parse_mode
 from ldm.sampling import sample_generators, sample_latents
 from ldm.util import instantiate_from_config
 
-LABELS = torch.tensor([5])
+LABELS = torch.tensor([5, 1])  # 4 UNet rows, as test_adding_a_cache's compiled example: one whole-UNet graph for both
 
 
 def latents(model, mode, steps=10):
@@ -127,6 +127,7 @@ def two_level_model(tiny_model):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inductor")  # one process compiles both: the whole UNet once
 def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(two_level_model, monkeypatch, request,
                                                                       tmp_path):
     """Inductor on the CPU. The compile cache lives in pytest's cache folder: the first run compiles (under a

@@ -161,14 +161,15 @@ def test_the_first_row_is_planned_at_the_assumed_rate():
 @pytest.mark.slow
 @pytest.mark.parametrize("cap", [None, 8])
 def test_flops_per_image_are_those_of_the_rows_batch(cap):
-    """With a cap of 8 rows, decoder calls hold 4 steps at batch 1 and 2 at batch 2 (4 rows a step), which share
-    fewer convolutions over their skip features: each row's FLOPs per image are a sampling run's at its batch."""
-    argv = ["--device", "cpu", "--steps", "10", "--config", str(TINY_CONFIG), "--precisions", "fp32", "--modes",
-            "ddim,fd,deepcache", "--key_steps", "0,5"] + (["--max_decoder_batch", str(cap)] if cap else [])
+    """With a cap of 8 rows, a group of 3 steps is decoded in one call at batch 1 (2 rows a step) and in calls of 2
+    and 1 steps at batch 2 (4 rows a step), which share fewer convolutions over their skip features: each row's FLOPs
+    per image are a sampling run's at its batch."""
+    argv = ["--device", "cpu", "--steps", "5", "--config", str(TINY_CONFIG), "--precisions", "fp32", "--modes",
+            "ddim,fd,deepcache", "--key_steps", "0,3"] + (["--max_decoder_batch", str(cap)] if cap else [])
     bench = gpu_table.Bench(gpu_table.parse_args(argv))
     for name, mode in bench.modes.items():
         for batch_size in (1, 2):
-            _, intermediates = sample_latents(bench.base, torch.arange(batch_size), 10, 1.5, mode=mode,
+            _, intermediates = sample_latents(bench.base, torch.arange(batch_size), 5, 1.5, mode=mode,
                                               count_flops=True)
             assert bench.flops_per_image(name, batch_size) == intermediates["stats"].flops / batch_size
     assert (bench.flops_per_image("fd", 1) < bench.flops_per_image("fd", 2)) == bool(cap)

@@ -733,7 +733,7 @@ def rank_processes(marker):
 def test_a_signal_to_one_rank_ends_the_whole_mpi_job(rank, signum, tmp_path):
     """A real signal to one rank's process (not to mpiexec): every rank ends, with the one line on resuming."""
     out = tmp_path / f"out{rank}"
-    flags = ["--num_samples", "200", "--batch_size", "1", "--steps", "250"]
+    flags = ["--num_samples", "200", "--batch_size", "1", "--steps", "100"]
     proc = subprocess.Popen(command(out, *flags, processes=2), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 120

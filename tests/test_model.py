@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG, rel_err
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.util import Embedding
 from ldm.sampling import (DECODE_BATCH, decode_latents, generate, image_shape, num_classes, sample_latents,
                           unconditional_class)
 from ldm.util import (CheckpointError, build_model, file_sha256, instantiate_from_config, load_model, model_name,
@@ -26,6 +28,23 @@ def test_cin256_state_dict_matches_upstream_manifest():
     assert sorted(ours) == sorted(expected)
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["num_elements"]
     assert sum(p.numel() for p in model.model.diffusion_model.parameters()) == 400_920_579
+
+
+def test_a_models_structure_draws_no_weights_and_a_model_from_a_config_draws_torchs(monkeypatch):
+    """On the meta device nothing is drawn (torch's meta normal_ would import torch._dynamo, 1.4 s a start); a model
+    built to train draws its embeddings as nn.Embedding does."""
+    torch.manual_seed(0)
+    ours = Embedding(1001, 16)
+    torch.manual_seed(0)
+    torchs = nn.Embedding(1001, 16)
+    assert torch.equal(ours.weight, torchs.weight) and ours.weight.std() > 0.9
+    drawn = []
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda tensor, *a, **k: drawn.append(tensor.shape))
+    build_model(str(TINY_CONFIG))
+    assert drawn == []
+    with torch.device("meta"):
+        nn.Embedding(3, 2)
+    assert drawn == [(3, 2)]  # what the check above would have seen
 
 
 def test_schedule_buffers_match_upstream_constants(tiny_model):
