@@ -99,7 +99,6 @@ def test_flops_are_counted_from_its_calls(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("inductor")  # one process compiles both: the whole UNet once
 def test_compile_meets_its_shapes_before_sampling(two_level_model, monkeypatch, request, tmp_path):  # noqa: F811
     from torch._dynamo.utils import counters
 

@@ -127,7 +127,6 @@ def two_level_model(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("inductor")  # one process compiles both: the whole UNet once
 def test_compiled_on_the_cpu_equals_eager_and_compiles_before_sampling(two_level_model, monkeypatch, request,
                                                                       tmp_path):
     """Inductor on the CPU. The compile cache lives in pytest's cache folder: the first run compiles (under a

@@ -23,8 +23,7 @@ from ldm.util import load_model
 
 
 
-# slow: sampling runs scored end to end; on one worker, so that the finished frontier run is made once
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow, pytest.mark.xdist_group("frontier")]
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: sampling runs scored end to end
 frontier = load_script("scripts/frontier.py")
 MODES = ["ddim@2", "ddim+fd:uniform:2@4", "ddim+fd:auto:2@4", "dpmpp2m+deepcache:2@4"]
 
