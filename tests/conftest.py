@@ -118,6 +118,11 @@ def exit_status(script, argv):
         return stop.code
 
 
+def interruptible():
+    """For Popen: Ctrl-C reaches the child even where this test runs with SIGINT ignored (a background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_main(relative_path, *args):
     """Run a script's main(argv) in this process, as a subprocess would (no interpreter to start): a
     CompletedProcess with its exit status and what it printed. Restores the torch threads, the SIGTERM handler

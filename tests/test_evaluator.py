@@ -7,12 +7,12 @@ the test recomputes them in NumPy from the same weights. Its spatial features ar
 the pixels, so that (as Inception's) they span all their dimensions: with more images than features, the
 covariances are well-conditioned and FID agrees with the reference whatever the BLAS kernels.
 """
-import os
-import signal
 import functools
 import http.server
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, interruptible
+
 EVALUATOR = REPO / "evaluations" / "evaluator.py"
 
 
@@ -309,7 +310,7 @@ def test_signal_during_the_run_stops_in_one_line(graphs, tmp_path, signum, statu
     process = subprocess.Popen([sys.executable, str(EVALUATOR), str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"),
                                 "--inception_path", str(pb), "--batch_size", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=interruptible)
     try:
         for line in process.stdout:
             if line == "computing reference batch activations...\n":

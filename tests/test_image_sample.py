@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_CKPT, TINY_CONFIG, load_script, run_main
+from conftest import REPO, TINY_CKPT, TINY_CONFIG, interruptible, load_script, run_main
 from ldm import sampling_run
 from ldm import cli, shards
 from ldm.models.diffusion.faster_diffusion import FasterDiffusion
@@ -694,11 +694,6 @@ def test_a_full_disk_before_sampling_is_a_failed_write(tmp_path, monkeypatch, ca
 
 
 # --- interrupting -------------------------------------------------------------------------------------------
-
-
-def interruptible():
-    """For Popen: Ctrl-C reaches the child even where this test runs with SIGINT ignored (a background job)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
