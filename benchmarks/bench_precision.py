@@ -8,10 +8,10 @@ import os
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from common import at_least, build_model, check_model, check_steps, device_name, print_table, run_checked, timed
 from ldm import cli
+from ldm.flops import FlopCounter
 from ldm.models.diffusion.modes import make_cache
 from ldm.sampling import (decode_latents, num_classes, sample_generators, sample_labels, sample_latents,
                           unconditional_class)
@@ -74,9 +74,9 @@ def run(args):
     t = torch.full((2,), 500, device=device)
     context = model.get_learned_conditioning({model.cond_stage_key: torch.tensor([1, unconditional_class(model)], device=device)})
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounter() as counter:
         unet(x, t, context)
-    counted = counter.get_total_flops() / 1e9
+    counted = counter.flops / 1e9
     is_cin256 = sum(p.numel() for p in unet.parameters()) == CIN256_UNET_PARAMETERS
     nominal = CIN256_FORWARD_GFLOP if is_cin256 else counted
     peak = {p: matmul_gflops(d, device, args.repeats) for p, d in (("fp32", torch.float32), (fast, fast_dtype))}

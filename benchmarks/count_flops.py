@@ -1,6 +1,6 @@
 """UNet FLOPs per image of a sampling mode (any solver and cache), counted without sampling.
 
-Each kind of UNet call a run makes (`Mode.unet_calls`) is counted once on meta tensors (torch.utils.flop_counter:
+Each kind of UNet call a run makes (`Mode.unet_calls`) is counted once on meta tensors (ldm.flops, PyTorch's formulas:
 no weights, no arithmetic, a fraction of a second), then multiplied by how often the run makes it: the whole UNet
 every step; with FasterDiffusion the encoder once a group and the decoder once a call of each step count; with
 DeepCache the deep pass at its full steps and the shallow branch at the others. `gpu_table.py` counts its rows so, instead of running
@@ -18,11 +18,11 @@ import argparse
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from common import at_least, check_steps, print_table, script_args
 from ldm import cli
 from ldm.compile import call_arguments, decoder_call_steps, placeholder_inputs
+from ldm.flops import FlopCounter
 from ldm.models.diffusion.cache import SamplerStats, UNetCalls
 from ldm.models.diffusion.guidance import unet_rows
 from ldm.models.diffusion.modes import make_mode
@@ -30,9 +30,9 @@ from ldm.models.diffusion.modes import make_mode
 
 def counted(call):
     """FLOPs of call()."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounter() as counter:
         call()
-    return counter.get_total_flops()
+    return counter.flops
 
 
 @torch.inference_mode()

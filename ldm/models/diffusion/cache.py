@@ -7,12 +7,10 @@ i (0 = noisiest) and may reuse earlier work; `strategy.after_step(x, i)` may adj
 step i. The solvers never know which cache they run with.
 """
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ldm.models.diffusion.steps import AUTO, auto_count
 from ldm.util import precision_context
@@ -27,7 +25,7 @@ class SamplerStats:
     encoder_passes: calls of the encoder (input and middle blocks).
     decoder_calls, decoder_rows: calls of the whole decoder (output blocks) and the rows they decoded.
     shallow_passes: DeepCache calls that ran only the shallow branch.
-    flops: UNet floating-point operations counted by torch.utils.flop_counter (with count_flops=True).
+    flops: UNet floating-point operations counted by ldm.flops.FlopCounter (with count_flops=True).
     sample_full_steps, sample_shallow_steps: per sample of the batch, the steps it took the whole UNet and the
       shallow branch (caches that decide per sample fill them; empty otherwise).
     """
@@ -40,26 +38,6 @@ class SamplerStats:
     flops: int = 0
     sample_full_steps: list = field(default_factory=list)
     sample_shallow_steps: list = field(default_factory=list)
-
-
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# The fused CPU attention kernel that PyTorch's FLOP table leaves out (absent from older PyTorch).
-_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-@contextmanager
-def flop_counter(enabled):
-    """FlopCounterMode (yielded) when enabled, else None. Attention is counted on CPU too: there PyTorch's
-    scaled-dot-product attention runs a fused kernel that its FLOP table leaves out."""
-    if not enabled:
-        yield None
-        return
-    counter = FlopCounterMode(display=False, custom_mapping={_CPU_ATTENTION: _sdpa_flops} if _CPU_ATTENTION else {})
-    with counter:
-        yield counter
 
 
 class UNetCalls:

@@ -1,9 +1,12 @@
 """What the sampler front ends share: argument checks, the denoiser a solver sees, and one sampling run
 (guidance, the cache, counting, the callback and upstream's intermediates)."""
+from contextlib import nullcontext
+
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.cache import SamplerStats, UNetCalls, bind_cache, flop_counter
+from ldm.flops import FlopCounter
+from ldm.models.diffusion.cache import SamplerStats, UNetCalls, bind_cache
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 
 # Upstream sample() arguments that are accepted at their default values only.
@@ -108,9 +111,10 @@ class Sampler:
                 step_callback(i, timesteps[i].item(), x, pred_x0)
             bar.update(1)
 
-        with flop_counter(count_flops) as counter:
+        counter = FlopCounter() if count_flops else nullcontext()
+        with counter:
             x = solve(Denoiser(strategy, guidance, calls, timesteps, on_step), x_T)
         bar.close()
-        if counter is not None:
-            stats.flops = counter.get_total_flops()
+        if count_flops:
+            stats.flops = counter.flops
         return x, intermediates
