@@ -87,11 +87,11 @@ def padded_decode(decode, buckets):
     return call
 
 
-def _graph_call(fn, cuda_graphs, timesteps_at):
+def _graph_call(fn, cuda_graphs, timesteps_at, backend):
     """fn compiled, its positional argument timesteps_at (the timesteps) made float32 as the UNet's first use of
     them does, so that integer and float timesteps share one graph. With CUDA graphs the outputs are cloned: the
     graph's next replay overwrites its own."""
-    compiled = torch.compile(fn, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+    compiled = torch.compile(fn, dynamic=False, backend=backend, mode="reduce-overhead" if cuda_graphs else None)
 
     def call(*args, **kwargs):
         args = list(args)
@@ -122,22 +122,22 @@ def _whole(encode, decode):
     return forward
 
 
-def compile_unet(model, buckets=(), cuda_graphs=None):
+def compile_unet(model, buckets=(), cuda_graphs=None, backend="inductor"):
     """Compile the UNet's whole forward (one graph), its encoder, decoder and DeepCache halves (decode_deep,
-    forward_shallow) in place, with CUDA graphs on a GPU unless cuda_graphs=False; decoder calls of several steps
-    are padded to `buckets` (see choose_buckets). Raises torch's limit of compiled shapes per method to
-    RECOMPILE_LIMIT, so that no shape falls back to eager."""
+    forward_shallow) in place with torch.compile's `backend`, with CUDA graphs on a GPU unless cuda_graphs=False;
+    decoder calls of several steps are padded to `buckets` (see choose_buckets). Raises torch's limit of compiled
+    shapes per method to RECOMPILE_LIMIT, so that no shape falls back to eager."""
     unet = model.unet
     if cuda_graphs is None:
         cuda_graphs = model.device.type == "cuda"
     elif cuda_graphs and model.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {model.device.type}")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    unet.forward = _graph_call(_whole(unet.encode, unet.decode), cuda_graphs, 1)  # (x, timesteps, ...)
-    unet.encode = _graph_call(unet.encode, cuda_graphs, 1)  # (x, timesteps, ...)
-    unet.decode = padded_decode(_graph_call(unet.decode, cuda_graphs, 2), buckets)  # (skips, mid, timesteps, ...)
-    unet.decode_deep = _graph_call(unet.decode_deep, cuda_graphs, 2)  # (skips, mid, timesteps, ...)
-    unet.forward_shallow = _graph_call(unet.forward_shallow, cuda_graphs, 2)  # (x, deep, timesteps, ...)
+    unet.forward = _graph_call(_whole(unet.encode, unet.decode), cuda_graphs, 1, backend)  # (x, timesteps, ...)
+    unet.encode = _graph_call(unet.encode, cuda_graphs, 1, backend)  # (x, timesteps, ...)
+    unet.decode = padded_decode(_graph_call(unet.decode, cuda_graphs, 2, backend), buckets)  # (skips, mid, timesteps, ...)
+    unet.decode_deep = _graph_call(unet.decode_deep, cuda_graphs, 2, backend)  # (skips, mid, timesteps, ...)
+    unet.forward_shallow = _graph_call(unet.forward_shallow, cuda_graphs, 2, backend)  # (x, deep, timesteps, ...)
     return model
 
 

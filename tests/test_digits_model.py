@@ -48,8 +48,9 @@ def recognised(model, per_class):
 
 
 def test_shipped_model_draws_the_digits_asked_for_and_random_weights_do_not(digits_model):
-    # 500 samples: the binomial error of a 90% rate is 1.3 points there, 4.7 at 40 samples
-    assert recognised(digits_model, per_class=50) >= 0.9
+    # 200 samples: the binomial error of a 90% rate is 2.1 points there, 4.7 at 40; 95.5% of them are read (of 500,
+    # 96.8%)
+    assert recognised(digits_model, per_class=20) >= 0.9
     torch.manual_seed(0)
     untrained = instantiate_from_config(OmegaConf.load(CONFIG).model).eval()
     assert recognised(untrained, per_class=4) < 0.5
