@@ -118,7 +118,7 @@ def test_modes_have_their_own_folders_and_records(tmp_path, capsys, monkeypatch)
 # --- infer_ldm.py --compare with a list of modes ----------------------------------------------------------------
 
 BARE_PICTURE = [*MODEL, "--classes", "25", "187", "--steps", str(STEPS), "--scale", "3"]
-PICTURE = [*BARE_PICTURE, "--key_steps", "uniform:3"]
+PICTURE = [*BARE_PICTURE, "--key_steps", "uniform:3", "--repeats", "1"]  # timing in rounds: test_infer_ldm.py
 
 
 def tile_rows(path, count):
