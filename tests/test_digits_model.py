@@ -13,7 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, run_main
+from evaluations import evaluator
 from evaluations.digit_classifier import graph_predict
 from ldm.data.digits import REFERENCE_SEED, make_digits
 from ldm.sampling import generate, num_classes, reconstruct, sample_generators, to_uint8, unconditional_class
@@ -67,17 +68,20 @@ def test_first_stage_reconstructs_held_out_digits(digits_model):
 
 
 def sample(out_dir, processes=1):
-    cmd = [sys.executable, str(REPO / "scripts" / "image_sample.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
-           "--num_samples", "12", "--batch_size", "4", "--steps", "10", "--scale", "1.5", "--tqdm_disable", "yes",
-           "--output_dir", str(out_dir)]
-    if processes > 1:
-        cmd = [str(MPIEXEC), "-n", str(processes), *cmd]
-    result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    """image_sample.py's .npz: one process runs in this one (conftest.run_main), several under mpiexec."""
+    flags = ["--config", str(CONFIG), "--ckpt", str(CKPT), "--num_samples", "12", "--batch_size", "4", "--steps", "10",
+             "--scale", "1.5", "--tqdm_disable", "yes", "--output_dir", str(out_dir)]
+    if processes == 1:
+        result = run_main("scripts/image_sample.py", *flags)
+    else:
+        result = subprocess.run([str(MPIEXEC), "-n", str(processes), sys.executable,
+                                 str(REPO / "scripts" / "image_sample.py"), *flags],
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return Path(result.stdout.strip().splitlines()[-1].removeprefix("samples: "))
 
 
-def test_sampling_script_and_evaluator_run_end_to_end(tmp_path):
+def test_sampling_script_and_evaluator_run_end_to_end(tmp_path, capsys):
     one = sample(tmp_path / "one")
     two = sample(tmp_path / "two", processes=2)
     with np.load(one) as a, np.load(two) as b:
@@ -87,11 +91,9 @@ def test_sampling_script_and_evaluator_run_end_to_end(tmp_path):
         assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # float rounding only
     ref_images, ref_labels = make_digits(REFERENCE_SEED, range(40))
     np.savez(tmp_path / "ref.npz", arr_0=ref_images, arr_1=ref_labels)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "evaluations" / "evaluator.py"), str(tmp_path / "ref.npz"), str(one),
-         "--inception_path", str(CLASSIFIER)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    metrics = dict(line.split(": ") for line in result.stdout.strip().splitlines() if ": " in line)
+    evaluator.main([str(tmp_path / "ref.npz"), str(one), "--inception_path", str(CLASSIFIER)])
+    printed = capsys.readouterr().out
+    metrics = dict(line.split(": ") for line in printed.strip().splitlines() if ": " in line)
     for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
         assert np.isfinite(float(metrics[name])), metrics
     assert 1.0 <= float(metrics["Inception Score"]) <= 10.0  # ten classes bound the score
@@ -99,9 +101,8 @@ def test_sampling_script_and_evaluator_run_end_to_end(tmp_path):
 
 def test_a_class_the_model_lacks_is_one_error_line(tmp_path):
     out = tmp_path / "x.png"
-    result = subprocess.run([sys.executable, str(REPO / "infer_ldm.py"), "--config", str(CONFIG), "--ckpt", str(CKPT),
-                             "--classes", "3", "10", "--steps", "5", "--out", str(out)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    result = run_main("infer_ldm.py", "--config", CONFIG, "--ckpt", CKPT, "--classes", "3", "10", "--steps", "5",
+                      "--out", out)
     assert result.returncode == 2
     assert "10 classes" in result.stderr.strip().splitlines()[-1] and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()

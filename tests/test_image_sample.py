@@ -44,11 +44,11 @@ def command(out_dir, *flags, processes=1, config=TINY_CONFIG, ckpt=TINY_CKPT):
 
 
 def run(out_dir, *flags, processes=1, cwd=REPO, **model):
-    """Run image_sample.py (see command); later flags win. One process from the repository runs in this one, as a
-    process would (conftest.run_main: no interpreter to start); several, or another folder, as processes."""
+    """Run image_sample.py (see command) from the folder cwd; later flags win. One process runs in this one, as a
+    process would (conftest.run_main: no interpreter to start); several under mpiexec."""
     cmd = command(out_dir, *flags, processes=processes, **model)
-    if processes == 1 and cwd == REPO:
-        return run_main("scripts/image_sample.py", *cmd[2:])
+    if processes == 1:
+        return run_main("scripts/image_sample.py", *cmd[2:], cwd=cwd)
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -268,7 +268,7 @@ def test_default_output_dir_depends_on_the_settings(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_line_on_resuming(tmp_path):
-    proc = subprocess.Popen(command(tmp_path, "--num_samples", "200", "--batch_size", "1", "--steps", "250"),
+    proc = subprocess.Popen(command(tmp_path, "--num_samples", "200", "--batch_size", "1", "--steps", "50"),
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "shards_200x64x64x3" / "batch_000000.npz").exists() and time.time() < deadline:
