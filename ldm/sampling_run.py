@@ -286,14 +286,15 @@ class Outcome:
     sample_seconds: float = 0.0
 
 
-def sample(args, comm, rerun="rerun the same command with --resume"):
+def sample(args, comm, rerun="rerun the same command with --resume", load=cli.load):
     """Check, hold the folder, load, sample the missing batches, merge; returns (exit status, Outcome or None if
-    stopped). rerun: what the lines of an interrupted run say continues it."""
+    stopped). rerun: what the lines of an interrupted run say continues it; load(args, device): the model (a caller
+    that runs several modes may keep its models)."""
     collective(comm, lambda: cli.apply_mode_flag(args), everywhere=True)  # --mode sets the flags it names
     settings, files, _, mode = collective(comm, lambda: check_run(args))
     try:
         with hold_folder(comm, files.output_dir):
-            return sample_in_folder(args, comm, settings, files, mode)
+            return sample_in_folder(args, comm, settings, files, mode, load)
     except KeyboardInterrupt as interrupt:
         total = "?" if args.batch_size == AUTO_BATCH else -(-args.num_samples // args.batch_size)
         line = f"stopped: {saved_batches(files)} of {total} batches are saved in {files.shard_dir}; {rerun} to continue"
@@ -329,7 +330,7 @@ def hold_folder(comm, folder):
         yield
 
 
-def sample_in_folder(args, comm, settings, files, mode):
+def sample_in_folder(args, comm, settings, files, mode, load):
     """sample() once the run holds its folder: what it holds is read again, now that no other run can change it."""
     settings, state = collective(comm, lambda: run_state(args, settings, files))
     if state == "done":
@@ -338,7 +339,7 @@ def sample_in_folder(args, comm, settings, files, mode):
             print(f"already done: {files.samples} holds these samples (settings in {files.record}); "
                   f"pass --overwrite to sample them again\nsamples: {files.samples}", flush=True)
         return 0, Outcome(files, already_done=True)
-    model = collective(comm, lambda: cli.load(args, cli.check_device(args, comm.rank)), everywhere=True)
+    model = collective(comm, lambda: load(args, cli.check_device(args, comm.rank)), everywhere=True)
     mode = calibrate_once(comm, args, model, settings, mode)
     if settings["batch_size"] == AUTO_BATCH:
         settings["batch_size"] = resolve_batch_size(comm, args, model, mode)

@@ -295,13 +295,33 @@ def count_image(model, mode, args, index):
 RERUN = "rerun the same frontier.py command"  # what continues an interrupted mode: frontier.py has no --resume
 
 
-def sample_job(job, comm, counter):
+class Models:
+    """This process's models, each loaded once for the flags that `cli.load` reads (a mode's precision among them):
+    the modes of a frontier share them."""
+
+    LOAD_FLAGS = ("config", "ckpt", "allow_pickle", "precision", "channels_last", "attention", "tf32", "cudnn_benchmark")
+
+    def __init__(self):
+        self.loaded = {}
+
+    def load(self, args, device):
+        key = (str(device), *(getattr(args, flag, None) for flag in self.LOAD_FLAGS))
+        if key not in self.loaded:
+            self.loaded[key] = cli.load(args, device)
+        return self.loaded[key]
+
+    def fp32(self, job_args, rank=0):
+        """The model with float32 weights on this process's device: each mode's precision then makes its own."""
+        return self.load(argparse.Namespace(**{**vars(job_args), "precision": "fp32"}), cli.check_device(job_args, rank))
+
+
+def sample_job(job, comm, counter, models):
     """Sample the job's missing images (all ranks) and, on rank 0, record its time, FLOPs and passes.
     Returns the exit status."""
-    status, outcome = sampling_run.sample(job.args, comm, rerun=RERUN)
+    status, outcome = sampling_run.sample(job.args, comm, rerun=RERUN, load=models.load)
     if comm.bcast(status == 0 and comm.rank == 0 and outcome.images == 0):  # made, but not timed: sample again
         job.args.overwrite = True
-        status, outcome = sampling_run.sample(job.args, comm, rerun=RERUN)
+        status, outcome = sampling_run.sample(job.args, comm, rerun=RERUN, load=models.load)
         job.args.overwrite = False
     if status == 0 and comm.rank == 0:
         write_json(job.result, {"spec": job.spec, "guidance": job.guidance, "cache": job.cache, "S": job.args.steps,
@@ -336,7 +356,7 @@ def timed_call(model, mode, job_args, batch):
                                   generators=sample_generators(a.seed, range(batch)))
 
 
-def time_jobs(args, jobs):
+def time_jobs(args, jobs, models):
     """Seconds of a sampling call of --timing_batch images in each job's mode, over --repeats rounds that take the
     modes in turn (rank 0); those of <out>/timing.json when it was made for these jobs and settings. Modes are ranked
     against the others at their guidance, as the speed-ups and Pareto fronts compare them."""
@@ -347,12 +367,9 @@ def time_jobs(args, jobs):
     if saved and saved.get("key") == key:
         return Timings(saved["seconds"], groups=guidance)
     device = cli.check_device(jobs[0].args)
-    models, runs = {}, {}
-    for job in jobs:
-        precision = job.args.precision
-        if precision not in models:  # its weights stored as the sampling run stored them
-            models[precision] = cli.load(job.args, device)
-        runs[job.label] = timed_call(models[precision], job_mode(job), job.args, args.timing_batch)
+    runs = {}
+    for job in jobs:  # the model with its weights stored as the sampling run stored them
+        runs[job.label] = timed_call(models.load(job.args, device), job_mode(job), job.args, args.timing_batch)
     print(f"timing {len(jobs)} modes in turn: {args.repeats} rounds of a call of {args.timing_batch} images each",
           flush=True)
     timings, _ = alternate(runs, args.repeats, device_clock(device))
@@ -770,11 +787,6 @@ def write_outputs(args, jobs, accuracy, timings):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_fp32(job_args, rank=0):
-    """The model with float32 weights on this process's device: each mode's precision then makes its own."""
-    return cli.load(argparse.Namespace(**{**vars(job_args), "precision": "fp32"}), cli.check_device(job_args, rank))
-
-
 def score_floors(args, scorer, get_model):
     """The rows of --real's first N images and of their first-stage reconstructions, unless already scored
     (rank 0)."""
@@ -794,20 +806,21 @@ def score_floors(args, scorer, get_model):
 def main(args, comm):
     """Check everything, then sample, count and score each unfinished mode; returns the exit status."""
     jobs, accuracy = sampling_run.collective(comm, lambda: check(args))
-    model = scorer = None
+    models, warm, scorer = Models(), False, None
 
     def rank0_model():
-        return load_fp32(jobs[0].args) if model is None else model
+        return models.fp32(jobs[0].args)
 
     try:
         if comm.rank == 0:
             scorer = Scorer(args, accuracy, lambda: reconstructed_reference(args, rank0_model))
         for job in jobs:
             if not comm.bcast(comm.rank == 0 and "s_per_img" in (read_json(job.result) or {})):
-                if model is None:  # on every process: warm-up; on rank 0 also FLOP counting
-                    model = load_fp32(job.args, comm.rank)
+                model = models.fp32(job.args, comm.rank)  # on every process: warm-up; on rank 0 also FLOP counting
+                if not warm:
                     warm_up(model, job.args)
-                status = sample_job(job, comm, lambda mode, a: count(model, mode, a))
+                    warm = True
+                status = sample_job(job, comm, lambda mode, a: count(model, mode, a), models)
                 if status:
                     return status
             if comm.rank == 0:
@@ -823,7 +836,7 @@ def main(args, comm):
                 fidelity_to_base(jobs, scorer, args.base)
             if args.real:
                 score_floors(args, scorer, rank0_model)
-            timings = time_jobs(args, jobs)
+            timings = time_jobs(args, jobs, models)
             write_outputs(args, jobs, accuracy, timings)
     except KeyboardInterrupt as interrupt:
         if comm.rank == 0:

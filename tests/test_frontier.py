@@ -227,12 +227,15 @@ def test_the_real_row_follows_the_real_batch(finished, inputs, tmp_path):
 
 def test_each_row_records_the_precision_it_computed_in(finished, inputs, tmp_path, monkeypatch):
     """A mode's precision=... overrides --precision; the rows, the table's header and the plot (half precision
-    hollow) say which was used."""
+    hollow) say which was used. The model is loaded once in each precision, for sampling, counting and timing."""
     out = tmp_path / "copy"
     shutil.copytree(finished, out)  # ddim@2 is finished there, in fp32
-    figures = []
+    figures, loads = [], []
     monkeypatch.setattr(frontier.plt, "close", figures.append)
+    load = frontier.cli.load
+    monkeypatch.setattr(frontier.cli, "load", lambda args, device: loads.append(args.precision) or load(args, device))
     assert run(argv(inputs, out, "--guidance", "1.5", modes=["ddim@2", "ddim,precision=bf16@2"])) == 0
+    assert loads == ["fp32", "bf16"]
     rows = json.loads((out / "frontier.json").read_text())["rows"]
     assert [(r["spec"], r["dtype"]) for r in rows] == [("ddim@2", "fp32"), ("ddim,precision=bf16@2", "bf16")]
     assert json.loads((out / "frontier.json").read_text())["settings"]["precision"] == "fp32"
