@@ -123,16 +123,17 @@ def interruptible():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_main(relative_path, *args, cwd=REPO):
-    """Run a script's main(argv) in this process from the folder cwd, as a subprocess would (no interpreter to
-    start): a CompletedProcess with its exit status and what it printed. Restores the torch threads, the SIGTERM
-    handler and torch's random state that scripts may set; the message of a SystemExit goes to stderr, with
-    status 1."""
+def run_main(relative_path, *args, cwd=None):
+    """Run a script's main(argv) in this process (from the folder cwd, if given), as a subprocess would (no
+    interpreter to start): a CompletedProcess with its exit status and what it printed. Restores the torch threads,
+    the SIGTERM handler and torch's random state that scripts may set; the message of a SystemExit goes to stderr,
+    with status 1."""
     script = load_script(relative_path)
     threads, sigterm = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
     stdout, stderr = io.StringIO(), io.StringIO()
+    folder = contextlib.chdir(cwd) if cwd else contextlib.nullcontext()
     try:
-        with torch.random.fork_rng(devices=[]), contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), \
+        with torch.random.fork_rng(devices=[]), folder, contextlib.redirect_stdout(stdout), \
                 contextlib.redirect_stderr(stderr):
             status = (getattr(script, "main", None) or script.run)([str(a) for a in args])
     except SystemExit as stop:
