@@ -539,10 +539,13 @@ def check_classes(classes, model):
         raise UsageError(f"unknown class {unknown[0]}: this model has {count} classes, 0..{count - 1}")
 
 
+LOAD_FLAGS = ("config", "ckpt", "allow_pickle", "precision", "channels_last", "attention", "tf32", "cudnn_benchmark")
+
+
 def load(args, device):
     """The model on the device, its UNet weights stored in --precision, channels-last if asked, its attention
     backend set, with the TF32 and cuDNN autotuner policies set; a config or checkpoint that does not load is a
-    UsageError. `compile_for` compiles it."""
+    UsageError. `compile_for` compiles it. It reads the flags LOAD_FLAGS of args, no others."""
     try:
         model = load_model(args.config, args.ckpt, device=device, allow_pickle=args.allow_pickle)
     except ArchitectureMismatch as e:

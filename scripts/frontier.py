@@ -299,20 +299,19 @@ class Models:
     """This process's models, each loaded once for the flags that `cli.load` reads (a mode's precision among them):
     the modes of a frontier share them."""
 
-    LOAD_FLAGS = ("config", "ckpt", "allow_pickle", "precision", "channels_last", "attention", "tf32", "cudnn_benchmark")
-
     def __init__(self):
         self.loaded = {}
 
     def load(self, args, device):
-        key = (str(device), *(getattr(args, flag, None) for flag in self.LOAD_FLAGS))
+        key = (str(device), *(getattr(args, flag) for flag in cli.LOAD_FLAGS))
         if key not in self.loaded:
             self.loaded[key] = cli.load(args, device)
         return self.loaded[key]
 
     def fp32(self, job_args, rank=0):
         """The model with float32 weights on this process's device: each mode's precision then makes its own."""
-        return self.load(argparse.Namespace(**{**vars(job_args), "precision": "fp32"}), cli.check_device(job_args, rank))
+        fp32_args = argparse.Namespace(**{**vars(job_args), "precision": "fp32"})
+        return self.load(fp32_args, cli.check_device(job_args, rank))
 
 
 def sample_job(job, comm, counter, models):
@@ -806,7 +805,7 @@ def score_floors(args, scorer, get_model):
 def main(args, comm):
     """Check everything, then sample, count and score each unfinished mode; returns the exit status."""
     jobs, accuracy = sampling_run.collective(comm, lambda: check(args))
-    models, warm, scorer = Models(), False, None
+    models, model, scorer = Models(), None, None
 
     def rank0_model():
         return models.fp32(jobs[0].args)
@@ -816,10 +815,9 @@ def main(args, comm):
             scorer = Scorer(args, accuracy, lambda: reconstructed_reference(args, rank0_model))
         for job in jobs:
             if not comm.bcast(comm.rank == 0 and "s_per_img" in (read_json(job.result) or {})):
-                model = models.fp32(job.args, comm.rank)  # on every process: warm-up; on rank 0 also FLOP counting
-                if not warm:
+                if model is None:  # on every process: warm-up; on rank 0 also FLOP counting
+                    model = models.fp32(job.args, comm.rank)
                     warm_up(model, job.args)
-                    warm = True
                 status = sample_job(job, comm, lambda mode, a: count(model, mode, a), models)
                 if status:
                     return status

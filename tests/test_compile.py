@@ -20,7 +20,7 @@ from ldm.models.diffusion.modes import Mode, parse_mode
 from ldm.sampling import sample_generators, sample_latents
 from ldm.util import instantiate_from_config
 
-LABELS = torch.tensor([5, 1])  # 4 UNet rows with guidance
+LABELS = torch.tensor([5])
 
 
 def latents(model, mode, steps=10):

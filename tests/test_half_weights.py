@@ -5,6 +5,7 @@ and each activation is rounded to bf16 at the same points (the final normalizati
 in both), so the same kernels see the same inputs. Against fp32: the relative error of bf16 sampling (about 1e-2
 here) is only checked to be small.
 """
+import argparse
 import copy
 
 import pytest
@@ -122,7 +123,8 @@ def test_front_end_precision_stores_the_weights_and_sets_the_backend_flags(backe
     parsed = args.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(TINY_CKPT), "--precision", "bf16",
                               "--tf32", "off", "--cudnn_benchmark", "off", "--attention", "matmul",
                               "--device", "cpu"])
-    model = cli.load(parsed, torch.device("cpu"))
+    only_load_flags = argparse.Namespace(**{flag: getattr(parsed, flag) for flag in cli.LOAD_FLAGS})
+    model = cli.load(only_load_flags, torch.device("cpu"))  # load reads LOAD_FLAGS (frontier.py's models share on them)
     assert stored_precision(model.unet) == "bf16"
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert not torch.backends.cudnn.benchmark
